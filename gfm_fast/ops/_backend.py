@@ -1,0 +1,116 @@
+"""Backend selection for the fused ops: reference | cpp | triton, chosen per call.
+
+``auto`` picks ``cpp`` for CPU tensors and the fastest measured GPU backend for CUDA tensors
+(``GPU_PREFERENCE``, from ``benchmarks/results``). A backend that cannot serve the tensors'
+device, or was not built, is a clear error: nothing falls back silently. ``GFM_FAST_BACKEND``
+overrides ``auto`` for the whole process. The compiled extension and the Triton kernels are
+loaded lazily, so ``import gfm_fast`` works on a CPU box without either.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Dict
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
+ENV_BACKEND = "GFM_FAST_BACKEND"
+
+# Fastest measured CUDA backend per op (benchmarks/throughput.py); used by backend="auto".
+GPU_PREFERENCE: Dict[str, str] = {
+    "masked_patch_embed": "triton",
+    "decoder_l1_loss": "triton",
+    "cosine_distillation": "triton",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, or wrong device)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> str:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a failed extension load
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def cpp_available(device_type: str = "cpu") -> bool:
+    """True when gfm_fast._C is built with kernels for ``device_type``."""
+    if _import_error("gfm_fast._C"):
+        return False
+    from gfm_fast import _C
+
+    return device_type == "cpu" or (device_type == "cuda" and bool(getattr(_C, "WITH_CUDA", False)))
+
+
+def triton_available() -> bool:
+    return not _import_error("gfm_fast.ops._triton_impl")
+
+
+def available_backends() -> Dict[str, Dict[str, bool]]:
+    """Which backends can serve which device here: {backend: {"cpu": bool, "cuda": bool}}."""
+    cuda = torch.cuda.is_available()
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    return {
+        "reference": {"cpu": True, "cuda": cuda},
+        "cpp": {"cpu": cpp_available("cpu"), "cuda": cuda and cpp_available("cuda")},
+        "triton": {"cpu": interp and triton_available(), "cuda": cuda and triton_available()},
+    }
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend name for ``op`` on ``device``; raises if it cannot run there."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for {op}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "cpp" if device.type == "cpu" else GPU_PREFERENCE[op]
+    _check_can_serve(op, backend, device)
+    return backend
+
+
+def _check_can_serve(op: str, backend: str, device: torch.device) -> None:
+    if backend == "reference":
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"{op}: backend {backend!r} supports CPU and CUDA tensors, got {device}; "
+                                      f"use backend='reference'")
+    if backend == "cpp":
+        if _import_error("gfm_fast._C"):
+            raise BackendUnavailableError(
+                f"{op}: the C++ extension gfm_fast._C is not built ({_import_error('gfm_fast._C')}); "
+                f"run `pip install -e .` in the repository, or pass backend='reference'")
+        if not cpp_available(device.type):
+            raise BackendUnavailableError(
+                f"{op}: gfm_fast._C was built without CUDA kernels, so backend='cpp' cannot run on {device}; "
+                f"rebuild with a CUDA toolkit (FORCE_CUDA=1 pip install -e .) or use backend='triton'")
+        return
+    # triton
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            f"{op}: backend='triton' needs a CUDA tensor (got a CPU tensor); use backend='cpp' or 'auto' on CPU, "
+            f"or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
+    if _import_error("gfm_fast.ops._triton_impl"):
+        raise BackendUnavailableError(f"{op}: Triton kernels are unavailable "
+                                      f"({_import_error('gfm_fast.ops._triton_impl')}); install triton")
+
+
+def implementation(backend: str) -> ModuleType:
+    """The module implementing ``<op>_forward`` / ``<op>_backward`` for a fast backend."""
+    if backend == "cpp":
+        return importlib.import_module("gfm_fast.ops._cpp_impl")
+    if backend == "triton":
+        return importlib.import_module("gfm_fast.ops._triton_impl")
+    raise ValueError(f"backend {backend!r} has no fused implementation module")

@@ -1,0 +1,62 @@
+"""Fused cosine distillation loss -mean(cos(z_s, z_t)): one pass forward, one pass backward."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from gfm_fast.losses import COS_EPS
+from gfm_fast.ops import reference
+from gfm_fast.ops._backend import implementation, resolve
+from gfm_fast.ops._common import check_same
+
+OP = "cosine_distillation"
+
+
+class CosineDistillationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, backend, needs_grad):
+        impl = implementation(backend)
+        loss, saved = impl.cosine_distillation_forward(student.contiguous(), teacher.contiguous(), COS_EPS, needs_grad)
+        ctx.save_for_backward(*saved)
+        ctx.impl = impl
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (g_student,) = ctx.impl.cosine_distillation_backward(grad_loss, tuple(ctx.saved_tensors), COS_EPS)
+        return g_student, None, None, None
+
+
+def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """-mean_b cos(student[b], teacher[b]) over (B, D); teacher detached (cast to the student's dtype), eps 1e-8."""
+    teacher = teacher.detach()
+    if isinstance(teacher, torch.Tensor) and isinstance(student, torch.Tensor) and teacher.is_floating_point():
+        teacher = teacher.to(student.dtype)
+    check_same(OP, "student", student, teacher=teacher)
+    if student.dim() != 2:
+        raise ValueError(f"{OP}: student features must have shape (B, D), got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{OP}: teacher features shape {tuple(teacher.shape)} does not match student features "
+                         f"shape {tuple(student.shape)}; the projector output must match the teacher width")
+    if student.shape[0] == 0:
+        raise ValueError(f"{OP}: got an empty batch")
+    backend = resolve(OP, backend, student.device)
+    if backend == "reference":
+        return reference.cosine_distillation(student, teacher)
+    # Decided out here: grad mode is always off inside autograd.Function.forward.
+    needs_grad = torch.is_grad_enabled() and student.requires_grad
+    return CosineDistillationFunction.apply(student, teacher, backend, needs_grad)
+
+
+class CosineDistillation(nn.Module):
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return cosine_distillation(student, teacher, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
