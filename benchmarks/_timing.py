@@ -1,0 +1,114 @@
+"""The one timer for every benchmark: warm-up discarded, then N timed runs; median with p20/p80.
+
+CUDA runs are timed with CUDA events around each call; CPU runs with a synchronised wall clock.
+Peak memory is the CUDA allocator's peak on GPU, and the peak of torch's CPU allocations
+(profiler memory events) on CPU, both relative to the memory live before the call.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def _quantile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, runs: int = 10,
+            setup: Optional[Callable[[], None]] = None) -> Timing:
+    """Time ``fn()`` (``setup()`` runs untimed before each call, e.g. zeroing grads)."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(runs):
+        if setup:
+            setup()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), runs)
+
+
+def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
+    """Peak bytes allocated by torch during ``fn()`` above what was live before it."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live, peak = 0, 0
+    events = sorted((e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+                    key=lambda e: e.time_range.start)
+    for event in events:
+        # Memory events carry +bytes (alloc) / -bytes (free) at their start time.
+        if event.name == "[memory]":
+            live += event.cpu_memory_usage
+            peak = max(peak, live)
+    return int(peak)
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """What produced a number: device, versions, threads, git sha."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+    except OSError:
+        sha = ""
+    info: Dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": sha,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
