@@ -1,0 +1,230 @@
+"""GFM pretraining module: masked student + frozen teacher + projector/decoder + losses (shared GFM.md).
+
+``GFMStudent`` is the trainable part and the only module that goes into the DeepSpeed engine;
+``GFMPretrainer`` adds the frozen teacher, input/mask validation and mask generation for
+single-process use (tests, notebooks, evaluation).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from gfm_fast import ops
+from gfm_fast.config import ModelConfig
+from gfm_fast.losses import check_float, check_mask_values
+from gfm_fast.masking import generate_block_mask
+from gfm_fast.models.swin import GFMSwinTransformer, build_student
+from gfm_fast.models.teacher import FrozenTeacher
+
+__all__ = ["GFMOutput", "GFMStudent", "GFMPretrainer", "param_groups", "NO_WEIGHT_DECAY_NAMES"]
+
+# Parameter names (suffixes) that never get weight decay, besides every 1-D parameter.
+NO_WEIGHT_DECAY_NAMES = ("mask_token", "relative_position_bias_table")
+
+
+class GFMOutput(NamedTuple):
+    """What one GFM forward returns.
+
+    Attributes:
+        loss: L_rec + alpha * L_feat (scalar).
+        loss_rec: masked L1 reconstruction loss (scalar).
+        loss_feat: -mean cos(z_s, z_t) (scalar).
+        recon: the reconstruction D(r), (B, C, H, W) NCHW, detached; None unless requested.
+        mask: the block mask used, (B, H / block, W / block) bool.
+    """
+
+    loss: torch.Tensor
+    loss_rec: torch.Tensor
+    loss_feat: torch.Tensor
+    recon: Optional[torch.Tensor]
+    mask: torch.Tensor
+
+
+class GFMStudent(nn.Module):
+    """The trainable part of GFM: masked Swin ``encoder``, ``projector`` P and ``decoder`` D.
+
+    ``decoder`` is ``nn.Sequential(Conv2d(F, s*s*C, 1), PixelShuffle(s))`` so that its state-dict keys
+    (``decoder.0.weight``/``bias``) match the GFM/SimMIM release; the loss never runs it: the fused
+    ``decoder_l1_loss`` uses its conv weights block by block.
+
+    Args:
+        config: the model config (student/teacher architecture, alpha, ops backend, checkpointing).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = config.student
+        self.alpha = float(config.alpha)
+        self.stride = cfg.total_stride
+        self.ops_backend = config.ops_backend
+        self.encoder: GFMSwinTransformer = build_student(cfg, ops_backend=config.ops_backend)
+        if config.grad_checkpointing:
+            self.encoder.set_grad_checkpointing(True)
+        width, teacher_width = self.encoder.num_features, config.teacher.num_features
+        self.projector = nn.Linear(width, teacher_width)
+        self.decoder = nn.Sequential(nn.Conv2d(width, self.stride ** 2 * cfg.in_chans, kernel_size=1),
+                                     nn.PixelShuffle(self.stride))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, z_t: torch.Tensor,
+                return_recon: bool = False) -> GFMOutput:
+        """GFM student forward and losses.
+
+        Args:
+            images: normalised images x, (B, C, H, W) NCHW.
+            mask: block mask at decoder-grid resolution, (B, H / s, W / s) 0/1 (s = total stride, 32);
+                the patch embedding upsamples it to tokens on the fly.
+            z_t: teacher feature (B, T), from ``FrozenTeacher``.
+            return_recon: also return the (detached) reconstruction D(r).
+
+        Returns:
+            ``GFMOutput`` with loss = L_rec + alpha * L_feat.
+        """
+        h = self.encoder.forward_trunk(images, mask)  # (B, H/s, W/s, F) NHWC
+        z_s = self.projector(h.mean(dim=(1, 2)))  # (B, T)
+        r = self.encoder.forward_tail(h).permute(0, 3, 1, 2)  # (B, F, H/s, W/s) NCHW view of NHWC memory
+        conv = self.decoder[0]
+        loss_rec = ops.decoder_l1_loss(r, conv.weight, conv.bias, images, mask, stride=self.stride,
+                                       backend=self.ops_backend)
+        loss_feat = ops.cosine_distillation(z_s, z_t, backend=self.ops_backend)
+        recon = None
+        if return_recon:
+            with torch.no_grad():
+                recon = self.decoder(r)
+        return GFMOutput(loss_rec + self.alpha * loss_feat, loss_rec, loss_feat, recon, mask)
+
+    def set_ops_backend(self, backend: str) -> None:
+        """Switch every fused op of the student to ``backend`` (auto | reference | cpp | triton)."""
+        self.ops_backend = backend
+        self.encoder.ops_backend = backend
+
+
+class GFMPretrainer(nn.Module):
+    """GFM: frozen teacher + trainable student; ``forward(images, mask=None)`` returns the losses.
+
+    Args:
+        config: ``ModelConfig`` (default: GFM's Swin-B 192/window 6 student, Swin-B 224/window 7
+            teacher). Validated on construction.
+
+    Attributes:
+        config: the ``ModelConfig``.
+        student: ``GFMStudent`` (encoder, projector, decoder): the trainable part.
+        teacher: ``FrozenTeacher``.
+    """
+
+    def __init__(self, config: Optional[ModelConfig] = None):
+        super().__init__()
+        config = config if config is not None else ModelConfig()
+        config.validate("model")
+        stride = config.student.total_stride
+        if config.mask_block % stride:
+            raise ValueError(f"model.mask_block ({config.mask_block}) must be a multiple of the student's total "
+                             f"stride ({stride}): the decoder predicts whole {stride}-px cells, each masked or not")
+        self.config = config
+        self.student = GFMStudent(config)
+        self.teacher = FrozenTeacher(config)
+
+    @property
+    def encoder(self) -> GFMSwinTransformer:
+        """The student encoder (what downstream work keeps)."""
+        return self.student.encoder
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                generator: Optional[torch.Generator] = None, return_recon: bool = False) -> GFMOutput:
+        """Compute the GFM losses for a batch.
+
+        Args:
+            images: normalised images (B, C, H, W) NCHW with C = student in_chans and H = W = img_size.
+            mask: optional 0/1 mask at block level (B, H/block, W/block) or token level (B, H/p, W/p)
+                (constant over each block); drawn with ``gfm_fast.masking`` when None.
+            generator: random source for the drawn mask.
+            return_recon: also return the reconstruction D(r) (detached).
+
+        Returns:
+            ``GFMOutput`` (loss, loss_rec, loss_feat, recon, mask at block level).
+        """
+        self._check_images(images)
+        if mask is None:
+            block_mask = generate_block_mask(images.shape[0], tuple(images.shape[-2:]),
+                                             block_size=self.config.mask_block, ratio=self.config.mask_ratio,
+                                             generator=generator, device=images.device).blocks
+        else:
+            block_mask = self.block_mask(mask, images)
+        z_t = self.teacher(images)
+        output = self.student(images, self._decoder_mask(block_mask), z_t, return_recon=return_recon)
+        return output._replace(mask=block_mask)
+
+    def block_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Validate a user mask and return it at block level (B, H/block, W/block) bool on the images' device."""
+        cfg = self.config
+        batch, _, height, width = images.shape
+        blocks = (height // cfg.mask_block, width // cfg.mask_block)
+        tokens = (height // cfg.student.patch_size, width // cfg.student.patch_size)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() != 3 or mask.shape[0] != batch or tuple(mask.shape[1:]) not in (blocks, tokens):
+            raise ValueError(f"mask must have shape (B, {blocks[0]}, {blocks[1]}) (block level, {cfg.mask_block}-px "
+                             f"blocks) or (B, {tokens[0]}, {tokens[1]}) (token level) with B = {batch}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be boolean, integer or real, got {mask.dtype}")
+        mask = mask.to(images.device)
+        check_mask_values(mask)
+        if tuple(mask.shape[1:]) == tokens and tokens != blocks:
+            rep = cfg.mask_block // cfg.student.patch_size
+            coarse = mask[:, ::rep, ::rep]
+            if not torch.equal(coarse.repeat_interleave(rep, 1).repeat_interleave(rep, 2), mask):
+                raise ValueError(f"token-level mask is not constant over {cfg.mask_block}-px blocks "
+                                 f"({rep}x{rep} tokens); GFM masks whole blocks, pass a block-level mask "
+                                 f"(B, {blocks[0]}, {blocks[1]}) instead")
+            mask = coarse
+        return mask.bool()
+
+    def _decoder_mask(self, block_mask: torch.Tensor) -> torch.Tensor:
+        """The block mask on the decoder grid (one entry per ``total_stride`` cell)."""
+        rep = self.config.mask_block // self.config.student.total_stride
+        if rep == 1:
+            return block_mask
+        return block_mask.repeat_interleave(rep, 1).repeat_interleave(rep, 2)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        cfg = self.config.student
+        check_float("images", images)
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+        batch, chans, height, width = images.shape
+        if batch == 0:
+            raise ValueError("images is an empty batch")
+        if chans != cfg.in_chans:
+            raise ValueError(f"images have {chans} channels but the student expects {cfg.in_chans} "
+                             f"(model.student.in_chans)")
+        if (height, width) != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"images are {height}x{width} but the model is built for {cfg.img_size}x{cfg.img_size} "
+                             f"(model.student.img_size); resize/crop the inputs or change the config")
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW parameter groups: decay iff ``p.dim() >= 2``, never for mask tokens and rel-pos tables.
+
+    timm's ``no_weight_decay()`` names (of any submodule) are honoured too. Frozen parameters
+    (``requires_grad=False``, e.g. the teacher) are left out.
+
+    Args:
+        module: the trainable module (``GFMStudent``, or a ``GFMPretrainer``).
+        weight_decay: decay for the decayed group.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``.
+    """
+    skip = set()
+    for prefix, sub in module.named_modules():
+        if hasattr(sub, "no_weight_decay"):
+            skip |= {f"{prefix}.{name}" if prefix else name for name in sub.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.dim() < 2 or name in skip or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_NAMES
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

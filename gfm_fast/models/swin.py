@@ -1,0 +1,267 @@
+"""GFM's Swin encoders, built on timm's ``SwinTransformer`` (never a fork of it).
+
+The student is timm's Swin with one change, the one GFM makes: the patch embedding also takes a
+block mask and blends a learned ``mask_token`` into the masked tokens (SimMIM). Parameter names
+stay timm's (``patch_embed.proj.*``, ``patch_embed.norm.*``), plus ``mask_token`` at the encoder
+level where the GFM/SimMIM release keeps it (``encoder.mask_token``).
+
+Order follows timm's ``swin_transformer.py``: layers -> model -> stage slicing -> builders ->
+default cfgs -> ``@register_model`` variants.
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from torch import nn
+
+from gfm_fast import ops
+from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
+
+__all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "split_at_last_merging", "swin_kwargs", "build_student",
+           "build_swin", "prune_to_trunk", "allow_any_input_size"]
+
+MASK_TOKEN_STD = 0.02  # SimMIM / GFM initialisation of the mask token
+
+
+class MaskedPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` (NHWC output) that can also replace masked tokens by a mask token.
+
+    Without a mask it is exactly timm's patch embedding. With a mask, the fused op
+    ``gfm_fast.ops.masked_patch_embed`` does conv + LayerNorm + blend in one pass.
+    """
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"MaskedPatchEmbed needs a square patch, got {self.patch_size}")
+        if not isinstance(self.norm, nn.LayerNorm):
+            raise ValueError("MaskedPatchEmbed needs a LayerNorm after the patch projection (GFM's Swin has one)")
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embed images (B, C, H, W) NCHW into tokens (B, H/p, W/p, D) NHWC.
+
+        Args:
+            x: normalised images (B, C, H, W).
+            mask: None (plain patch embedding), or (B, h, w) 0/1 on the token grid or any coarser
+                grid that divides it (e.g. the 32-px block mask); upsampled on the fly.
+            mask_token: (1, 1, D), required with ``mask``.
+        """
+        if mask is None:
+            return super().forward(x)
+        if mask_token is None:
+            raise ValueError("MaskedPatchEmbed: a mask was given without a mask_token")
+        batch, _, height, width = x.shape
+        patch = self.patch_size[0]
+        tokens = ops.masked_patch_embed(x, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias, mask,
+                                        mask_token, patch_size=patch, eps=self.norm.eps, backend=self.backend)
+        return tokens.view(batch, height // patch, width // patch, -1)  # (B, H/p, W/p, D) NHWC
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}, backend={self.backend!r}"
+
+
+class GFMSwinTransformer(SwinTransformer):
+    """timm ``SwinTransformer`` with GFM's masked patch embedding and ``mask_token``.
+
+    All of timm's entry points keep working unmasked (``forward_features``, ``forward_head``,
+    ``forward_intermediates``); GFM's masked forward is ``forward_trunk`` (-> h) followed by
+    ``forward_tail`` (-> r).
+
+    Args:
+        ops_backend: backend of the fused masked patch embedding (auto | reference | cpp | triton).
+        **kwargs: timm ``SwinTransformer`` arguments.
+    """
+
+    def __init__(self, *, ops_backend: str = "auto", **kwargs: Any):
+        if "embed_layer" in kwargs:
+            raise ValueError("GFMSwinTransformer builds its own masked patch embedding; do not pass embed_layer")
+        super().__init__(embed_layer=partial(MaskedPatchEmbed, backend=ops_backend), **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=MASK_TOKEN_STD)
+
+    @property
+    def ops_backend(self) -> str:
+        return self.patch_embed.backend
+
+    @ops_backend.setter
+    def ops_backend(self, backend: str) -> None:
+        self.patch_embed.backend = backend
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def forward_trunk(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Masked patch embedding -> stages 1-3 -> the third patch merging: h, (B, H/32, W/32, F) NHWC."""
+        x = self.patch_embed(images, mask, self.mask_token)  # (B, H/4, W/4, D) NHWC
+        trunk, _, _ = split_at_last_merging(self)
+        for module in trunk:
+            x = module(x)
+        return x
+
+    def forward_tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The reconstruction branch: last-stage blocks then the final norm: r, (B, H/32, W/32, F) NHWC."""
+        _, blocks, norm = split_at_last_merging(self)
+        if self.layers[-1].grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint_seq(blocks, h)
+        else:
+            x = blocks(h)
+        return norm(x)
+
+
+def split_at_last_merging(model: SwinTransformer) -> Tuple[List[nn.Module], nn.Sequential, nn.Module]:
+    """Slice a timm Swin where GFM splits it: after the last patch merging.
+
+    timm Swin is NHWC between stages and puts each PatchMerging at the *start* of the next stage
+    (``layers[i].downsample`` for i > 0; ``layers[0].downsample`` is an Identity). The GFM paper's
+    stages map onto timm modules as (4-stage Swin-B at 192 px, shapes NHWC):
+
+    ==========================================  ============================================  ===============
+    GFM                                         timm                                          output
+    ==========================================  ============================================  ===============
+    patch embedding                             ``patch_embed``                               (B, 48, 48, 128)
+    stage 1                                     ``layers[0]`` (blocks only)                   (B, 48, 48, 128)
+    merging 1 + stage 2                         ``layers[1]``                                 (B, 24, 24, 256)
+    merging 2 + stage 3                         ``layers[2]``                                 (B, 12, 12, 512)
+    merging 3 ("stages 1-3 through the third")  ``layers[3].downsample``                      (B, 6, 6, 1024) = h
+    stage 4 + final norm (reconstruction)       ``layers[3].blocks``, ``norm``                (B, 6, 6, 1024) = r
+    ==========================================  ============================================  ===============
+
+    Args:
+        model: a timm ``SwinTransformer`` (student, or a teacher whose tail was pruned).
+
+    Returns:
+        ``(trunk, tail_blocks, norm)``: the modules after the patch embedding that produce h, in
+        order; the last stage's blocks; the final norm.
+    """
+    last = model.layers[-1]
+    trunk = list(model.layers[:-1]) + [last.downsample]
+    return trunk, last.blocks, model.norm
+
+
+def prune_to_trunk(model: SwinTransformer) -> SwinTransformer:
+    """Delete what runs after h (last-stage blocks, final norm, head), in place; returns ``model``.
+
+    After this the model's ``forward_features`` returns h and the pruned parameters neither cost
+    memory nor appear in its state dict (the idiom of timm's ``prune_intermediate_layers``, which
+    cannot cut inside a stage).
+    """
+    model.layers[-1].blocks = nn.Sequential()
+    model.norm = nn.Identity()
+    model.reset_classifier(0, "")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+def swin_kwargs(cfg: SwinConfig) -> Dict[str, Any]:
+    """timm ``SwinTransformer`` keyword arguments for a ``SwinConfig`` (headless: num_classes=0)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
+                embed_dim=cfg.embed_dim, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
+                window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate)
+
+
+def build_student(cfg: SwinConfig, *, ops_backend: str = "auto", **kwargs: Any) -> GFMSwinTransformer:
+    """The masked Swin student for ``cfg``; ``kwargs`` go to timm (e.g. ``dynamic_img_size=True``)."""
+    cfg.validate("student")
+    return GFMSwinTransformer(ops_backend=ops_backend, **{**swin_kwargs(cfg), **kwargs})
+
+
+def build_swin(cfg: SwinConfig, **kwargs: Any) -> SwinTransformer:
+    """A plain (unmasked, headless) timm Swin for ``cfg``."""
+    cfg.validate("swin")
+    return SwinTransformer(**{**swin_kwargs(cfg), **kwargs})
+
+
+@contextlib.contextmanager
+def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
+    """Let a fixed-size timm Swin take any input size within the block, as timm's ``dynamic_img_size``.
+
+    The patch embedding stops asserting the build size and shifted-window blocks build their
+    attention masks for the actual feature size; windows that do not tile a feature map are padded
+    by timm. The model's own settings are restored on exit. Sizes must still be divisible by the
+    total stride (checked by the caller).
+    """
+    embed = model.patch_embed
+    blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+    saved = (embed.strict_img_size, [b.dynamic_mask for b in blocks])
+    embed.strict_img_size = False
+    for block in blocks:
+        block.dynamic_mask = True
+    try:
+        yield model
+    finally:
+        embed.strict_img_size = saved[0]
+        for block, dynamic in zip(blocks, saved[1]):
+            block.dynamic_mask = dynamic
+
+
+# --------------------------------------------------------------------------------------------
+# timm registration
+# --------------------------------------------------------------------------------------------
+
+def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = True, **kwargs: Any):
+    """Build a registered variant with timm's builder (``pretrained`` loads a local file given by
+    ``pretrained_cfg_overlay=dict(file=...)`` through our ``checkpoint_filter_fn``)."""
+    from gfm_fast.models.checkpoint import checkpoint_filter_fn  # checkpoint imports this module
+
+    cls = GFMSwinTransformer if student else SwinTransformer
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+def _cfg(size: int, **kwargs: Any) -> Dict[str, Any]:
+    return {"url": "", "num_classes": 0, "input_size": (3, size, size), "pool_size": None, "crop_pct": 1.0,
+            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "first_conv": "patch_embed.proj", "classifier": "", "license": "apache-2.0", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "gfm_swin_test_patch4_window2_64": _cfg(64),
+    "gfm_swin_base_patch4_window6_192": _cfg(192),
+    "gfm_swin_large_patch4_window6_192": _cfg(192),
+    "gfm_swin_base_patch4_window7_224": _cfg(224),
+})
+
+
+@register_model
+def gfm_swin_test_patch4_window2_64(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
+    """A tiny masked student for tests (embed 16, depths 1-1-2-1)."""
+    args = dict(img_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                num_classes=0, drop_path_rate=0.0)
+    return _create_gfm_swin("gfm_swin_test_patch4_window2_64", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def gfm_swin_base_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
+    """GFM's student: masked Swin-B, 192 px, window 6."""
+    args = dict(img_size=192, patch_size=4, window_size=6, embed_dim=128, depths=(2, 2, 18, 2),
+                num_heads=(4, 8, 16, 32), num_classes=0, drop_path_rate=0.0)
+    return _create_gfm_swin("gfm_swin_base_patch4_window6_192", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def gfm_swin_large_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
+    """A larger masked student (Swin-L widths), for ZeRO runs."""
+    args = dict(img_size=192, patch_size=4, window_size=6, embed_dim=192, depths=(2, 2, 18, 2),
+                num_heads=(6, 12, 24, 48), num_classes=0, drop_path_rate=0.0)
+    return _create_gfm_swin("gfm_swin_large_patch4_window6_192", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def gfm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
+    """GFM's teacher architecture: plain headless Swin-B, 224 px, window 7 (ImageNet-22k weights)."""
+    args = dict(img_size=224, patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
+                num_heads=(4, 8, 16, 32), num_classes=0, drop_path_rate=0.0)
+    return _create_gfm_swin("gfm_swin_base_patch4_window7_224", pretrained, student=False, **dict(args, **kwargs))

@@ -1,0 +1,96 @@
+"""The frozen ImageNet-22k teacher: Swin-B 224/window 7, stages 1-3 only (shared GFM.md, "Models").
+
+Frozen by construction, not by path strings: the parameters never require grad, the module is
+always in eval mode (``train()`` cannot switch it), it lives outside the DeepSpeed engine and runs
+under ``torch.no_grad()`` in low precision. What GFM never runs (last-stage blocks, final norm,
+head) is deleted, so it costs no memory and is absent from the state dict.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+
+from gfm_fast.config import ModelConfig
+from gfm_fast.models.swin import prune_to_trunk, split_at_last_merging, swin_kwargs
+
+__all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The teacher's compute dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"teacher_dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+class FrozenTeacher(SwinTransformer):
+    """timm Swin pruned to h (stages 1-3 through the third patch merging), frozen.
+
+    Args:
+        config: the model config; uses ``teacher`` (architecture), ``teacher_weights`` (a local
+            file in the official Swin or timm layout; None gives a random teacher and a warning),
+            ``teacher_bands`` and ``teacher_dtype``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        cfg = config.teacher
+        cfg.validate("model.teacher")
+        super().__init__(**swin_kwargs(cfg))
+        prune_to_trunk(self)
+        self.bands = tuple(int(b) for b in config.teacher_bands)
+        self.dtype_name = config.teacher_dtype
+        resolve_teacher_dtype(self.dtype_name, torch.device("cpu"))  # validate early
+        self.weights_path = config.teacher_weights
+        if config.teacher_weights is not None:
+            from gfm_fast.models.checkpoint import load_teacher_weights
+
+            load_teacher_weights(self, config.teacher_weights)
+        else:
+            warnings.warn("GFM teacher has NO weights (model.teacher_weights is None): it is randomly initialised, "
+                          "so the distillation loss is meaningless. Pass the ImageNet-22k Swin-B checkpoint "
+                          "(swin_base_patch4_window7_224_22k.pth) as model.teacher_weights for real pretraining.",
+                          UserWarning, stacklevel=2)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        """Always eval: the teacher has no dropout/drop-path to enable and must never change."""
+        return super().train(False)
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Student images (B, C, H, W) -> teacher input: ``teacher_bands`` channels, bilinearly resized
+        (align_corners=True, as GFM) to the teacher's image size."""
+        if images.dim() != 4:
+            raise ValueError(f"teacher input must be (B, C, H, W), got {tuple(images.shape)}")
+        if max(self.bands) >= images.shape[1]:
+            raise ValueError(f"teacher_bands {self.bands} do not exist in {images.shape[1]}-channel images")
+        if self.bands != tuple(range(images.shape[1])):
+            images = images[:, list(self.bands)]
+        size = tuple(self.patch_embed.img_size)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """z_t = average over tokens of h, (B, T) float32 (T = 1024 for Swin-B), no autograd graph.
+
+        Args:
+            images: normalised student images (B, C, H, W) NCHW; any float dtype.
+        """
+        dtype = resolve_teacher_dtype(self.dtype_name, images.device)
+        # no_grad, not inference_mode: the cosine loss saves z_t for its backward.
+        with torch.no_grad():
+            x = self.prepare_images(images).to(self.patch_embed.proj.weight.dtype)
+            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                x = self.patch_embed(x)  # (B, 56, 56, 128) NHWC
+                trunk, _, _ = split_at_last_merging(self)
+                for module in trunk:
+                    x = module(x)  # h: (B, 7, 7, 1024) NHWC at the end
+            return x.float().mean(dim=(1, 2))
