@@ -1,0 +1,72 @@
+"""Pure parts of the training script: LR schedule, global-batch scaling, DeepSpeed config, resume choice."""
+import math
+from pathlib import Path
+
+import pytest
+
+from gfm_fast.config import ConfigError, load_config
+from gfm_fast.train import (COMPLETE_MARKER, Checkpoints, TrainingError, check_same_architecture,
+                            deepspeed_config, lr_at, make_schedule, resolve_config_path, resolve_resume)
+
+
+def test_lr_warmup_then_cosine():
+    kw = dict(total_steps=110, warmup_steps=10, base_lr=1.0, warmup_lr=0.0, min_lr=0.1)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(5, **kw) == pytest.approx(0.5)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)  # stays at the floor
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+
+
+def test_schedule_scales_lr_by_global_batch_and_compresses_to_max_steps():
+    cfg = load_config(overrides=["data.batch_size=128", "optim.grad_accum=2", "run.max_steps=0"])
+    sched = make_schedule(cfg, steps_per_epoch=100, world_size=4)
+    assert sched.global_batch == 128 * 4 * 2
+    assert sched.base_lr == pytest.approx(2e-4 * 1024 / 512)
+    assert sched.warmup_lr == pytest.approx(1e-6 * 2) and sched.min_lr == pytest.approx(1e-5 * 2)
+    assert sched.total_steps == 100 * 50  # 100 epochs of 100 batches at 2 batches per step
+    assert sched.warmup_steps == 10 * 50
+    short = make_schedule(load_config(overrides=["run.max_steps=40"]), steps_per_epoch=100, world_size=1)
+    assert short.total_steps == 40 and short.warmup_steps == 4  # same 10% warmup fraction
+
+
+def test_deepspeed_config_carries_recipe():
+    cfg = load_config(overrides=["run.zero_stage=3", "optim.grad_accum=4", "data.batch_size=16"])
+    ds = deepspeed_config(cfg, "bf16")
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_clipping"] == 5.0 and ds["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(cfg, "fp32") and "fp16" not in deepspeed_config(cfg, "fp32")
+
+
+def test_shipped_configs_load_and_validate():
+    for name in ("tiny", "gfm_swin_base", "swin_large_zero3"):
+        load_config(resolve_config_path(name))
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config_path("no_such_config")
+
+
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=2)
+    for step, complete in ((10, True), (20, True), (30, False)):  # step 30: an interrupted save
+        d = tmp_path / "checkpoints" / Checkpoints.tag(step)
+        d.mkdir(parents=True)
+        if complete:
+            (d / COMPLETE_MARKER).write_text("{}")
+    assert resolve_resume("auto", ckpts).name == Checkpoints.tag(20)
+    assert resolve_resume("none", ckpts) is None
+    assert resolve_resume(str(tmp_path), ckpts).name == Checkpoints.tag(20)
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / Checkpoints.tag(30)), ckpts)
+    assert resolve_resume("auto", Checkpoints(tmp_path / "fresh", 2)) is None
+
+
+def test_architecture_mismatch_is_named():
+    a = {"student": {"embed_dim": 32}, "teacher": {"embed_dim": 32}, "mask_block": 32, "teacher_bands": [0, 1, 2]}
+    b = {**a, "student": {"embed_dim": 64}}
+    check_same_architecture(a, dict(a), Path("ckpt"))
+    with pytest.raises(TrainingError, match="model.student"):
+        check_same_architecture(a, b, Path("ckpt"))
