@@ -15,7 +15,7 @@ from gfm_fast import ops
 from gfm_fast.config import ModelConfig
 from gfm_fast.losses import check_float, check_mask_values
 from gfm_fast.masking import generate_block_mask
-from gfm_fast.models.swin import GFMSwinTransformer, build_student
+from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
 from gfm_fast.models.teacher import FrozenTeacher
 
 __all__ = ["GFMOutput", "GFMStudent", "GFMPretrainer", "param_groups", "NO_WEIGHT_DECAY_NAMES"]
@@ -60,6 +60,7 @@ class GFMStudent(nn.Module):
         self.stride = cfg.total_stride
         self.ops_backend = config.ops_backend
         self.encoder: GFMSwinTransformer = build_student(cfg, ops_backend=config.ops_backend)
+        self.encoder.gfm_config = EncoderConfig(cfg, config.mean, config.std)
         if config.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
         width, teacher_width = self.encoder.num_features, config.teacher.num_features
@@ -106,6 +107,8 @@ class GFMPretrainer(nn.Module):
     Args:
         config: ``ModelConfig`` (default: GFM's Swin-B 192/window 6 student, Swin-B 224/window 7
             teacher). Validated on construction.
+        teacher_state_dict: teacher weights already in memory (e.g. a GFM release's ``teacher.*``
+            entries); used instead of ``config.teacher_weights``.
 
     Attributes:
         config: the ``ModelConfig``.
@@ -113,7 +116,8 @@ class GFMPretrainer(nn.Module):
         teacher: ``FrozenTeacher``.
     """
 
-    def __init__(self, config: Optional[ModelConfig] = None):
+    def __init__(self, config: Optional[ModelConfig] = None, *,
+                 teacher_state_dict: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         config = config if config is not None else ModelConfig()
         config.validate("model")
@@ -123,7 +127,7 @@ class GFMPretrainer(nn.Module):
                              f"stride ({stride}): the decoder predicts whole {stride}-px cells, each masked or not")
         self.config = config
         self.student = GFMStudent(config)
-        self.teacher = FrozenTeacher(config)
+        self.teacher = FrozenTeacher(config, state_dict=teacher_state_dict)
 
     @property
     def encoder(self) -> GFMSwinTransformer:

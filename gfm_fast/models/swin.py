@@ -11,6 +11,7 @@ default cfgs -> ``@register_model`` variants.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -24,8 +25,9 @@ from torch import nn
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
 
-__all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "split_at_last_merging", "swin_kwargs", "build_student",
-           "build_swin", "prune_to_trunk", "allow_any_input_size"]
+__all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
+           "build_student", "build_swin", "prune_to_trunk", "allow_any_input_size", "encoder_config_of",
+           "variant_name"]
 
 MASK_TOKEN_STD = 0.02  # SimMIM / GFM initialisation of the mask token
 
@@ -118,6 +120,27 @@ class GFMSwinTransformer(SwinTransformer):
         return norm(x)
 
 
+@dataclass
+class EncoderConfig:
+    """What an encoder needs besides its weights: architecture and input normalisation.
+
+    Attached to encoders as ``encoder.gfm_config``; written to ``config.json`` by ``save_model``.
+    """
+
+    swin: SwinConfig
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if len(self.mean) != self.swin.in_chans or len(self.std) != self.swin.in_chans:
+            raise ValueError(f"mean/std need {self.swin.in_chans} entries (one per input channel), got "
+                             f"{len(self.mean)} and {len(self.std)}")
+        if not self.model_name:
+            self.model_name = variant_name(self.swin)
+
+
 def split_at_last_merging(model: SwinTransformer) -> Tuple[List[nn.Module], nn.Sequential, nn.Module]:
     """Slice a timm Swin where GFM splits it: after the last patch merging.
 
@@ -184,6 +207,35 @@ def build_swin(cfg: SwinConfig, **kwargs: Any) -> SwinTransformer:
     return SwinTransformer(**{**swin_kwargs(cfg), **kwargs})
 
 
+def variant_name(cfg: SwinConfig) -> str:
+    """The registered timm name of an architecture, or a descriptive ``gfm_swin_custom_*`` name."""
+    for name, known in _VARIANTS.items():
+        if all(_same(getattr(cfg, k), getattr(known, k)) for k in _ARCH_FIELDS):
+            return name
+    return f"gfm_swin_custom_patch{cfg.patch_size}_window{cfg.window_size}_{cfg.img_size}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return tuple(a) == tuple(b) if isinstance(a, (tuple, list)) else a == b
+
+
+def encoder_config_of(encoder: SwinTransformer) -> EncoderConfig:
+    """``encoder.gfm_config``, or one read off the module (ImageNet mean/std) when it has none."""
+    config = getattr(encoder, "gfm_config", None)
+    if isinstance(config, EncoderConfig):
+        return config
+    first = encoder.layers[0].blocks[0]
+    swin = SwinConfig(embed_dim=encoder.embed_dim, depths=tuple(len(stage.blocks) for stage in encoder.layers),
+                      num_heads=tuple(stage.blocks[0].attn.num_heads for stage in encoder.layers),
+                      window_size=int(first.attn.window_size[0]), img_size=int(encoder.patch_embed.img_size[0]),
+                      patch_size=int(encoder.patch_embed.patch_size[0]), in_chans=encoder.patch_embed.proj.in_channels,
+                      mlp_ratio=first.mlp_ratio)
+    chans = swin.in_chans
+    mean = IMAGENET_MEAN if chans == len(IMAGENET_MEAN) else (0.0,) * chans
+    std = IMAGENET_STD if chans == len(IMAGENET_STD) else (1.0,) * chans
+    return EncoderConfig(swin, mean, std)
+
+
 @contextlib.contextmanager
 def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
     """Let a fixed-size timm Swin take any input size within the block, as timm's ``dynamic_img_size``.
@@ -227,41 +279,42 @@ def _cfg(size: int, **kwargs: Any) -> Dict[str, Any]:
             "first_conv": "patch_embed.proj", "classifier": "", "license": "apache-2.0", **kwargs}
 
 
-default_cfgs = generate_default_cfgs({
-    "gfm_swin_test_patch4_window2_64": _cfg(64),
-    "gfm_swin_base_patch4_window6_192": _cfg(192),
-    "gfm_swin_large_patch4_window6_192": _cfg(192),
-    "gfm_swin_base_patch4_window7_224": _cfg(224),
-})
+# Registered architectures (names encode patch/window/size as timm's do).
+_VARIANTS: Dict[str, SwinConfig] = {
+    "gfm_swin_test_patch4_window2_64": SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                                                  window_size=2, img_size=64),
+    "gfm_swin_base_patch4_window6_192": SwinConfig(),
+    "gfm_swin_large_patch4_window6_192": SwinConfig(embed_dim=192, num_heads=(6, 12, 24, 48)),
+    "gfm_swin_base_patch4_window7_224": SwinConfig(window_size=7, img_size=224),
+}
+_ARCH_FIELDS = ("embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size", "mlp_ratio")
+
+default_cfgs = generate_default_cfgs({name: _cfg(cfg.img_size) for name, cfg in _VARIANTS.items()})
+
+
+def _variant(name: str, pretrained: bool, student: bool, kwargs: Dict[str, Any]):
+    return _create_gfm_swin(name, pretrained, student=student, **{**swin_kwargs(_VARIANTS[name]), **kwargs})
 
 
 @register_model
 def gfm_swin_test_patch4_window2_64(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
-    """A tiny masked student for tests (embed 16, depths 1-1-2-1)."""
-    args = dict(img_size=64, patch_size=4, window_size=2, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                num_classes=0, drop_path_rate=0.0)
-    return _create_gfm_swin("gfm_swin_test_patch4_window2_64", pretrained, **dict(args, **kwargs))
+    """A tiny masked student for tests (embed 16, depths 1-1-2-1, 64 px, window 2)."""
+    return _variant("gfm_swin_test_patch4_window2_64", pretrained, True, kwargs)
 
 
 @register_model
 def gfm_swin_base_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
     """GFM's student: masked Swin-B, 192 px, window 6."""
-    args = dict(img_size=192, patch_size=4, window_size=6, embed_dim=128, depths=(2, 2, 18, 2),
-                num_heads=(4, 8, 16, 32), num_classes=0, drop_path_rate=0.0)
-    return _create_gfm_swin("gfm_swin_base_patch4_window6_192", pretrained, **dict(args, **kwargs))
+    return _variant("gfm_swin_base_patch4_window6_192", pretrained, True, kwargs)
 
 
 @register_model
 def gfm_swin_large_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
-    """A larger masked student (Swin-L widths), for ZeRO runs."""
-    args = dict(img_size=192, patch_size=4, window_size=6, embed_dim=192, depths=(2, 2, 18, 2),
-                num_heads=(6, 12, 24, 48), num_classes=0, drop_path_rate=0.0)
-    return _create_gfm_swin("gfm_swin_large_patch4_window6_192", pretrained, **dict(args, **kwargs))
+    """A larger masked student (Swin-L widths, embed 192), for ZeRO runs."""
+    return _variant("gfm_swin_large_patch4_window6_192", pretrained, True, kwargs)
 
 
 @register_model
 def gfm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
     """GFM's teacher architecture: plain headless Swin-B, 224 px, window 7 (ImageNet-22k weights)."""
-    args = dict(img_size=224, patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2),
-                num_heads=(4, 8, 16, 32), num_classes=0, drop_path_rate=0.0)
-    return _create_gfm_swin("gfm_swin_base_patch4_window7_224", pretrained, student=False, **dict(args, **kwargs))
+    return _variant("gfm_swin_base_patch4_window7_224", pretrained, False, kwargs)

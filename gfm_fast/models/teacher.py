@@ -8,6 +8,7 @@ head) is deleted, so it costs no memory and is absent from the state dict.
 from __future__ import annotations
 
 import warnings
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,11 @@ class FrozenTeacher(SwinTransformer):
         config: the model config; uses ``teacher`` (architecture), ``teacher_weights`` (a local
             file in the official Swin or timm layout; None gives a random teacher and a warning),
             ``teacher_bands`` and ``teacher_dtype``.
+        state_dict: weights already in memory (any layout ``checkpoint_filter_fn`` maps); takes
+            precedence over ``config.teacher_weights``.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, state_dict: Optional[Dict[str, torch.Tensor]] = None):
         cfg = config.teacher
         cfg.validate("model.teacher")
         super().__init__(**swin_kwargs(cfg))
@@ -47,11 +50,11 @@ class FrozenTeacher(SwinTransformer):
         self.bands = tuple(int(b) for b in config.teacher_bands)
         self.dtype_name = config.teacher_dtype
         resolve_teacher_dtype(self.dtype_name, torch.device("cpu"))  # validate early
-        self.weights_path = config.teacher_weights
-        if config.teacher_weights is not None:
-            from gfm_fast.models.checkpoint import load_teacher_weights
+        weights = state_dict if state_dict is not None else config.teacher_weights
+        if weights is not None:
+            from gfm_fast.models.checkpoint import load_teacher_weights  # checkpoint imports swin, not us
 
-            load_teacher_weights(self, config.teacher_weights)
+            load_teacher_weights(self, weights)
         else:
             warnings.warn("GFM teacher has NO weights (model.teacher_weights is None): it is randomly initialised, "
                           "so the distillation loss is meaningless. Pass the ImageNet-22k Swin-B checkpoint "

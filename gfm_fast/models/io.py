@@ -1,0 +1,369 @@
+"""Model files: ``save_model`` / ``load_model`` for the student encoder, ``load_pretrainer`` for GFM.
+
+A model directory holds ``model.safetensors`` (the student encoder's timm-layout weights, mask
+token included) and ``config.json`` (architecture, input channels, image size, mean/std, model
+name). ``load_model`` also reads, without unpickling code:
+
+* a training run: its output directory with an exported ``model/`` directory, or a DeepSpeed
+  checkpoint directory (``<dir>/latest`` naming ``<dir>/<tag>/mp_rank_00_model_states.pt``, whose
+  ``module`` holds ``GFMStudent`` keys ``encoder.*``, ``projector.*``, ``decoder.*``), or that file;
+* the GFM release layout: a file whose ``model`` holds ``encoder.*`` (official Swin layout),
+  ``teacher.*``, ``decoder.*``, ``projector.*`` plus possibly non-tensor entries;
+* a plain Swin checkpoint (official or timm layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from gfm_fast.config import ConfigError, ModelConfig, SwinConfig, from_dict
+from gfm_fast.models.checkpoint import (CheckpointError, checkpoint_filter_fn, infer_swin_config,
+                                        load_state_dict_strict, normalize_swin_keys, read_checkpoint,
+                                        split_prefix, unwrap_state_dict)
+from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
+from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student, encoder_config_of
+
+__all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE"]
+
+PathLike = Union[str, os.PathLike]
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "gfm_fast.encoder"
+FORMAT_VERSION = 1
+DEEPSPEED_LATEST = "latest"
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+EXPORT_SUBDIR = "model"  # train.py exports <output_dir>/model/ (always for ZeRO-3)
+_SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
+_NORMALIZATION = ("mean", "std")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def _encoder_of(model: nn.Module) -> nn.Module:
+    """The student encoder inside a pretrainer, a student, a DeepSpeed engine, or the encoder itself."""
+    model = getattr(model, "module", model)  # DeepSpeed engine / DDP wrapper
+    if isinstance(model, GFMPretrainer):
+        return model.student.encoder
+    if isinstance(model, GFMStudent):
+        return model.encoder
+    if hasattr(model, "patch_embed") and hasattr(model, "layers"):
+        return model
+    raise TypeError(f"save_model expects a GFMPretrainer, GFMStudent or Swin encoder, got {type(model).__name__}")
+
+
+def _is_our_model_dir(path: Path) -> bool:
+    """True for a directory written by ``save_model`` (and nothing else in it)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    ours = isinstance(config, dict) and config.get("format") == FORMAT
+    return ours and {p.name for p in path.iterdir()} <= {MODEL_FILE, CONFIG_FILE}
+
+
+def _config_json(config: EncoderConfig) -> Dict[str, Any]:
+    from gfm_fast import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_name": config.model_name,
+            "architecture": json.loads(json.dumps(dataclasses.asdict(config.swin))),
+            "mean": list(config.mean), "std": list(config.std), "gfm_fast_version": __version__}
+
+
+def save_model(model: nn.Module, path: PathLike) -> Path:
+    """Write the student encoder and its config to the directory ``path`` (created atomically).
+
+    Args:
+        model: ``GFMPretrainer``, ``GFMStudent`` (or a DeepSpeed engine around it), or an encoder.
+        path: target directory. It may not exist yet, be empty, or be a model directory written
+            earlier by ``save_model`` (replaced); anything else is refused, never overwritten.
+
+    Returns:
+        The directory path, holding ``model.safetensors`` and ``config.json``.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or _is_our_model_dir(target))):
+        raise FileExistsError(f"{target} exists and is not a gfm_fast model directory; refusing to overwrite it. "
+                              f"Choose a new path or remove it first")
+    encoder = _encoder_of(model)
+    config = encoder_config_of(encoder)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(state, str(staging / MODEL_FILE), metadata={"format": "pt", "gfm_fast": FORMAT})
+        (staging / CONFIG_FILE).write_text(json.dumps(_config_json(config), indent=2) + "\n")
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an old target is renamed away first and removed only after."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, retired / target.name)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired / target.name, target)  # put the old model back
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading any supported source
+# --------------------------------------------------------------------------------------------
+
+def _deepspeed_states_file(directory: Path) -> Optional[Path]:
+    """``<dir>/<latest tag>/mp_rank_00_model_states.pt`` or ``<dir>/mp_rank_00_model_states.pt``."""
+    if (directory / DEEPSPEED_MODEL_STATES).is_file():
+        return directory / DEEPSPEED_MODEL_STATES
+    latest = directory / DEEPSPEED_LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        states = directory / tag / DEEPSPEED_MODEL_STATES
+        if not states.is_file():
+            raise CheckpointError(f"{latest} names tag {tag!r} but {states} does not exist")
+        return states
+    return None
+
+
+def _training_config(checkpoint: Any) -> Optional[ModelConfig]:
+    """The ``ModelConfig`` stored by training (client state ``config``: a TrainConfig or ModelConfig
+    as a plain dict), or None."""
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict):
+        return None
+    data = config.get("model", config)
+    if not isinstance(data, dict) or "student" not in data:
+        return None
+    try:
+        return from_dict(ModelConfig, dict(data), prefix="model")
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+class _Source:
+    """A weights source resolved to a flat state dict, plus any config stored with it."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], name: str, encoder_config: Optional[EncoderConfig] = None,
+                 model_config: Optional[ModelConfig] = None):
+        self.state, self.name = state, name
+        self.encoder_config, self.model_config = encoder_config, model_config
+
+
+def _read_model_dir(directory: Path) -> _Source:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a gfm_fast model config (format {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} was written by a newer gfm_fast (format version "
+                              f"{meta['format_version']} > {FORMAT_VERSION}); upgrade gfm_fast")
+    weights = directory / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has {CONFIG_FILE} but no {MODEL_FILE}")
+    try:
+        swin = from_dict(SwinConfig, meta["architecture"], prefix="architecture")
+        config = EncoderConfig(swin, tuple(meta["mean"]), tuple(meta["std"]), meta.get("model_name", ""))
+    except (KeyError, ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is incomplete or invalid: {exc}") from exc
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"cannot read {weights} (corrupt or truncated?): {exc}") from exc
+    return _Source(state, str(directory), encoder_config=config)
+
+
+def _read_source(path: PathLike) -> _Source:
+    """Resolve ``path`` (model dir, run dir, DeepSpeed dir, or checkpoint file) to weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a gfm_fast model directory, a training output or "
+                              f"DeepSpeed checkpoint directory, or a checkpoint file)")
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            return _read_model_dir(path)
+        if (path / EXPORT_SUBDIR / CONFIG_FILE).is_file():
+            return _read_model_dir(path / EXPORT_SUBDIR)
+        states = _deepspeed_states_file(path)
+        if states is None:
+            raise CheckpointError(f"{path} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a run "
+                                  f"directory with {EXPORT_SUBDIR}/, nor a DeepSpeed checkpoint directory "
+                                  f"({DEEPSPEED_LATEST} or {DEEPSPEED_MODEL_STATES})")
+        path = states
+    checkpoint = read_checkpoint(str(path))
+    state = unwrap_state_dict(checkpoint, source=str(path))
+    model_config = _training_config(checkpoint)
+    return _Source(state, str(path), model_config=model_config)
+
+
+def _check_not_partitioned(state: Dict[str, torch.Tensor], source: str) -> None:
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise CheckpointError(f"{source} holds empty (ZeRO-3 partitioned) weights, e.g. {empty[0]}; load the "
+                              f"exported model directory ({EXPORT_SUBDIR}/ in the run's output directory) instead")
+
+
+# --------------------------------------------------------------------------------------------
+# load_model
+# --------------------------------------------------------------------------------------------
+
+def _split_overrides(overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    arch = {k: v for k, v in overrides.items() if k in _SWIN_FIELDS}
+    return arch, {k: v for k, v in overrides.items() if k not in _SWIN_FIELDS}
+
+
+def load_model(path: PathLike, **overrides: Any) -> GFMSwinTransformer:
+    """Load a student encoder for feature extraction (eval mode, any input size divisible by 32).
+
+    Args:
+        path: a ``save_model`` directory; a training output directory (with ``model/``); a DeepSpeed
+            checkpoint directory or its ``mp_rank_00_model_states.pt``; a GFM release file; or a
+            plain Swin checkpoint (official or timm layout).
+        **overrides: what weights cannot tell, or changes to apply on load: any ``SwinConfig`` field
+            (``img_size``; ``window_size`` interpolates rel-pos tables; ``in_chans`` widens RGB
+            weights into ``rgb_bands``), ``mean``, ``std``, ``rgb_bands`` (default (0, 1, 2)),
+            ``ops_backend`` and ``dynamic_img_size`` (default True).
+
+    Returns:
+        A ``GFMSwinTransformer`` in eval mode with ``.gfm_config`` (``EncoderConfig``).
+    """
+    arch, rest = _split_overrides(overrides)
+    mean, std = rest.pop("mean", None), rest.pop("std", None)
+    rgb_bands = tuple(rest.pop("rgb_bands", (0, 1, 2)))
+    ops_backend = rest.pop("ops_backend", "auto")
+    dynamic = bool(rest.pop("dynamic_img_size", True))
+    if rest:
+        raise TypeError(f"load_model got unknown override(s) {', '.join(sorted(rest))}; valid: "
+                        f"{', '.join(_SWIN_FIELDS + _NORMALIZATION)}, rgb_bands, ops_backend, dynamic_img_size")
+    source = _read_source(path)
+    state = normalize_swin_keys(source.state)
+    _check_not_partitioned(state, source.name)
+    saved = source.encoder_config
+    if saved is None and source.model_config is not None:
+        model_cfg = source.model_config
+        saved = EncoderConfig(model_cfg.student, model_cfg.mean, model_cfg.std)
+    base = dataclasses.asdict(saved.swin) if saved is not None else {}
+    swin = infer_swin_config(state, **{**{k: base[k] for k in ("img_size", "drop_path_rate") if k in base}, **arch})
+    config = _encoder_config(swin, saved, mean, std)
+    encoder = build_student(swin, ops_backend=ops_backend, dynamic_img_size=dynamic)
+    weights = checkpoint_filter_fn(state, encoder, rgb_bands=rgb_bands)
+    # Plain Swin checkpoints have no mask token; it keeps its init (it is unused for features).
+    load_state_dict_strict(encoder, weights, allowed_missing=(r"^mask_token$",), source=source.name)
+    encoder.gfm_config = config
+    return encoder.eval()
+
+
+def _encoder_config(swin: SwinConfig, saved: Optional[EncoderConfig], mean: Any, std: Any) -> EncoderConfig:
+    """mean/std: overrides, else the saved ones when the channel count is unchanged, else ImageNet
+    (RGB only: other channel counts must be given)."""
+    if mean is None and saved is not None and len(saved.mean) == swin.in_chans:
+        mean = saved.mean
+    if std is None and saved is not None and len(saved.std) == swin.in_chans:
+        std = saved.std
+    if (mean is None or std is None) and swin.in_chans != 3:
+        raise ValueError(f"the model takes {swin.in_chans} input channels: pass mean=... and std=... "
+                         f"({swin.in_chans} values each) to normalise them")
+    model_config = ModelConfig()
+    return EncoderConfig(swin, tuple(mean if mean is not None else model_config.mean),
+                         tuple(std if std is not None else model_config.std))
+
+
+# --------------------------------------------------------------------------------------------
+# load_pretrainer
+# --------------------------------------------------------------------------------------------
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+TEACHER_PREFIX = "teacher."
+
+
+def load_pretrainer(path: PathLike, **overrides: Any) -> GFMPretrainer:
+    """Build a ``GFMPretrainer`` from a GFM release file or one of our training checkpoints.
+
+    The student (any Swin size) and, when ``teacher.*`` weights are present, the teacher are
+    inferred from tensor shapes; the projector and decoder must be present.
+
+    Args:
+        path: GFM release file, DeepSpeed checkpoint directory/file, or training output directory.
+        **overrides: ``ModelConfig`` fields (``teacher_weights`` when the checkpoint has no
+            teacher, ``ops_backend``, ``alpha``, ``mean``/``std``, ``teacher``, ...) and student
+            ``SwinConfig`` fields (``img_size``, ``window_size``, ...). The teacher's image size
+            is 224 unless ``teacher=SwinConfig(...)`` says otherwise.
+
+    Returns:
+        The pretrainer, in training mode (the teacher always in eval).
+    """
+    arch, rest = _split_overrides(overrides)
+    unknown = sorted(set(rest) - set(_MODEL_FIELDS))
+    if unknown:
+        raise TypeError(f"load_pretrainer got unknown override(s) {', '.join(unknown)}; valid: ModelConfig fields "
+                        f"({', '.join(_MODEL_FIELDS)}) and student SwinConfig fields ({', '.join(_SWIN_FIELDS)})")
+    source = _read_source(path)
+    if source.encoder_config is not None:
+        raise CheckpointError(f"{source.name} is an encoder-only model directory (no projector/decoder); use "
+                              f"load_model for it, or pass the training checkpoint")
+    state = source.state
+    for part in ("encoder.", "projector.", "decoder."):
+        if not any(k.startswith(part) for k in state):
+            raise CheckpointError(f"{source.name} has no {part}* weights: not a GFM pretraining checkpoint "
+                                  f"(expected encoder.*, projector.*, decoder.* and optionally teacher.*)")
+    _check_not_partitioned(state, source.name)
+    config = _pretrainer_config(state, source.model_config, arch, rest)
+    # The checkpoint's teacher wins unless the caller names a teacher file explicitly.
+    teacher_state = None if rest.get("teacher_weights") else (split_prefix(state, TEACHER_PREFIX) or None)
+    if teacher_state is not None:
+        config = dataclasses.replace(config, teacher_weights=None)
+    config.validate("model")
+    pretrainer = GFMPretrainer(config, teacher_state_dict=teacher_state)
+    student = pretrainer.student
+    encoder_state = checkpoint_filter_fn(split_prefix(state, "encoder."), student.encoder,
+                                         rgb_bands=config.teacher_bands)
+    load_state_dict_strict(student.encoder, encoder_state, source=f"{source.name} (encoder)")
+    for name in ("projector", "decoder"):
+        load_state_dict_strict(getattr(student, name), split_prefix(state, f"{name}."), source=f"{source.name} ({name})")
+    return pretrainer
+
+
+def _pretrainer_config(state: Dict[str, torch.Tensor], saved: Optional[ModelConfig], arch: Dict[str, Any],
+                       rest: Dict[str, Any]) -> ModelConfig:
+    """ModelConfig: the saved training config (if any), then shapes, then overrides."""
+    base = saved if saved is not None else ModelConfig()
+    student_base = rest.pop("student", base.student)
+    keep = {k: getattr(student_base, k) for k in ("img_size", "drop_path_rate")}
+    student = infer_swin_config(normalize_swin_keys(split_prefix(state, "encoder.")), **{**keep, **arch})
+    teacher = rest.pop("teacher", None)
+    teacher_state = split_prefix(state, TEACHER_PREFIX)
+    if teacher is None and teacher_state:
+        teacher = infer_swin_config(normalize_swin_keys(teacher_state), img_size=base.teacher.img_size)
+    teacher = teacher if teacher is not None else base.teacher
+    projector = state.get("projector.weight")
+    if projector is not None and projector.shape[0] != teacher.num_features:
+        raise CheckpointError(f"projector.weight {tuple(projector.shape)} maps to {projector.shape[0]} features but the "
+                              f"teacher has {teacher.num_features}; pass teacher=SwinConfig(...) for this checkpoint")
+    config = dataclasses.replace(base, student=student, teacher=teacher, **rest)
+    if len(config.mean) != student.in_chans or len(config.std) != student.in_chans:
+        raise ValueError(f"the student takes {student.in_chans} input channels: pass mean=..., std=... "
+                         f"({student.in_chans} values each) and teacher_bands=...")
+    return config
