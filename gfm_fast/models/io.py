@@ -41,6 +41,8 @@ FORMAT_VERSION = 1
 DEEPSPEED_LATEST = "latest"
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPORT_SUBDIR = "model"  # train.py exports <output_dir>/model/ (always for ZeRO-3)
+RUN_CHECKPOINT_SUBDIR = "checkpoints"  # train.py: <output_dir>/checkpoints/{latest, <tag>/}
+TRAINING_CONFIG_FILE = "gfm_config.json"  # train.py: the run config beside each checkpoint's tensors
 _SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
 _NORMALIZATION = ("mean", "std")
 
@@ -132,7 +134,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _deepspeed_states_file(directory: Path) -> Optional[Path]:
-    """``<dir>/<latest tag>/mp_rank_00_model_states.pt`` or ``<dir>/mp_rank_00_model_states.pt``."""
+    """``<dir>/mp_rank_00_model_states.pt``, or ``<dir>/<tag>/...`` with the tag named by ``<dir>/latest``."""
     if (directory / DEEPSPEED_MODEL_STATES).is_file():
         return directory / DEEPSPEED_MODEL_STATES
     latest = directory / DEEPSPEED_LATEST
@@ -145,19 +147,36 @@ def _deepspeed_states_file(directory: Path) -> Optional[Path]:
     return None
 
 
-def _training_config(checkpoint: Any) -> Optional[ModelConfig]:
-    """The ``ModelConfig`` stored by training (client state ``config``: a TrainConfig or ModelConfig
-    as a plain dict), or None."""
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(config, dict):
-        return None
-    data = config.get("model", config)
+def _parse_model_config(data: Any) -> Optional[ModelConfig]:
+    """A ModelConfig from a TrainConfig or ModelConfig dict (or its JSON text); None if it is not one."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return None
+    data = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(data, dict) or "student" not in data:
         return None
     try:
         return from_dict(ModelConfig, dict(data), prefix="model")
     except (ConfigError, TypeError, ValueError):
         return None
+
+
+def _training_config(checkpoint: Any, states_file: Path) -> Optional[ModelConfig]:
+    """The ModelConfig a training run stored: ``gfm_config.json`` beside the DeepSpeed files, or the
+    client state's ``gfm_config`` (JSON text) / ``config`` (dict)."""
+    beside = states_file.parent / TRAINING_CONFIG_FILE
+    if beside.is_file():
+        config = _parse_model_config(beside.read_text())
+        if config is not None:
+            return config
+    if isinstance(checkpoint, dict):
+        for key in ("gfm_config", "config"):
+            config = _parse_model_config(checkpoint.get(key))
+            if config is not None:
+                return config
+    return None
 
 
 class _Source:
@@ -167,6 +186,16 @@ class _Source:
                  model_config: Optional[ModelConfig] = None):
         self.state, self.name = state, name
         self.encoder_config, self.model_config = encoder_config, model_config
+
+
+def _is_model_dir(directory: Path) -> bool:
+    if not (directory / CONFIG_FILE).is_file():
+        return False
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError:
+        return True  # ours by name; _read_model_dir reports the broken JSON
+    return not isinstance(meta, dict) or meta.get("format") == FORMAT or "architecture" in meta
 
 
 def _read_model_dir(directory: Path) -> _Source:
@@ -196,27 +225,47 @@ def _read_model_dir(directory: Path) -> _Source:
     return _Source(state, str(directory), encoder_config=config)
 
 
-def _read_source(path: PathLike) -> _Source:
+def _resolve_dir(directory: Path, prefer_training: bool) -> Union[Path, _Source]:
+    """A directory -> our model directory (as a _Source) or a DeepSpeed model-states file.
+
+    Accepted: a ``save_model`` directory; a DeepSpeed checkpoint (``latest`` + tags) or tag directory;
+    a training output directory holding ``model/`` (the export) and/or ``checkpoints/``. The export
+    is preferred for encoders (fp32, gathered), the training checkpoint for the pretrainer (it has
+    the projector and decoder).
+    """
+    if _is_model_dir(directory):
+        return _read_model_dir(directory)
+    states = _deepspeed_states_file(directory)
+    if states is not None:
+        return states
+    export, runs = directory / EXPORT_SUBDIR, directory / RUN_CHECKPOINT_SUBDIR
+    candidates = [runs, export] if prefer_training else [export, runs]
+    for candidate in candidates:
+        if candidate == export and _is_model_dir(candidate):
+            return _read_model_dir(candidate)
+        if candidate == runs and candidate.is_dir():
+            states = _deepspeed_states_file(candidate)
+            if states is not None:
+                return states
+    raise CheckpointError(f"{directory} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a "
+                          f"DeepSpeed checkpoint directory ({DEEPSPEED_LATEST} or {DEEPSPEED_MODEL_STATES}), nor a "
+                          f"training output directory ({EXPORT_SUBDIR}/ or {RUN_CHECKPOINT_SUBDIR}/)")
+
+
+def _read_source(path: PathLike, *, prefer_training: bool = False) -> _Source:
     """Resolve ``path`` (model dir, run dir, DeepSpeed dir, or checkpoint file) to weights."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a gfm_fast model directory, a training output or "
                               f"DeepSpeed checkpoint directory, or a checkpoint file)")
     if path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            return _read_model_dir(path)
-        if (path / EXPORT_SUBDIR / CONFIG_FILE).is_file():
-            return _read_model_dir(path / EXPORT_SUBDIR)
-        states = _deepspeed_states_file(path)
-        if states is None:
-            raise CheckpointError(f"{path} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a run "
-                                  f"directory with {EXPORT_SUBDIR}/, nor a DeepSpeed checkpoint directory "
-                                  f"({DEEPSPEED_LATEST} or {DEEPSPEED_MODEL_STATES})")
-        path = states
+        resolved = _resolve_dir(path, prefer_training)
+        if isinstance(resolved, _Source):
+            return resolved
+        path = resolved
     checkpoint = read_checkpoint(str(path))
     state = unwrap_state_dict(checkpoint, source=str(path))
-    model_config = _training_config(checkpoint)
-    return _Source(state, str(path), model_config=model_config)
+    return _Source(state, str(path), model_config=_training_config(checkpoint, path))
 
 
 def _check_not_partitioned(state: Dict[str, torch.Tensor], source: str) -> None:
@@ -320,7 +369,7 @@ def load_pretrainer(path: PathLike, **overrides: Any) -> GFMPretrainer:
     if unknown:
         raise TypeError(f"load_pretrainer got unknown override(s) {', '.join(unknown)}; valid: ModelConfig fields "
                         f"({', '.join(_MODEL_FIELDS)}) and student SwinConfig fields ({', '.join(_SWIN_FIELDS)})")
-    source = _read_source(path)
+    source = _read_source(path, prefer_training=True)
     if source.encoder_config is not None:
         raise CheckpointError(f"{source.name} is an encoder-only model directory (no projector/decoder); use "
                               f"load_model for it, or pass the training checkpoint")

@@ -1,0 +1,164 @@
+"""GFMPretrainer / GFMStudent: losses and gradients against a step-by-step computation, masks, errors."""
+import importlib.util
+
+import pytest
+import torch
+
+from gfm_fast import ops
+from gfm_fast.config import ConfigError
+from gfm_fast.models.pretrainer import GFMOutput, GFMPretrainer, GFMStudent, param_groups
+from model_helpers import TINY_BLOCKS, TINY_IMG, manual_student, random_block_mask, tiny_config, tiny_pretrainer
+
+
+def images(batch=2, chans=3):
+    return torch.randn(batch, chans, TINY_IMG, TINY_IMG)
+
+
+def test_structure_and_shapes():
+    model = tiny_pretrainer()
+    assert isinstance(model.student, GFMStudent) and model.config.student.img_size == TINY_IMG
+    assert set(dict(model.student.named_children())) == {"encoder", "projector", "decoder"}
+    assert model.student.projector.weight.shape == (128, 128)  # (T, F)
+    keys = model.student.state_dict()
+    assert keys["decoder.0.weight"].shape == (32 * 32 * 3, 128, 1, 1) and "decoder.0.bias" in keys
+    out = model(images(), return_recon=True)
+    assert isinstance(out, GFMOutput)
+    assert out.loss.shape == out.loss_rec.shape == out.loss_feat.shape == ()
+    assert out.recon.shape == (2, 3, TINY_IMG, TINY_IMG) and out.recon.grad_fn is None
+    assert out.mask.shape == (2, TINY_BLOCKS, TINY_BLOCKS) and out.mask.dtype == torch.bool
+    assert model(images()).recon is None
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_losses_and_grads_equal_step_by_step_reference(alpha):
+    model = tiny_pretrainer(alpha=alpha)
+    x, mask = images(), random_block_mask(2)
+    out = model(x, mask, return_recon=True)
+    z_t = model.teacher(x)
+    expected, recon = manual_student(model, x, mask, z_t)
+    torch.testing.assert_close(out.loss_rec, expected.loss_rec)
+    torch.testing.assert_close(out.loss_feat, expected.loss_feat)
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(out.loss, out.loss_rec + alpha * out.loss_feat)
+    torch.testing.assert_close(out.recon, recon.detach())
+    params = [p for p in model.student.parameters()]
+    got = torch.autograd.grad(out.loss, params)
+    want = torch.autograd.grad(expected.loss, params, allow_unused=True)
+    names = [n for n, _ in model.student.named_parameters()]
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, msg=lambda m: f"{name}: {m}")
+
+
+def test_token_level_mask_equals_block_level():
+    model = tiny_pretrainer()
+    x, blocks = images(), random_block_mask(2)
+    tokens = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2).float()  # (B, 32, 32), 8x8 tokens per block
+    a, b = model(x, blocks), model(x, tokens)
+    torch.testing.assert_close(a.loss, b.loss)
+    assert torch.equal(b.mask, blocks)
+
+
+def test_generated_masks_follow_the_config_and_the_generator():
+    model = tiny_pretrainer()
+    x = images(3)
+    out1 = model(x, generator=torch.Generator().manual_seed(5))
+    out2 = model(x, generator=torch.Generator().manual_seed(5))
+    assert out1.mask.sum(dim=(1, 2)).tolist() == [10, 10, 10]  # ceil(0.6 * 16)
+    assert torch.equal(out1.mask, out2.mask)
+    torch.testing.assert_close(out1.loss, out2.loss)
+    torch.testing.assert_close(out1.loss, model(x, out1.mask).loss)
+
+
+def test_student_alone_matches_pretrainer():
+    model = tiny_pretrainer()
+    x, mask = images(), random_block_mask(2)
+    direct = model.student(x, mask, model.teacher(x))
+    torch.testing.assert_close(direct.loss, model(x, mask).loss)
+
+
+def test_multispectral_student():
+    model = tiny_pretrainer(student={"in_chans": 5}, teacher_bands=(2, 1, 0), mean=(0.0,) * 5, std=(1.0,) * 5)
+    x, mask = images(chans=5), random_block_mask(2)
+    assert model.student.decoder[0].weight.shape[0] == 32 * 32 * 5
+    out = model(x, mask)
+    expected, _ = manual_student(model, x, mask, model.teacher(x))
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
+def test_grad_checkpointing_same_loss():
+    x, mask = images(1), random_block_mask(1)
+    torch.manual_seed(3)
+    plain = tiny_pretrainer()
+    torch.manual_seed(3)
+    ckpt = tiny_pretrainer(grad_checkpointing=True)
+    assert all(stage.grad_checkpointing for stage in ckpt.encoder.layers)
+    a, b = plain(x, mask).loss, ckpt(x, mask).loss
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(plain.encoder.patch_embed.proj.weight.grad, ckpt.encoder.patch_embed.proj.weight.grad)
+
+
+def test_param_groups():
+    model = tiny_pretrainer()
+    decay, no_decay = param_groups(model.student, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    assert "encoder.mask_token" in exempt
+    assert all("relative_position_bias_table" not in n for n in decayed)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert {"projector.weight", "decoder.0.weight", "encoder.patch_embed.proj.weight"} <= decayed
+    assert {"projector.bias", "encoder.norm.weight", "encoder.layers.0.blocks.0.norm1.bias"} <= exempt
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.ones(2, 3, 3), r"mask must have shape \(B, 4, 4\)"),
+    (torch.ones(3, 4, 4), r"mask must have shape"),
+    (torch.full((2, 4, 4), 2.0), "only 0 and 1"),
+    (torch.zeros(2, 4, 4), "mask is empty"),
+    (torch.eye(32).expand(2, 32, 32), "not constant over 32-px blocks"),
+])
+def test_mask_errors(mask, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pretrainer()(images(), mask)
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(2, 4, TINY_IMG, TINY_IMG), ValueError, "4 channels but the student expects 3"),
+    (torch.randn(2, 3, 96, 96), ValueError, "96x96 but the model is built for 128x128"),
+    (torch.randn(3, TINY_IMG, TINY_IMG), ValueError, r"\(B, C, H, W\)"),
+    (torch.zeros(2, 3, TINY_IMG, TINY_IMG, dtype=torch.uint8), TypeError, "floating-point"),
+    (torch.randn(0, 3, TINY_IMG, TINY_IMG), ValueError, "empty batch"),
+])
+def test_image_errors(x, error, match):
+    with pytest.raises(error, match=match):
+        tiny_pretrainer()(x)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="teacher_bands"):
+        GFMPretrainer(tiny_config(teacher_bands=(0, 1)))
+    with pytest.raises(ValueError, match="multiple of the student's total stride"):
+        GFMPretrainer(tiny_config(mask_block=16))
+
+
+def cpp_ready() -> bool:
+    return ops.available_backends()["cpp"]["cpu"] and importlib.util.find_spec("gfm_fast.ops._cpp_impl") is not None
+
+
+@pytest.mark.skipif(not cpp_ready(), reason="C++ CPU backend not built")
+def test_auto_backend_on_cpu_matches_reference():
+    x, mask = images(), random_block_mask(2)
+    torch.manual_seed(7)
+    reference = tiny_pretrainer(ops_backend="reference")
+    torch.manual_seed(7)
+    auto = tiny_pretrainer(ops_backend="auto")
+    a, b = reference(x, mask), auto(x, mask)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(reference.student.named_parameters(), auto.student.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,103 @@
+"""Frozen teacher: pruning, freezing, z_t values, bands, resize and precision."""
+import warnings
+
+import pytest
+import torch
+
+from gfm_fast.models.checkpoint import load_teacher_weights
+from gfm_fast.models.pretrainer import param_groups
+from gfm_fast.models.teacher import FrozenTeacher, resolve_teacher_dtype
+from model_helpers import TINY_IMG, full_teacher, manual_teacher_feature, tiny_config, tiny_pretrainer
+
+
+def make_teacher(**kwargs) -> FrozenTeacher:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return FrozenTeacher(tiny_config(**kwargs))
+
+
+def test_random_teacher_warns_loudly():
+    with pytest.warns(UserWarning, match="distillation loss is meaningless"):
+        FrozenTeacher(tiny_config())
+
+
+def test_last_stage_is_pruned_not_skipped():
+    teacher = make_teacher()
+    keys = list(teacher.state_dict())
+    assert not any(k.startswith(("layers.3.blocks", "norm.", "head")) for k in keys)
+    assert any(k.startswith("layers.3.downsample") for k in keys)  # the third merging stays
+    assert len(teacher.layers[3].blocks) == 0
+    full = full_teacher()
+    pruned_params = sum(p.numel() for p in teacher.parameters())
+    last_stage = sum(p.numel() for p in full.layers[3].blocks.parameters())
+    assert pruned_params == sum(p.numel() for p in full.parameters()) - last_stage - 2 * 128 - full.head.fc.weight.numel() - 5
+
+
+def test_frozen_and_always_eval():
+    teacher = make_teacher()
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    z_t = teacher(torch.randn(2, 3, TINY_IMG, TINY_IMG, requires_grad=True))
+    assert z_t.grad_fn is None and not z_t.requires_grad
+    assert not z_t.is_inference()  # no_grad, not inference_mode: the cosine loss may save it for backward
+
+
+def test_teacher_is_outside_training_and_unchanged_by_a_step():
+    model = tiny_pretrainer()
+    model.train()
+    assert not model.teacher.training
+    trainable = {id(p) for g in param_groups(model, 0.05) for p in g["params"]}
+    assert not trainable & {id(p) for p in model.teacher.parameters()}
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
+    model(torch.randn(2, 3, TINY_IMG, TINY_IMG)).loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert not opt.state.keys() & set(model.teacher.parameters())  # no optimizer state for the teacher
+    for key, value in model.teacher.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bands, chans", [((0, 1, 2), 3), ((3, 1, 0), 4)])
+def test_z_t_against_a_step_by_step_forward(bands, chans):
+    full = full_teacher().eval()
+    teacher = make_teacher(student={"in_chans": chans}, teacher_bands=bands, mean=(0.5,) * chans, std=(0.2,) * chans)
+    load_teacher_weights(teacher, full.state_dict())
+    images = torch.randn(2, chans, TINY_IMG, TINY_IMG)
+    z_t = teacher(images)
+    assert z_t.shape == (2, 128) and z_t.dtype == torch.float32
+    with torch.no_grad():
+        expected = manual_teacher_feature(full, images, bands)  # 128 -> 96 px resize inside
+    torch.testing.assert_close(z_t, expected)
+
+
+def test_low_precision_teacher_returns_fp32_close_to_fp32():
+    full = full_teacher().eval()
+    teachers = {}
+    for dtype in ("fp32", "bf16"):
+        teachers[dtype] = make_teacher(teacher_dtype=dtype)
+        load_teacher_weights(teachers[dtype], full.state_dict())
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    exact, low = teachers["fp32"](images), teachers["bf16"](images)
+    assert low.dtype == torch.float32
+    assert not torch.equal(exact, low)  # it really ran in bf16
+    torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
+    # bf16 images are accepted by an fp32 teacher
+    torch.testing.assert_close(teachers["fp32"](images.bfloat16()), exact, rtol=0.05, atol=0.05)
+
+
+def test_dtype_resolution():
+    assert resolve_teacher_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_teacher_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_teacher_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        resolve_teacher_dtype("int8", torch.device("cpu"))
+
+
+def test_bad_inputs():
+    teacher = make_teacher()
+    with pytest.raises(ValueError, match="teacher_bands"):
+        teacher(torch.randn(1, 2, TINY_IMG, TINY_IMG))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        teacher(torch.randn(3, TINY_IMG, TINY_IMG))
