@@ -16,6 +16,7 @@ import importlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -188,8 +189,11 @@ def _resize_rel_pos_table(key: str, table: torch.Tensor, model: nn.Module) -> to
     if table.dim() != 2 or table.shape[1] != target.shape[1]:
         raise CheckpointError(f"{key}: checkpoint table {tuple(table.shape)} has a different number of heads than "
                               f"the model's {tuple(target.shape)}")
-    return resize_rel_pos_bias_table(table.float(), new_window_size=attn.window_size,
-                                     new_bias_shape=tuple(target.shape)).to(table.dtype)
+    with warnings.catch_warnings():  # timm's interpolation internals warn about torch indexing style
+        warnings.filterwarnings("ignore", message=".*(non-contiguous|non-tuple sequence).*", category=UserWarning)
+        resized = resize_rel_pos_bias_table(table.float(), new_window_size=attn.window_size,
+                                            new_bias_shape=tuple(target.shape))
+    return resized.to(table.dtype)
 
 
 def _adapt_patch_embed(weight: torch.Tensor, model: nn.Module, rgb_bands: Sequence[int]) -> torch.Tensor:
