@@ -29,10 +29,11 @@ NUM_STATS = 3  # per-row statistics saved for backward: s.t, |s|, |t|
 @triton.jit
 def _cosine_distillation_fwd_kernel(
     s_ptr, t_ptr, cos_ptr, stats_ptr,
-    D, eps,
-    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SAVE_STATS: tl.constexpr,
+    D,
+    EPS: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SAVE_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    eps = tl.full((), EPS, ACC_DTYPE)  # exact in fp64 (a runtime float argument would be fp32)
     s_row, t_row = s_ptr + row * D, t_ptr + row * D
     dot = tl.zeros((BLOCK_D,), ACC_DTYPE)
     s_sq = tl.zeros((BLOCK_D,), ACC_DTYPE)
@@ -60,10 +61,11 @@ def _cosine_distillation_fwd_kernel(
 @triton.jit
 def _cosine_distillation_bwd_kernel(
     s_ptr, t_ptr, stats_ptr, grad_loss_ptr, g_ptr,
-    D, batch, eps,
-    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    D, batch,
+    EPS: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    eps = tl.full((), EPS, ACC_DTYPE)
     dot = tl.load(stats_ptr + row * 3 + 0)
     s_norm = tl.load(stats_ptr + row * 3 + 1)
     t_norm = tl.load(stats_ptr + row * 3 + 2)
@@ -131,8 +133,8 @@ def cosine_distillation_forward(student: torch.Tensor, teacher: torch.Tensor, ep
     stats = torch.empty((batch, NUM_STATS), dtype=acc_torch, device=student.device) if save_stats else cos
     block, num_warps = _row_settings(dim)
     _cosine_distillation_fwd_kernel[(batch,)](
-        student, teacher, cos, stats, dim, eps,
-        BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), SAVE_STATS=save_stats, num_warps=num_warps)
+        student, teacher, cos, stats, dim,
+        EPS=eps, BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), SAVE_STATS=save_stats, num_warps=num_warps)
     loss = (-cos.mean()).to(student.dtype)
     return loss, (stats if save_stats else None)
 
@@ -162,6 +164,6 @@ def cosine_distillation_backward(grad_loss: torch.Tensor, student: torch.Tensor,
     g_student = torch.empty_like(student)
     block, num_warps = _row_settings(dim)
     _cosine_distillation_bwd_kernel[(batch,)](
-        student, teacher, stats, grad_loss.reshape(1), g_student, dim, batch, eps,
-        BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), num_warps=num_warps)
+        student, teacher, stats, grad_loss.reshape(1), g_student, dim, batch,
+        EPS=eps, BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), num_warps=num_warps)
     return g_student

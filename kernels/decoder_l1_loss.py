@@ -48,8 +48,8 @@ def _configs(gpu_configs, interpret_config):
 
 
 _FWD_CONFIGS = _configs(
-    [({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_K": 64}, 4, 4),
-     ({"BLOCK_M": 128, "BLOCK_K": 32}, 4, 4), ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 4),
+    [({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 4),
+     ({"BLOCK_M": 128, "BLOCK_K": 32}, 8, 4), ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 4),
      ({"BLOCK_M": 64, "BLOCK_K": 32}, 4, 5), ({"BLOCK_M": 64, "BLOCK_K": 64}, 8, 3)],
     {"BLOCK_M": 16, "BLOCK_K": 16})
 _BWD_INPUT_CONFIGS = _configs(
@@ -69,7 +69,7 @@ class DecoderL1Residuals(NamedTuple):
     order: torch.Tensor  # (B*h*w,) int32 block indices, the `count` masked ones first
     count: torch.Tensor  # (1,) int32 number of masked blocks
     inv_norm: torch.Tensor  # (1,) 1 / ((count*s*s + eps) * C), fp32 (fp64 for fp64 inputs)
-    sign: torch.Tensor  # (B*h*w, O) int8 sign(recon - image); rows >= count are never read
+    sign: torch.Tensor  # (B*h*w, O) sign(recon - image), int8 (fp64 inputs: fp64); rows >= count never read
 
 
 @triton.jit
@@ -138,7 +138,8 @@ def _decoder_l1_loss_fwd_kernel(
     tl.store(row_loss_ptr + rows * n_col_tiles + pid_n, tl.sum(tl.abs(diff), axis=1), mask=rows < n_rows)
     if STORE_SIGN:
         sign = (diff > 0).to(tl.int8) - (diff < 0).to(tl.int8)
-        tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :], sign, mask=tile_ok)
+        tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :], sign.to(sign_ptr.dtype.element_ty),
+                 mask=tile_ok)
 
 
 @triton.jit
@@ -225,6 +226,12 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _sign_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of sign(recon - image): one byte, except for fp64, where Triton cannot feed an 8-bit
+    tensor to an fp64 tl.dot (its MMA lowering asserts on sm_90), so the signs are stored as fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.int8
+
+
 def _dot_settings(dtype: torch.dtype) -> Tuple[object, str]:
     """(operand dtype, input_precision) for tl.dot on inputs of ``dtype``.
 
@@ -308,7 +315,7 @@ def decoder_l1_loss_forward(features: torch.Tensor, weight: torch.Tensor, bias: 
     n_col_tiles = triton.cdiv(out_chans, block_n)
     row_loss = torch.empty((n_rows, n_col_tiles), dtype=acc_torch, device=device)
     sign_shape = (n_rows, out_chans) if needs_grad else (0, out_chans)
-    sign = torch.empty(sign_shape, dtype=torch.int8, device=device)
+    sign = torch.empty(sign_shape, dtype=_sign_dtype(features.dtype), device=device)
     dot_dtype, precision = _dot_settings(features.dtype)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_col_tiles)  # noqa: E731
     _decoder_l1_loss_fwd_kernel[grid](

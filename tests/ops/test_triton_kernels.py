@@ -1,0 +1,455 @@
+"""Launcher-level tests of the Triton backend (kernels/*.py through gfm_fast/ops/_triton_impl.py).
+
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py),
+so every case is tiny. The shared op tests (tests/ops/test_<op>.py) cover the public API; here we
+check the backend contract directly: values and gradients against gfm_fast.ops.reference /
+gfm_fast.losses (fp64 and fp32 tight, bf16 loose against an fp32 reference), the edge cases the
+contract names, launcher validation messages, and that every kernel compiles for an H100 (sm_90)
+without a GPU, so GPU-only compile errors surface here instead of on the first GPU run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from gfm_fast.kernels import cosine_distillation as cos_kernels  # noqa: E402
+from gfm_fast.kernels import decoder_l1_loss as dec_kernels  # noqa: E402
+from gfm_fast.kernels import masked_patch_embed as embed_kernels  # noqa: E402
+from gfm_fast.losses import cosine_distillation as cosine_reference  # noqa: E402
+from gfm_fast.ops import _triton_impl as impl  # noqa: E402
+from gfm_fast.ops import reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+# Relative tolerance per dtype (errors are compared against max|expected|, so tiny gradients do not
+# demand more digits than the large ones provide). 16-bit cases compare with an fp32 reference
+# computed from the same rounded inputs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """allclose scaled by the magnitude of ``expected``; says which tensor and where it failed."""
+    tol = TOLERANCE[dtype]
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    error = (actual - expected).abs()
+    worst = error.max().item() if error.numel() else 0.0
+    if not worst <= tol * scale:
+        index = tuple(int(i) for i in torch.nonzero(error == error.max())[0])
+        raise AssertionError(f"{name} ({dtype}): max error {worst:.3e} > {tol * scale:.3e} at {index}: "
+                             f"got {actual[index].item():.6g}, expected {expected[index].item():.6g}")
+
+
+def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- masked_patch_embed
+
+def _embed_inputs(batch, chans, height, width, patch, dim, mask_h, mask_w, dtype, mask_mode="random"):
+    k = chans * patch * patch
+    images = torch.randn(batch, chans, height, width)
+    params = dict(weight=torch.randn(dim, k) * k ** -0.5, bias=torch.randn(dim) * 0.1,
+                  norm_weight=1 + 0.1 * torch.randn(dim), norm_bias=0.1 * torch.randn(dim),
+                  mask_token=0.02 * torch.randn(dim))
+    mask = (torch.rand(batch, mask_h, mask_w) < 0.5).float()
+    if mask_mode == "random" and batch > 1:
+        mask[0] = 1.0  # one image fully masked, and at least one kept block in the last one
+        mask[-1, 0, 0] = 0.0
+    elif mask_mode == "none":
+        mask.zero_()
+    elif mask_mode == "all":
+        mask.fill_(1.0)
+    cast = lambda t: t.to(device=DEVICE, dtype=dtype).contiguous()  # noqa: E731
+    return cast(images), {n: cast(p) for n, p in params.items()}, mask.to(DEVICE)
+
+
+EMBED_CASES = [
+    # (B, C, H, W, p, D, mask_h, mask_w): block-level mask of 2x1-token cells, non-square, D not 2^n
+    (2, 3, 16, 28, 4, 24, 2, 7),
+    (1, 3, 8, 8, 4, 128, 2, 2),  # B = 1, the GFM embed width, token-level mask
+    (2, 12, 8, 12, 4, 40, 1, 1),  # multispectral: K = 192 spans several BLOCK_K slices
+    (2, 3, 8, 12, 2, 16, 4, 6),  # patch 2, token-level mask
+]
+
+
+def _run_embed(images, params, mask, patch, eps=1e-5):
+    out, saved = impl.masked_patch_embed_forward(images, params["weight"], params["bias"], params["norm_weight"],
+                                                 params["norm_bias"], mask, params["mask_token"], patch, eps)
+    grad_out = torch.randn(out.shape, device=out.device).to(out.dtype)
+    grads = impl.masked_patch_embed_backward(grad_out, saved, patch, eps)
+    return out, grad_out, dict(zip(["weight", "bias", "norm_weight", "norm_bias", "mask_token"], grads))
+
+
+def _reference_embed(images, params, mask, patch, grad_out, dtype):
+    ref_dtype = _reference_dtype(dtype)
+    leaves = {n: p.detach().to(ref_dtype).requires_grad_() for n, p in params.items()}
+    dim, k = leaves["weight"].shape
+    chans = images.shape[1]
+    out = reference.masked_patch_embed(images.to(ref_dtype), leaves["weight"].view(dim, chans, patch, patch),
+                                       leaves["bias"], leaves["norm_weight"], leaves["norm_bias"], mask,
+                                       leaves["mask_token"], patch_size=patch)
+    out.backward(grad_out.to(ref_dtype))
+    return out, {n: leaf.grad for n, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("case", EMBED_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_patch_embed_matches_reference(case, dtype):
+    batch, chans, height, width, patch, dim, mask_h, mask_w = case
+    images, params, mask = _embed_inputs(batch, chans, height, width, patch, dim, mask_h, mask_w, dtype)
+    out, grad_out, grads = _run_embed(images, params, mask, patch)
+    expected, expected_grads = _reference_embed(images, params, mask, patch, grad_out, dtype)
+    assert out.dtype == dtype and out.shape == (batch, (height // patch) * (width // patch), dim)
+    assert_close("out", out, expected, dtype)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype
+        assert_close(f"g_{name}", grad, expected_grads[name], dtype)
+
+
+def test_masked_patch_embed_bf16_against_fp32_reference():
+    images, params, mask = _embed_inputs(2, 3, 16, 28, 4, 24, 2, 7, torch.bfloat16)
+    out, grad_out, grads = _run_embed(images, params, mask, 4)
+    expected, expected_grads = _reference_embed(images, params, mask, 4, grad_out, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close("out", out, expected, torch.bfloat16)
+    for name, grad in grads.items():
+        assert_close(f"g_{name}", grad, expected_grads[name], torch.bfloat16)
+
+
+@pytest.mark.parametrize("mask_mode", ["none", "all"])
+def test_masked_patch_embed_no_or_all_tokens_masked(mask_mode):
+    images, params, mask = _embed_inputs(2, 3, 8, 12, 4, 20, 2, 3, torch.float32, mask_mode)
+    out, grad_out, grads = _run_embed(images, params, mask, 4)
+    expected, expected_grads = _reference_embed(images, params, mask, 4, grad_out, torch.float32)
+    assert_close("out", out, expected, torch.float32)
+    for name, grad in grads.items():
+        assert_close(f"g_{name}", grad, expected_grads[name], torch.float32)
+    if mask_mode == "all":  # masked rows send no gradient into the conv or the norm
+        for name in ("weight", "bias", "norm_weight", "norm_bias"):
+            assert torch.count_nonzero(grads[name]) == 0, name
+        assert torch.equal(out, params["mask_token"].expand_as(out))
+    else:
+        assert torch.count_nonzero(grads["mask_token"]) == 0
+
+
+# --------------------------------------------------------------------------- decoder_l1_loss
+
+def _decoder_inputs(batch, dim, grid_h, grid_w, stride, chans, dtype, mask_mode="random"):
+    out_chans = stride * stride * chans
+    features = torch.randn(batch, grid_h, grid_w, dim)  # NHWC
+    weight = torch.randn(out_chans, dim) * dim ** -0.5
+    bias = 0.1 * torch.randn(out_chans)
+    images = torch.randn(batch, chans, grid_h * stride, grid_w * stride)
+    mask = (torch.rand(batch, grid_h, grid_w) < 0.6).float()
+    mask[0, 0, 0] = 1.0
+    if mask_mode == "none":
+        mask.zero_()
+    elif mask_mode == "all":
+        mask.fill_(1.0)
+    elif batch > 1:
+        mask[-1] = 0.0  # an image with no masked block
+    cast = lambda t: t.to(device=DEVICE, dtype=dtype).contiguous()  # noqa: E731
+    return cast(features), cast(weight), cast(bias), cast(images), mask.to(DEVICE)
+
+
+def _reference_decoder(features, weight, bias, images, mask, stride, grad, dtype):
+    ref_dtype = _reference_dtype(dtype)
+    leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (features, weight, bias)]
+    features_nchw = leaves[0].permute(0, 3, 1, 2)
+    loss = reference.decoder_l1_loss(features_nchw, leaves[1], leaves[2], images.to(ref_dtype), mask, stride=stride)
+    loss.backward(grad.to(ref_dtype))
+    return loss, [leaf.grad for leaf in leaves]
+
+
+DECODER_CASES = [
+    # (B, D, h, w, stride, C)
+    (2, 24, 3, 5, 4, 3),  # non-square grid, an image with no masked block
+    (1, 40, 2, 3, 4, 3),  # B = 1
+    (2, 17, 5, 7, 2, 3),  # odd 5x7 grid, D not 2^n
+    (2, 32, 2, 2, 4, 2),  # C = 2
+]
+
+
+@pytest.mark.parametrize("case", DECODER_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoder_l1_loss_matches_reference(case, dtype):
+    batch, dim, grid_h, grid_w, stride, chans = case
+    features, weight, bias, images, mask = _decoder_inputs(batch, dim, grid_h, grid_w, stride, chans, dtype)
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, stride, True)
+    grad = torch.tensor(1.7, dtype=dtype, device=DEVICE)
+    grads = impl.decoder_l1_loss_backward(grad, saved, stride)
+    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, stride, grad, dtype)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    assert_close("loss", loss, expected, dtype)
+    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
+        assert got.dtype == dtype
+        assert_close(name, got, want, dtype)
+
+
+def test_decoder_l1_loss_bf16_against_fp32_reference():
+    features, weight, bias, images, mask = _decoder_inputs(2, 24, 3, 5, 4, 3, torch.bfloat16)
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    grad = torch.tensor(1.0, dtype=torch.bfloat16, device=DEVICE)
+    grads = impl.decoder_l1_loss_backward(grad, saved, 4)
+    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, 4, grad, torch.bfloat16)
+    assert loss.dtype == torch.bfloat16
+    assert_close("loss", loss, expected, torch.bfloat16)
+    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
+        assert_close(name, got, want, torch.bfloat16)
+
+
+def test_decoder_l1_loss_all_blocks_masked():
+    features, weight, bias, images, mask = _decoder_inputs(2, 17, 3, 2, 4, 2, torch.float32, "all")
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    grads = impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
+    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, 4,
+                                                  torch.tensor(1.0), torch.float32)
+    assert_close("loss", loss, expected, torch.float32)
+    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
+        assert_close(name, got, want, torch.float32)
+
+
+def test_decoder_l1_loss_no_block_masked_gives_zero_loss_and_grads():
+    # The reference's loss is 0 / 1e-5 = 0 here (losses.reconstruction_l1 refuses an empty mask).
+    features, weight, bias, images, mask = _decoder_inputs(2, 24, 2, 3, 4, 3, torch.float32, "none")
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    grads = impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
+    assert loss.item() == 0.0
+    for grad, like in zip(grads, (features, weight, bias)):
+        assert grad.shape == like.shape and torch.count_nonzero(grad) == 0
+
+
+def test_decoder_l1_loss_zero_residual_has_zero_gradient():
+    # |x| at x == 0 has gradient 0 (torch.sign); a perfect reconstruction must give exact zeros.
+    features, weight, _, images, mask = _decoder_inputs(1, 16, 2, 2, 4, 3, torch.float32, "all")
+    weight = torch.zeros_like(weight)
+    bias = images[0].reshape(3, 2, 4, 2, 4).permute(0, 2, 4, 1, 3)[..., 0, 0].reshape(-1).contiguous()
+    images = images[:, :, :4, :4].repeat(1, 1, 2, 2).contiguous()  # every block equals the bias pattern
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    g_features, g_weight, g_bias = impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(g_features) == 0 and torch.count_nonzero(g_weight) == 0
+    assert torch.count_nonzero(g_bias) == 0
+
+
+def test_decoder_l1_loss_without_grad_saves_nothing_and_is_deterministic():
+    features, weight, bias, images, mask = _decoder_inputs(2, 24, 3, 5, 4, 3, torch.float32)
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, False)
+    loss_again, _ = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    assert saved == ()
+    assert torch.equal(loss, loss_again)  # fixed-order reduction: bitwise identical
+    with pytest.raises(RuntimeError, match="needs_grad=False"):
+        impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
+
+
+def test_decoder_compaction_lists_masked_blocks_first():
+    _, _, _, _, mask = _decoder_inputs(2, 16, 3, 5, 4, 3, torch.float32)
+    features, weight, bias, images, _ = _decoder_inputs(2, 16, 3, 5, 4, 3, torch.float32)
+    _, residuals = dec_kernels.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    flat = mask.flatten().cpu()
+    count = int(flat.sum())
+    order = residuals.order.cpu().long()
+    assert residuals.count.item() == count
+    assert torch.equal(order[:count], torch.nonzero(flat).flatten())  # masked, ascending
+    assert sorted(order.tolist()) == list(range(flat.numel()))  # a permutation
+    expected_inv = 1.0 / ((count * 16 + 1e-5) * 3)
+    assert residuals.inv_norm.item() == pytest.approx(expected_inv, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- cosine_distillation
+
+def _cosine_inputs(batch, dim, dtype, special=True):
+    student, teacher = torch.randn(batch, dim, dtype=torch.float64), torch.randn(batch, dim, dtype=torch.float64)
+    if special and batch >= 4:
+        student[1] = 0.0  # zero vector: norm clamped to eps, norm derivative 0
+        student[2] *= 1e-10  # tiny but non-zero: clamped, the norm derivative still flows (torch)
+        teacher[3] = 0.0
+    return student.to(DEVICE, dtype), teacher.to(DEVICE, dtype)
+
+
+def _reference_cosine(student, teacher, grad, dtype):
+    leaf = student.detach().to(_reference_dtype(dtype)).requires_grad_()
+    loss = cosine_reference(leaf, teacher.to(leaf.dtype))
+    loss.backward(grad.to(leaf.dtype))
+    return loss, leaf.grad
+
+
+@pytest.mark.parametrize("shape", [(5, 37), (1, 16), (2, 5000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cosine_distillation_matches_reference(shape, dtype):
+    student, teacher = _cosine_inputs(*shape, dtype)
+    loss, saved = impl.cosine_distillation_forward(student, teacher, 1e-8, True)
+    grad = torch.tensor(0.7, dtype=dtype, device=DEVICE)
+    (g_student,) = impl.cosine_distillation_backward(grad, saved, 1e-8)
+    expected, expected_grad = _reference_cosine(student, teacher, grad, dtype)
+    assert loss.dim() == 0 and loss.dtype == dtype and g_student.dtype == dtype
+    assert_close("loss", loss, expected, dtype)
+    # Gradients of near-zero vectors are ~1/eps large; compare them row by row at their own scale.
+    for row in range(shape[0]):
+        assert_close(f"g_student[{row}]", g_student[row], expected_grad[row], dtype)
+
+
+def test_cosine_distillation_without_grad_saves_nothing():
+    student, teacher = _cosine_inputs(3, 20, torch.float32)
+    loss, saved = impl.cosine_distillation_forward(student, teacher, 1e-8, False)
+    assert saved == ()
+    assert_close("loss", loss, cosine_reference(student, teacher), torch.float32)
+
+
+# --------------------------------------------------------------------------- launcher validation
+
+def test_masked_patch_embed_launcher_rejects_bad_inputs():
+    images, params, mask = _embed_inputs(2, 3, 8, 12, 4, 16, 2, 3, torch.float32)
+    args = lambda **kw: {**dict(images=images, mask=mask, **params), **kw}  # noqa: E731
+
+    def call(**kw):
+        a = args(**kw)
+        embed_kernels.masked_patch_embed_forward(a["images"], a["weight"], a["bias"], a["norm_weight"],
+                                                 a["norm_bias"], a["mask"], a["mask_token"], kw.get("patch", 4))
+
+    with pytest.raises(ValueError, match=r"weight must have shape \(D, 48\).*\(16, 12\)"):
+        call(weight=params["weight"][:, :12].contiguous())
+    with pytest.raises(ValueError, match=r"images of shape \(2, 3, 8, 12\) are not divisible by patch_size 5"):
+        call(patch=5)
+    with pytest.raises(ValueError, match=r"mask must have shape.*got \(2, 2, 2\)"):
+        call(mask=mask[:, :, :2].contiguous())
+    with pytest.raises(ValueError, match="must be float32"):
+        call(mask=mask.bool())
+    with pytest.raises(ValueError, match=r"norm_bias must have shape \(16,\), got \(15,\)"):
+        call(norm_bias=params["norm_bias"][:15])
+    with pytest.raises(ValueError, match=r"images with shape \(2, 3, 8, 12\) must be contiguous"):
+        call(images=images.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match=r"bias with shape \(16,\) has dtype torch.float64"):
+        call(bias=params["bias"].double())
+
+
+def test_decoder_launcher_rejects_bad_inputs():
+    features, weight, bias, images, mask = _decoder_inputs(2, 16, 2, 3, 4, 3, torch.float32)
+
+    def call(**kw):
+        a = {**dict(features=features, weight=weight, bias=bias, images=images, mask=mask), **kw}
+        dec_kernels.decoder_l1_loss_forward(a["features"], a["weight"], a["bias"], a["images"], a["mask"], 4)
+
+    with pytest.raises(ValueError, match=r"features must be NHWC \(B, h, w, D\), got \(2, 3, 16\)"):
+        call(features=features[:, 0])
+    with pytest.raises(ValueError, match=r"images must have shape \(2, C, 8, 12\).*got \(2, 3, 8, 8\)"):
+        call(images=images[..., :8].contiguous())
+    with pytest.raises(ValueError, match=r"weight must have shape \(48, 16\).*got \(48, 15\)"):
+        call(weight=weight[:, :15].contiguous())
+    with pytest.raises(ValueError, match=r"bias must have shape \(48,\), got \(47,\)"):
+        call(bias=bias[:47])
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 2, 3\).*got \(2, 1, 3\)"):
+        call(mask=mask[:, :1].contiguous())
+    with pytest.raises(ValueError, match=r"features with shape \(2, 2, 3, 16\) must be contiguous"):
+        call(features=features.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1))
+    _, no_grad_residuals = dec_kernels.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, False)
+    with pytest.raises(ValueError, match="run the forward with needs_grad=True"):
+        dec_kernels.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), features, weight, no_grad_residuals)
+
+
+def test_cosine_launcher_rejects_bad_inputs():
+    student, teacher = _cosine_inputs(3, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"teacher shape \(3, 7\) must equal student shape \(3, 8\)"):
+        cos_kernels.cosine_distillation_forward(student, teacher[:, :7].contiguous())
+    with pytest.raises(ValueError, match=r"student must have shape \(B, D\).*got \(24,\)"):
+        cos_kernels.cosine_distillation_forward(student.flatten(), teacher.flatten())
+    with pytest.raises(ValueError, match=r"student with shape \(3, 8\) must be contiguous"):
+        cos_kernels.cosine_distillation_forward(student.t().contiguous().t(), teacher)
+    _, stats = cos_kernels.cosine_distillation_forward(student, teacher)
+    with pytest.raises(ValueError, match=r"stats must be the contiguous \(3, 3\)"):
+        cos_kernels.cosine_distillation_backward(torch.tensor(1.0), student, teacher, stats[:2])
+    with pytest.raises(RuntimeError, match="needs_grad=False"):
+        impl.cosine_distillation_backward(torch.tensor(1.0), (), 1e-8)
+
+
+# --------------------------------------------------------------------------- GPU compilation
+
+COMPILE_SCRIPT = textwrap.dedent(r'''
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gfm_fast.kernels import cosine_distillation as cd, decoder_l1_loss as dl, masked_patch_embed as pe
+
+    def compile_for_h100(kernel, values, constexprs):
+        """Compile like a real launch: pointers 16-byte aligned, ints divisible by 16 marked so."""
+        config = kernel.configs[0] if isinstance(kernel, triton.runtime.Autotuner) else None
+        fn = kernel.fn if config else kernel
+        constexprs = {**constexprs, **(config.kwargs if config else {})}
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            value = values.get(name)
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif isinstance(value, str):
+                signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm["cubin"], fn.__name__
+
+    for name in sys.argv[1:]:
+        p = "*" + name
+        acc, acc_p = (tl.float64, "*fp64") if name == "fp64" else (tl.float32, "*fp32")
+        dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}[name]
+        gemm = dict(ACC_DTYPE=acc, DOT_DTYPE=dot, DOT_PRECISION="ieee")
+        cos = dict(s_ptr=p, t_ptr=p, cos_ptr=acc_p, stats_ptr=acc_p, grad_loss_ptr=p, g_ptr=p, D=1024, batch=128)
+        cos_const = dict(EPS=1e-8, BLOCK_D=1024, ACC_DTYPE=acc)
+        compile_for_h100(cd._cosine_distillation_fwd_kernel, cos, dict(SAVE_STATS=True, **cos_const))
+        compile_for_h100(cd._cosine_distillation_bwd_kernel, cos, cos_const)
+        emb = dict(img_ptr=p, w_ptr=p, b_ptr=p, nw_ptr=p, nb_ptr=p, tok_ptr=p, out_ptr=p, gout_ptr=p,
+                   mask_ptr="*fp32", mean_ptr=acc_p, rstd_ptr=acc_p, gw_part_ptr=acc_p, gvec_part_ptr=acc_p,
+                   n_tokens=128 * 2304, tokens_per_image=2304, grid_w=48, mask_h=6, mask_w=6, cell_h=8, cell_w=8,
+                   C=3, H=192, W=192, D=128, K=48, eps=1e-5)
+        emb_const = dict(PATCH=4, BLOCK_D=128, BLOCK_K=64, **gemm)
+        compile_for_h100(pe._masked_patch_embed_fwd_kernel, emb, emb_const)
+        compile_for_h100(pe._masked_patch_embed_bwd_kernel, emb, emb_const)
+        dec = dict(f_ptr=p, w_ptr=p, b_ptr=p, img_ptr=p, g_f_ptr=p, g_w_ptr=p, g_b_ptr=p, grad_loss_ptr=p,
+                   loss_ptr=p, order_ptr="*i32", count_ptr="*i32", row_loss_ptr=acc_p, inv_norm_ptr=acc_p,
+                   mask_ptr="*fp32", sign_ptr="*fp64" if name == "fp64" else "*i8", n_rows=128 * 36, D=1024,
+                   O=3072, C=3, grid_h=6, grid_w=6, H=192, W=192, n_col_tiles=24, n_blocks=128 * 36,
+                   pixels_per_block=1024, chans=3, eps=1e-5)
+        compile_for_h100(dl._decoder_l1_loss_compact_kernel, dec, dict(BLOCK=1024, ACC_DTYPE=acc))
+        compile_for_h100(dl._decoder_l1_loss_finish_kernel, dec, dict(BLOCK=1024, ACC_DTYPE=acc))
+        compile_for_h100(dl._decoder_l1_loss_fwd_kernel, dec, dict(STRIDE=32, BLOCK_N=128, STORE_SIGN=True, **gemm))
+        compile_for_h100(dl._decoder_l1_loss_bwd_input_kernel, dec, gemm)
+        compile_for_h100(dl._decoder_l1_loss_bwd_weight_kernel, dec, gemm)
+    print("compiled")
+''')
+
+
+def _nvidia_backend_available() -> bool:
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="triton has no NVIDIA backend (ptxas) here")
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Every kernel (first autotune config) compiles to an sm_90 cubin for the GFM shapes, in bf16 (the
+    training dtype) and fp64 (whose tl.dot lowering has its own restrictions). Runs in a subprocess
+    because this process imported triton in interpreter mode."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "bf16", "fp64"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
