@@ -44,7 +44,7 @@ def _extensions():
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found or torch is not a CUDA build; "
                            "set CUDA_HOME to the toolkit or install a CUDA build of torch")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++17"]
+    cxx = opt + ["-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
     extra = {"cxx": cxx}
     define = []
     ext_cls = CppExtension
@@ -59,7 +59,7 @@ def _extensions():
         sources += cuda_sources
         ext_cls = CUDAExtension
         define.append(("WITH_CUDA", None))
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()
+        extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()
     print(f"gfm_fast build: torch {torch.__version__}, cuda toolkit {cuda_home}, with_cuda={ext_cls is CUDAExtension}, "
           f"debug={debug}, arch={os.environ.get('TORCH_CUDA_ARCH_LIST', 'default')}, sources={len(sources)}")
     ext = ext_cls("gfm_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define,

@@ -1,0 +1,203 @@
+// CPU kernels of decoder_l1_loss: GFM's 1x1-conv decoder + PixelShuffle(stride) + masked L1 loss,
+// computed for the masked blocks only.
+//
+// The decoder stride equals the mask block, so decoder output row (b, y, x) is exactly mask block
+// (b, y, x): only the n masked rows of the NHWC features are gathered (22 of 36 per image in GFM)
+// and go through the GEMMs. Their logits are produced a slice of output channels at a time (a few
+// image rows of every masked block, small enough to stay in cache) and compared at once with the
+// image pixels, read in place from NCHW: channel o = c*s*s + i*s + j of block (y, x) is pixel
+// (c, y*s + i, x*s + j), so each run of s channels is one contiguous image row segment. The
+// comparison overwrites the slice with sign(logits - image) and the same slice then feeds the two
+// gradient GEMMs (Liger's fused-linear-loss idiom): the full-resolution reconstruction, the
+// upsampled mask, the per-pixel loss and even the full logits matrix never exist.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_utils.h"
+
+namespace gfm_fast {
+namespace {
+
+using cpu::acc_type;
+
+constexpr const char* kForward = "decoder_l1_loss";
+constexpr const char* kBackward = "_decoder_l1_loss_backward";
+constexpr double kRecEps = 1e-5;  // added to sum(M) in L_rec (gfm_fast/losses.py REC_EPS)
+// Logits slice size (elements): ~1 MiB of fp32 stays in L2 between the GEMM that writes it, the
+// L1 pass and the GEMMs that read it back.
+constexpr int64_t kSliceElems = 256 * 1024;
+
+struct DecoderGeometry {
+  int64_t batch, grid_h, grid_w, dim, chans, stride, out_chans;
+  int64_t blocks() const { return batch * grid_h * grid_w; }
+  int64_t height() const { return grid_h * stride; }
+  int64_t width() const { return grid_w * stride; }
+};
+
+DecoderGeometry check_inputs(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& images, const at::Tensor& mask, int64_t stride) {
+  const char* op = kForward;
+  check_float_input(op, "features", features, 4);
+  TORCH_CHECK(stride > 0, op, ": stride must be positive, got ", stride);
+  DecoderGeometry g{};
+  g.batch = features.size(0);
+  g.grid_h = features.size(1);
+  g.grid_w = features.size(2);
+  g.dim = features.size(3);
+  g.stride = stride;
+  check_input(op, "images", images, features, 4);
+  g.chans = images.size(1);
+  g.out_chans = stride * stride * g.chans;
+  TORCH_CHECK(images.size(0) == g.batch && images.size(2) == g.height() && images.size(3) == g.width(), op,
+              ": images must have shape (B, C, h*stride, w*stride) = (", g.batch, ", C, ", g.height(), ", ",
+              g.width(), ") for NHWC features ", features.sizes(), " and stride ", stride, ", got ", images.sizes());
+  check_input(op, "weight", weight, features, 2);
+  check_shape(op, "weight", weight, {g.out_chans, g.dim});
+  check_input(op, "bias", bias, features, 1);
+  check_shape(op, "bias", bias, {g.out_chans});
+  check_mask(op, mask, features, g.batch);
+  TORCH_CHECK(mask.size(1) == g.grid_h && mask.size(2) == g.grid_w, op, ": mask must be at block level (B, ",
+              g.grid_h, ", ", g.grid_w, "), one entry per decoder output position, got ", mask.sizes());
+  return g;
+}
+
+// Indices (into the B*h*w feature rows) of the masked blocks, in order.
+at::Tensor masked_rows(const at::Tensor& mask) {
+  const float* m = mask.data_ptr<float>();
+  std::vector<int64_t> rows;
+  rows.reserve(mask.numel());
+  for (int64_t i = 0; i < mask.numel(); ++i) {
+    if (m[i] != 0.f) rows.push_back(i);
+  }
+  return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
+}
+
+// Sum of |l - x| over one run, and l <- sign(l - x) when write_sign (torch.sign: 0 at l == x).
+template <typename scalar_t, typename acc_t>
+GFM_ALWAYS_INLINE acc_t l1_run(scalar_t* __restrict logits, const scalar_t* __restrict pixels, int64_t len,
+                               bool write_sign, acc_t* __restrict sign_sums) {
+  acc_t sum = 0;
+  if (write_sign) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t diff = static_cast<acc_t>(logits[j]) - static_cast<acc_t>(pixels[j]);
+      const acc_t sign = static_cast<acc_t>((diff > 0) - (diff < 0));
+      sum += std::abs(diff);
+      logits[j] = static_cast<scalar_t>(sign);
+      sign_sums[j] += sign;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) sum += std::abs(static_cast<acc_t>(logits[j]) - static_cast<acc_t>(pixels[j]));
+  }
+  return sum;
+}
+
+// L1 pass over one logits slice (n masked rows x channels [o0, o0 + width)), both multiples of
+// stride: returns sum |logits - image| and, when write_sign, turns the slice into signs and adds
+// their column sums (for g_bias) to the caller's per-thread partials.
+template <typename scalar_t>
+double l1_slice(scalar_t* slice, int64_t o0, int64_t width, const int64_t* rows, int64_t n, const scalar_t* images,
+                const DecoderGeometry& g, bool write_sign, cpu::ThreadPartials<acc_type<scalar_t>>* sign_sums) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t s = g.stride, H = g.height(), W = g.width();
+  cpu::ThreadPartials<double> loss_sums(1);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    acc_t* col_sums = write_sign ? sign_sums->mine() + o0 : nullptr;
+    double total = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t block = rows[r];
+      const int64_t b = block / (g.grid_h * g.grid_w), y = (block / g.grid_w) % g.grid_h, x = block % g.grid_w;
+      scalar_t* logits = slice + r * width;
+      for (int64_t q = 0; q < width; q += s) {
+        const int64_t image_row = (o0 + q) / s;  // c * s + i
+        const int64_t c = image_row / s, i = image_row % s;
+        const scalar_t* pixels = images + ((b * g.chans + c) * H + y * s + i) * W + x * s;
+        total += l1_run<scalar_t, acc_t>(logits + q, pixels, s, write_sign, write_sign ? col_sums + q : nullptr);
+      }
+    }
+    *loss_sums.mine() += total;
+  });
+  return loss_sums.reduce().item<double>();
+}
+
+// Channels per slice: a multiple of stride (whole image row segments). fp16/bf16 use a single
+// slice: their GEMMs return 16-bit results, so g_features must come out of one GEMM rather than
+// a sum of rounded partial products.
+int64_t slice_width(const DecoderGeometry& g, int64_t n, at::ScalarType dtype) {
+  if (dtype == at::kHalf || dtype == at::kBFloat16) return g.out_chans;
+  const int64_t rows_of_pixels = std::max<int64_t>(1, kSliceElems / std::max<int64_t>(1, n * g.stride));
+  return std::min(g.out_chans, rows_of_pixels * g.stride);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
+    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& images,
+    const at::Tensor& mask, int64_t stride, bool needs_grad) {
+  const DecoderGeometry g = check_inputs(features, weight, bias, images, mask, stride);
+  const auto options = features.options();
+  const at::Tensor rows = masked_rows(mask);
+  const int64_t n = rows.numel(), D = g.dim, O = g.out_chans;
+  // loss = sum |x - recon| over masked pixel-channels / (sum(M) + eps) / C, sum(M) = n * s * s.
+  const double inv_count = 1.0 / (static_cast<double>(n * g.stride * g.stride) + kRecEps) / g.chans;
+  at::Tensor g_features = needs_grad ? at::zeros({g.batch, g.grid_h, g.grid_w, D}, options) : at::empty({0}, options);
+  at::Tensor g_weight = needs_grad ? at::empty({O, D}, options) : at::empty({0}, options);
+  at::Tensor g_bias = needs_grad ? at::zeros({O}, options) : at::empty({0}, options);
+  if (n == 0) {  // nothing masked: loss 0 (0 / eps), gradients 0
+    if (needs_grad) g_weight.zero_();
+    return {at::zeros({}, options), g_features, g_weight, g_bias};
+  }
+
+  double abs_sum = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "decoder_l1_loss_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor feats = features.view({g.blocks(), D}).index_select(0, rows);  // (n, D)
+    const int64_t width = slice_width(g, n, features.scalar_type());
+    at::Tensor slice_buffer = at::empty({n * width}, options);
+    at::Tensor g_feats = needs_grad ? at::empty({n, D}, options) : at::Tensor();
+    std::unique_ptr<cpu::ThreadPartials<acc_t>> sign_sums;
+    if (needs_grad) sign_sums = std::make_unique<cpu::ThreadPartials<acc_t>>(O);
+    for (int64_t o0 = 0; o0 < O; o0 += width) {
+      const int64_t cols = std::min(width, O - o0);
+      at::Tensor slice = slice_buffer.narrow(0, 0, n * cols).view({n, cols});
+      const at::Tensor w_slice = weight.narrow(0, o0, cols);  // (cols, D)
+      at::addmm_out(slice, bias.narrow(0, o0, cols), feats, w_slice.t());
+      abs_sum += l1_slice<scalar_t>(slice.data_ptr<scalar_t>(), o0, cols, rows.data_ptr<int64_t>(), n,
+                                    images.data_ptr<scalar_t>(), g, needs_grad, sign_sums.get());
+      if (!needs_grad) continue;
+      // slice now holds sign(recon - x); d loss / d logits = sign * inv_count.
+      at::Tensor g_w_slice = g_weight.narrow(0, o0, cols);
+      at::addmm_out(g_w_slice, g_w_slice, slice.t(), feats, /*beta=*/0, /*alpha=*/inv_count);
+      at::addmm_out(g_feats, g_feats, slice, w_slice, /*beta=*/o0 == 0 ? 0 : 1, /*alpha=*/inv_count);
+    }
+    if (needs_grad) {
+      g_features.view({g.blocks(), D}).index_copy_(0, rows, g_feats);
+      g_bias.copy_(sign_sums->reduce().mul_(inv_count));
+    }
+  });
+  return {at::scalar_tensor(abs_sum * inv_count, options), g_features, g_weight, g_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_backward_cpu(const at::Tensor& grad_loss,
+                                                                            const at::Tensor& g_features,
+                                                                            const at::Tensor& g_weight,
+                                                                            const at::Tensor& g_bias) {
+  check_scalar_grad(kBackward, grad_loss, g_features);
+  const at::Tensor scale = grad_loss.reshape({}).to(g_features.scalar_type());
+  return {g_features * scale, g_weight * scale, g_bias * scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfm_fast, CPU, m) {
+  m.impl("decoder_l1_loss", &decoder_l1_loss_cpu);
+  m.impl("_decoder_l1_loss_backward", &decoder_l1_loss_backward_cpu);
+}
+
+}  // namespace gfm_fast

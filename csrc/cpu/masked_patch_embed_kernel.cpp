@@ -1,0 +1,393 @@
+// CPU kernels of masked_patch_embed: patchify conv (kernel = stride = p) + LayerNorm + mask-token
+// blend, one pass over the tokens.
+//
+// Work is split by token rows (b, ty). For each row the unmasked tokens' patches are gathered
+// straight from the NCHW image into a small (n, C*p*p) buffer (no im2col of the whole image), projected
+// with a register-blocked GEMM against the transposed weight, normalised in place and written out;
+// masked tokens only copy mask_token. The backward recomputes the projection of the unmasked tokens
+// (K = C*p*p = 48 multiply-adds per output, cheaper than saving (B, L, D) activations) and skips the
+// masked ones, which only feed g_mask_token.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_utils.h"
+
+namespace gfm_fast {
+namespace {
+
+using cpu::acc_type;
+
+constexpr const char* kForward = "masked_patch_embed";
+constexpr const char* kBackward = "_masked_patch_embed_backward";
+constexpr int64_t kRowBlock = 4;  // tokens sharing each weight load in the GEMM micro-kernels
+
+struct PatchGeometry {
+  int64_t batch, chans, height, width, patch, grid_h, grid_w, dim, kdim, mask_h, mask_w;
+  int64_t tokens() const { return grid_h * grid_w; }
+  // A mask cell covers rep_h x rep_w tokens (1 x 1 at token level, 8 x 8 for 32-px blocks of 4-px patches).
+  int64_t rep_h() const { return grid_h / mask_h; }
+  int64_t rep_w() const { return grid_w / mask_w; }
+};
+
+PatchGeometry check_inputs(const char* op, const at::Tensor& images, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& norm_weight, const at::Tensor& mask,
+                           int64_t patch_size) {
+  check_float_input(op, "images", images, 4);
+  TORCH_CHECK(patch_size > 0, op, ": patch_size must be positive, got ", patch_size);
+  PatchGeometry g{};
+  g.batch = images.size(0);
+  g.chans = images.size(1);
+  g.height = images.size(2);
+  g.width = images.size(3);
+  g.patch = patch_size;
+  TORCH_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, op, ": image size ", g.height, "x",
+              g.width, " is not divisible by patch_size ", patch_size);
+  g.grid_h = g.height / patch_size;
+  g.grid_w = g.width / patch_size;
+  check_input(op, "weight", weight, images, 2);
+  g.dim = weight.size(0);
+  g.kdim = g.chans * patch_size * patch_size;
+  TORCH_CHECK(weight.size(1) == g.kdim, op, ": weight must have shape (D, C*p*p) = (", g.dim, ", ", g.kdim,
+              ") for ", g.chans, "-channel images and patch_size ", patch_size, ", got ", weight.sizes(),
+              "; check the number of input channels");
+  check_input(op, "bias", bias, images, 1);
+  check_shape(op, "bias", bias, {g.dim});
+  check_input(op, "norm_weight", norm_weight, images, 1);
+  check_shape(op, "norm_weight", norm_weight, {g.dim});
+  check_mask(op, mask, images, g.batch);
+  g.mask_h = mask.size(1);
+  g.mask_w = mask.size(2);
+  TORCH_CHECK(g.mask_h > 0 && g.mask_w > 0 && g.grid_h % g.mask_h == 0 && g.grid_w % g.mask_w == 0, op,
+              ": mask grid ", g.mask_h, "x", g.mask_w, " does not divide the token grid ", g.grid_h, "x", g.grid_w,
+              "; pass the mask at token level or at a coarser level that divides it (e.g. 32-px blocks)");
+  return g;
+}
+
+// ---- hot loops (acc_t = float or double), compiled per ISA ----
+
+// X[r, :] = bias + P[r, :] @ Wt for r < rows. P (rows, K), Wt (K, D): the conv weight transposed so
+// that the inner loop runs over contiguous output channels.
+template <typename T>
+GFM_ALWAYS_INLINE void project_rows_impl(const T* __restrict P, int64_t rows, int64_t K, const T* __restrict Wt,
+                                         const T* __restrict bias, int64_t D, T* __restrict X) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    T* x0 = X + r * D;
+    T* x1 = x0 + D;
+    T* x2 = x1 + D;
+    T* x3 = x2 + D;
+    const T* p0 = P + r * K;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) x0[d] = x1[d] = x2[d] = x3[d] = bias[d];
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = p0[k], a1 = p0[K + k], a2 = p0[2 * K + k], a3 = p0[3 * K + k];
+      const T* w = Wt + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const T wd = w[d];
+        x0[d] += a0 * wd;
+        x1[d] += a1 * wd;
+        x2[d] += a2 * wd;
+        x3[d] += a3 * wd;
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    T* x = X + r * D;
+    const T* p = P + r * K;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) x[d] = bias[d];
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = p[k];
+      const T* w = Wt + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) x[d] += a * w[d];
+    }
+  }
+}
+
+// Two-pass mean and 1/std of one row (biased variance, as LayerNorm).
+template <typename T>
+GFM_ALWAYS_INLINE void row_moments(const T* __restrict x, int64_t D, T eps, T& mean, T& rstd) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) sum += x[d];
+  mean = sum / static_cast<T>(D);
+  T sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t d = 0; d < D; ++d) {
+    const T c = x[d] - mean;
+    sq += c * c;
+  }
+  rstd = T(1) / std::sqrt(sq / static_cast<T>(D) + eps);
+}
+
+// X[r] <- LayerNorm(X[r]) * nw + nb, in place.
+template <typename T>
+GFM_ALWAYS_INLINE void normalize_rows_impl(T* __restrict X, int64_t rows, int64_t D, const T* __restrict nw,
+                                           const T* __restrict nb, T eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = X + r * D;
+    T mean, rstd;
+    row_moments(x, D, eps, mean, rstd);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) x[d] = (x[d] - mean) * rstd * nw[d] + nb[d];
+  }
+}
+
+// LayerNorm backward of rows: X holds the pre-norm activations on entry and dL/dX on return;
+// G is dL/d(normalised output). Accumulates dL/dnorm_weight and dL/dnorm_bias.
+template <typename T>
+GFM_ALWAYS_INLINE void norm_backward_rows_impl(T* __restrict X, const T* __restrict G, int64_t rows, int64_t D,
+                                               const T* __restrict nw, T eps, T* __restrict g_nw,
+                                               T* __restrict g_nb) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = X + r * D;
+    const T* g = G + r * D;
+    T mean, rstd;
+    row_moments(x, D, eps, mean, rstd);
+    T dot_xhat = 0, dot_one = 0;
+#pragma omp simd reduction(+ : dot_xhat, dot_one)
+    for (int64_t d = 0; d < D; ++d) {
+      const T xhat = (x[d] - mean) * rstd;
+      const T g_xhat = g[d] * nw[d];
+      g_nw[d] += g[d] * xhat;
+      g_nb[d] += g[d];
+      dot_xhat += g_xhat * xhat;
+      dot_one += g_xhat;
+    }
+    const T c_xhat = dot_xhat / static_cast<T>(D), c_one = dot_one / static_cast<T>(D);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const T xhat = (x[d] - mean) * rstd;
+      x[d] = rstd * (g[d] * nw[d] - c_one - xhat * c_xhat);
+    }
+  }
+}
+
+// gWt (K, D) += P^T @ GX and gb += column sums of GX, for P (rows, K), GX (rows, D).
+template <typename T>
+GFM_ALWAYS_INLINE void accumulate_weight_grad_impl(const T* __restrict P, const T* __restrict GX, int64_t rows,
+                                                   int64_t K, int64_t D, T* __restrict gWt, T* __restrict gb) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const T* g0 = GX + r * D;
+    const T* g1 = g0 + D;
+    const T* g2 = g1 + D;
+    const T* g3 = g2 + D;
+    const T* p0 = P + r * K;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) gb[d] += (g0[d] + g1[d]) + (g2[d] + g3[d]);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = p0[k], a1 = p0[K + k], a2 = p0[2 * K + k], a3 = p0[3 * K + k];
+      T* w = gWt + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) w[d] += (a0 * g0[d] + a1 * g1[d]) + (a2 * g2[d] + a3 * g3[d]);
+    }
+  }
+  for (; r < rows; ++r) {
+    const T* g = GX + r * D;
+    const T* p = P + r * K;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) gb[d] += g[d];
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = p[k];
+      T* w = gWt + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) w[d] += a * g[d];
+    }
+  }
+}
+
+#define GFM_DEFINE_FOR(T)                                                                                     \
+  GFM_CPU_CLONES void project_rows(const T* P, int64_t rows, int64_t K, const T* Wt, const T* bias, int64_t D, \
+                                   T* X) {                                                                    \
+    project_rows_impl(P, rows, K, Wt, bias, D, X);                                                            \
+  }                                                                                                           \
+  GFM_CPU_CLONES void normalize_rows(T* X, int64_t rows, int64_t D, const T* nw, const T* nb, T eps) {        \
+    normalize_rows_impl(X, rows, D, nw, nb, eps);                                                             \
+  }                                                                                                           \
+  GFM_CPU_CLONES void norm_backward_rows(T* X, const T* G, int64_t rows, int64_t D, const T* nw, T eps,       \
+                                         T* g_nw, T* g_nb) {                                                  \
+    norm_backward_rows_impl(X, G, rows, D, nw, eps, g_nw, g_nb);                                              \
+  }                                                                                                           \
+  GFM_CPU_CLONES void accumulate_weight_grad(const T* P, const T* GX, int64_t rows, int64_t K, int64_t D,      \
+                                             T* gWt, T* gb) {                                                 \
+    accumulate_weight_grad_impl(P, GX, rows, K, D, gWt, gb);                                                  \
+  }
+GFM_DEFINE_FOR(float)
+GFM_DEFINE_FOR(double)
+#undef GFM_DEFINE_FOR
+
+// ---- per token row ----
+
+// Patches of the tokens `cols` of token row ty, as rows of P (n, C*p*p) in the (c, ky, kx) order of
+// the flattened conv weight, read straight from the NCHW image (C, H, W).
+template <typename scalar_t, typename acc_t>
+void gather_patches(const scalar_t* image, const PatchGeometry& g, int64_t ty, const int64_t* cols, int64_t n,
+                    acc_t* P) {
+  const int64_t p = g.patch;
+  for (int64_t c = 0; c < g.chans; ++c) {
+    for (int64_t ky = 0; ky < p; ++ky) {
+      const scalar_t* src = image + (c * g.height + ty * p + ky) * g.width;
+      const int64_t k0 = (c * p + ky) * p;
+      for (int64_t t = 0; t < n; ++t) cpu::load_row(P + t * g.kdim + k0, src + cols[t] * p, p);
+    }
+  }
+}
+
+// Splits token row ty of image b into masked tokens (handed to on_masked(tx)) and unmasked ones
+// (their columns, returned in cols). The mask cell of token (ty, tx) is (ty / rep_h, tx / rep_w).
+template <typename OnMasked>
+int64_t split_row(const float* mask_b, const PatchGeometry& g, int64_t ty, int64_t* cols, OnMasked on_masked) {
+  const float* mask_row = mask_b + (ty / g.rep_h()) * g.mask_w;
+  const int64_t rep_w = g.rep_w();
+  int64_t n = 0;
+  for (int64_t tx = 0; tx < g.grid_w; ++tx) {
+    if (mask_row[tx / rep_w] != 0.f) {
+      on_masked(tx);
+    } else {
+      cols[n++] = tx;
+    }
+  }
+  return n;
+}
+
+// Parameters as acc_t vectors; the weight transposed to (K, D).
+template <typename acc_t>
+struct AccParams {
+  at::Tensor weight_t, bias, norm_weight, norm_bias;
+  AccParams(const at::Tensor& weight, const at::Tensor& b, const at::Tensor& nw, const at::Tensor& nb)
+      : weight_t(cpu::to_acc<acc_t>(weight).t().contiguous()),
+        bias(cpu::to_acc<acc_t>(b)),
+        norm_weight(cpu::to_acc<acc_t>(nw)),
+        norm_bias(nb.defined() ? cpu::to_acc<acc_t>(nb) : at::Tensor()) {}
+};
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& images, const AccParams<acc_type<scalar_t>>& params, const at::Tensor& mask,
+                    const at::Tensor& mask_token, const PatchGeometry& g, double eps, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* img = images.data_ptr<scalar_t>();
+  const scalar_t* token = mask_token.data_ptr<scalar_t>();
+  const float* mask_ptr = mask.data_ptr<float>();
+  const acc_t* Wt = params.weight_t.template data_ptr<acc_t>();
+  const acc_t* bias = params.bias.template data_ptr<acc_t>();
+  const acc_t* nw = params.norm_weight.template data_ptr<acc_t>();
+  const acc_t* nb = params.norm_bias.template data_ptr<acc_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const int64_t D = g.dim, K = g.kdim, image_numel = g.chans * g.height * g.width;
+
+  at::parallel_for(0, g.batch * g.grid_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> P(g.grid_w * K), X(g.grid_w * D);
+    std::vector<int64_t> cols(g.grid_w);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.grid_h, ty = row % g.grid_h;
+      scalar_t* out_row = out_ptr + (b * g.tokens() + ty * g.grid_w) * D;
+      // Masked tokens are exactly mask_token: x * (1 - 1) + mask_token * 1.
+      const int64_t n = split_row(mask_ptr + b * g.mask_h * g.mask_w, g, ty, cols.data(), [&](int64_t tx) {
+        std::memcpy(out_row + tx * D, token, D * sizeof(scalar_t));
+      });
+      if (n == 0) continue;
+      gather_patches(img + b * image_numel, g, ty, cols.data(), n, P.data());
+      project_rows(P.data(), n, K, Wt, bias, D, X.data());
+      normalize_rows(X.data(), n, D, nw, nb, static_cast<acc_t>(eps));
+      for (int64_t t = 0; t < n; ++t) cpu::store_row(out_row + cols[t] * D, X.data() + t * D, D);
+    }
+  });
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
+    const at::Tensor& grad_out, const at::Tensor& images, const AccParams<acc_type<scalar_t>>& params,
+    const at::Tensor& mask, const PatchGeometry& g, double eps) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t D = g.dim, K = g.kdim, image_numel = g.chans * g.height * g.width;
+  const scalar_t* grad = grad_out.data_ptr<scalar_t>();
+  const scalar_t* img = images.data_ptr<scalar_t>();
+  const float* mask_ptr = mask.data_ptr<float>();
+  const acc_t* Wt = params.weight_t.template data_ptr<acc_t>();
+  const acc_t* bias = params.bias.template data_ptr<acc_t>();
+  const acc_t* nw = params.norm_weight.template data_ptr<acc_t>();
+  // Per thread: g_weight^T (K, D), then g_bias, g_norm_weight, g_norm_bias, g_mask_token (D each).
+  cpu::ThreadPartials<acc_t> partials(K * D + 4 * D);
+
+  at::parallel_for(0, g.batch * g.grid_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> P(g.grid_w * K), X(g.grid_w * D), G(g.grid_w * D);
+    std::vector<int64_t> cols(g.grid_w);
+    acc_t* g_wt = partials.mine();
+    acc_t* g_bias = g_wt + K * D;
+    acc_t* g_nw = g_bias + D;
+    acc_t* g_nb = g_nw + D;
+    acc_t* g_token = g_nb + D;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.grid_h, ty = row % g.grid_h;
+      const scalar_t* grad_row = grad + (b * g.tokens() + ty * g.grid_w) * D;
+      // Masked tokens only reach mask_token; unmasked ones go through the norm and the conv.
+      const int64_t n = split_row(mask_ptr + b * g.mask_h * g.mask_w, g, ty, cols.data(), [&](int64_t tx) {
+        const scalar_t* src = grad_row + tx * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) g_token[d] += static_cast<acc_t>(src[d]);
+      });
+      if (n == 0) continue;
+      for (int64_t t = 0; t < n; ++t) cpu::load_row(G.data() + t * D, grad_row + cols[t] * D, D);
+      gather_patches(img + b * image_numel, g, ty, cols.data(), n, P.data());
+      project_rows(P.data(), n, K, Wt, bias, D, X.data());
+      norm_backward_rows(X.data(), G.data(), n, D, nw, static_cast<acc_t>(eps), g_nw, g_nb);
+      accumulate_weight_grad(P.data(), X.data(), n, K, D, g_wt, g_bias);
+    }
+  });
+
+  const at::Tensor sums = partials.reduce();
+  const auto dtype = grad_out.scalar_type();
+  at::Tensor g_weight = sums.narrow(0, 0, K * D).view({K, D}).t().to(dtype).contiguous();  // (D, K)
+  auto vec = [&](int64_t i) { return sums.narrow(0, K * D + i * D, D).to(dtype).contiguous(); };
+  return {g_weight, vec(0), vec(1), vec(2), vec(3)};
+}
+
+at::Tensor masked_patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
+                                  const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& mask,
+                                  const at::Tensor& mask_token, int64_t patch_size, double eps) {
+  const PatchGeometry g = check_inputs(kForward, images, weight, bias, norm_weight, mask, patch_size);
+  check_input(kForward, "norm_bias", norm_bias, images, 1);
+  check_shape(kForward, "norm_bias", norm_bias, {g.dim});
+  check_input(kForward, "mask_token", mask_token, images, 1);
+  check_shape(kForward, "mask_token", mask_token, {g.dim});
+  at::Tensor out = at::empty({g.batch, g.tokens(), g.dim}, images.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "masked_patch_embed_cpu", [&] {
+    const AccParams<acc_type<scalar_t>> params(weight, bias, norm_weight, norm_bias);
+    forward_kernel<scalar_t>(images, params, mask, mask_token, g, eps, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_patch_embed_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& norm_weight, const at::Tensor& mask, int64_t patch_size, double eps) {
+  const PatchGeometry g = check_inputs(kBackward, images, weight, bias, norm_weight, mask, patch_size);
+  check_input(kBackward, "grad_out", grad_out, images, 3);
+  check_shape(kBackward, "grad_out", grad_out, {g.batch, g.tokens(), g.dim});
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "masked_patch_embed_backward_cpu",
+                                  [&] {
+                                    const AccParams<acc_type<scalar_t>> params(weight, bias, norm_weight,
+                                                                               at::Tensor());
+                                    grads = backward_kernel<scalar_t>(grad_out, images, params, mask, g, eps);
+                                  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfm_fast, CPU, m) {
+  m.impl("masked_patch_embed", &masked_patch_embed_cpu);
+  m.impl("_masked_patch_embed_backward", &masked_patch_embed_backward_cpu);
+}
+
+}  // namespace gfm_fast
