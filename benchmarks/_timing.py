@@ -79,14 +79,14 @@ def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # The raw allocator records: prof.events() folds allocations made inside an op into that op
+    # and only lists the rest as "[memory]", so it cannot give a peak.
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU")
     live, peak = 0, 0
-    events = sorted((e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
-                    key=lambda e: e.time_range.start)
-    for event in events:
-        # Memory events carry +bytes (alloc) / -bytes (free) at their start time.
-        if event.name == "[memory]":
-            live += event.cpu_memory_usage
-            peak = max(peak, live)
+    for _, nbytes in records:  # +bytes on alloc, -bytes on free
+        live += nbytes
+        peak = max(peak, live)
     return int(peak)
 
 
