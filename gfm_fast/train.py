@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from gfm_fast.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
 
@@ -234,8 +234,10 @@ class Checkpoints:
         tags = self.complete_tags()
         return self.root / tags[-1] if tags else None
 
-    def save(self, engine, step: int, client_state: Dict[str, Any], rank: int) -> Path:
-        """Collective: every rank calls it. The run config is written beside the tensors."""
+    def save(self, engine, step: int, client_state: Dict[str, Any], rank: int,
+             export: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective: every rank calls it. The run config is written beside the tensors, and
+        ``export(dir)`` (also collective) adds the model file that ``load_model`` reads."""
         import torch.distributed as dist
 
         tag = self.tag(step)
@@ -244,6 +246,8 @@ class Checkpoints:
             shutil.rmtree(target)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if export is not None:
+            export(target / MODEL_DIR)
         dist.barrier()
         if rank == 0:
             (target / CONFIG_FILE).write_text(client_state["gfm_config"])
@@ -393,7 +397,7 @@ def _all_reduce_flag(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
-def export_model(engine, student, path: Path, zero_stage: int, rank: int) -> None:
+def export_model(student, path: Path, zero_stage: int, rank: int) -> None:
     """Write the student encoder as safetensors + config (gathered from ZeRO-3 partitions)."""
     import deepspeed
 
@@ -469,6 +473,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     batches = iter(loader)
     throughput_t0, throughput_images, local_iter = None, 0, 0
     client_state = lambda: _client_state(cfg, step, epoch, loader, mask_generator, stats)  # noqa: E731
+    export = lambda path: export_model(student, path, cfg.run.zero_stage, rank)  # noqa: E731
     try:
         while step < schedule.total_steps:
             lr = schedule.lr(step)
@@ -529,9 +534,11 @@ def run(cfg: TrainConfig) -> TrainResult:
             stop_now = stop.signum is not None
             if world_size > 1:
                 stop_now = _all_reduce_flag(stop_now, device)
-            if step % cfg.run.ckpt_every == 0 or step == schedule.total_steps or stop_now:
-                checkpoints.save(engine, step, client_state(), rank)
-                export_model(engine, student, output_dir / MODEL_DIR, cfg.run.zero_stage, rank)
+            last = step == schedule.total_steps or stop_now
+            if step % cfg.run.ckpt_every == 0 or last:
+                checkpoints.save(engine, step, client_state(), rank, export=export)
+            if last:
+                export(output_dir / MODEL_DIR)
             if stop_now:
                 logger.message(f"signal {stop.signum}: checkpoint saved at step {step}, stopping")
                 metrics["interrupted"] = 1.0
