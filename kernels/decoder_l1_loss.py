@@ -11,7 +11,10 @@ therefore a GEMM over the masked blocks only (GFM.md, "Where the speed is"):
    + bias on the tensor cores (fp32 accumulation), compared with the image pixels in the epilogue:
    per-row |image - recon| sums, and (when a gradient is needed) sign(recon - image) as int8, the
    only per-pixel value that backward needs (and it is exact in one byte). Tiles past the masked
-   blocks skip the GEMM. No reconstruction, pixel mask or per-pixel loss is ever written.
+   blocks skip the GEMM. No reconstruction, pixel mask or per-pixel loss is ever written. The sign
+   buffer is allocated for all B*h*w blocks (the masked count lives on the device; asking the host
+   would sync) but only the masked rows are written or read: 1 byte per pixel, vs 2-4 bytes for
+   each of the reference chain's full-resolution tensors.
 3. ``_decoder_l1_loss_finish_kernel``: adds the per-row sums in a fixed order (deterministic) and
    scales by the normaliser.
 4. ``_decoder_l1_loss_bwd_input_kernel`` / ``_decoder_l1_loss_bwd_weight_kernel``: g_features =

@@ -30,6 +30,7 @@ MAX_BLOCK_K = 64  # patch elements per tl.dot step; K = 48 for RGB at p = 4 fits
 MIN_DOT_DIM = 16  # tl.dot needs every tile dimension >= 16
 NUM_VECTOR_GRADS = 4  # per-program partials: g_bias, g_norm_weight, g_norm_bias, g_mask_token
 INTERPRET_PROGRAMS = 2  # persistent backward programs under the interpreter (keeps the row loop exercised)
+MAX_WEIGHT_TILE = 8192  # fp32 elements of the backward's g_weight accumulator: 32 registers/thread at 8 warps
 
 
 def _fwd_configs():
@@ -101,7 +102,8 @@ def _conv_rows(img_ptr, w_ptr, b_ptr, patch_offset, load_rows, cols, D, K, H, W,
     return acc + bias[None, :]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_by_registers(16384)})
+@triton.autotune(configs=_fwd_configs(), key=["D", "K"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers(16384)})
 @triton.jit
 def _masked_patch_embed_fwd_kernel(
     img_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, mask_ptr, tok_ptr, out_ptr, mean_ptr, rstd_ptr,
@@ -134,7 +136,8 @@ def _masked_patch_embed_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_by_registers(8192)})
+@triton.autotune(configs=_bwd_configs(), key=["D", "K"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers(8192)})
 @triton.jit
 def _masked_patch_embed_bwd_kernel(
     img_ptr, w_ptr, b_ptr, nw_ptr, mask_ptr, mean_ptr, rstd_ptr, gout_ptr, gw_part_ptr, gvec_part_ptr,
@@ -216,8 +219,10 @@ def _block_d(dim: int) -> int:
     return max(MIN_DOT_DIM, triton.next_power_of_2(dim))
 
 
-def _block_k(k: int) -> int:
-    return max(MIN_DOT_DIM, min(MAX_BLOCK_K, triton.next_power_of_2(k)))
+def _block_k(k: int, dim: int) -> int:
+    """Patch elements per step; wide embeddings take narrower slices so that the backward's
+    (BLOCK_D, BLOCK_K) g_weight accumulator stays in registers (more slices, each recomputing x)."""
+    return max(MIN_DOT_DIM, min(MAX_BLOCK_K, triton.next_power_of_2(k), MAX_WEIGHT_TILE // _block_d(dim)))
 
 
 def _num_programs(device: torch.device, n_tokens: int) -> int:
@@ -305,7 +310,7 @@ def masked_patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias:
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]),)  # noqa: E731
     _masked_patch_embed_fwd_kernel[grid](
         images, weight, bias, norm_weight, norm_bias, mask, mask_token, out, mean, rstd, **geometry, D=dim, K=k,
-        eps=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k), ACC_DTYPE=_acc_dtype(images.dtype),
+        eps=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k, dim), ACC_DTYPE=_acc_dtype(images.dtype),
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     return out, mean, rstd
 
@@ -339,7 +344,7 @@ def masked_patch_embed_backward(grad_out: torch.Tensor, images: torch.Tensor, we
             raise ValueError(f"{name} must be the ({n_tokens},) {stats_dtype} tensor returned by the forward, got "
                              f"{tuple(stat.shape)} {stat.dtype}")
     programs = _num_programs(images.device, n_tokens)
-    block_k = _block_k(k)
+    block_k = _block_k(k, dim)
     g_weight_part = torch.empty((programs, dim, k), dtype=stats_dtype, device=images.device)
     g_vector_part = torch.empty((programs, NUM_VECTOR_GRADS, dim), dtype=stats_dtype, device=images.device)
     dot_dtype, precision = _dot_settings(images.dtype)

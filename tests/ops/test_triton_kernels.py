@@ -80,6 +80,7 @@ EMBED_CASES = [
     (1, 3, 8, 8, 4, 128, 2, 2),  # B = 1, the GFM embed width, token-level mask
     (2, 12, 8, 12, 4, 40, 1, 1),  # multispectral: K = 192 spans several BLOCK_K slices
     (2, 3, 8, 12, 2, 16, 4, 6),  # patch 2, token-level mask
+    (1, 3, 8, 12, 4, 200, 2, 3),  # wide D: the backward splits K = 48 into two BLOCK_K = 32 slices
 ]
 
 
