@@ -7,7 +7,8 @@ On CPU the kernels run only under ``TRITON_INTERPRET=1``, set before triton is i
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import ContextManager, Tuple
 
 import torch
 
@@ -19,6 +20,11 @@ from gfm_fast.losses import REC_EPS
 Saved = Tuple[torch.Tensor, ...]
 
 
+def _on_device(tensor: torch.Tensor) -> ContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU safety)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _require_saved(op: str, saved: Saved) -> None:
     if not saved:
         raise RuntimeError(f"{op}: backward called but the forward ran with needs_grad=False, so nothing was "
@@ -28,8 +34,9 @@ def _require_saved(op: str, saved: Saved) -> None:
 def masked_patch_embed_forward(images, weight, bias, norm_weight, norm_bias, mask, mask_token, patch_size,
                                eps) -> Tuple[torch.Tensor, Saved]:
     """Tokens (B, L, D); saves the inputs the backward re-reads plus per-token mean and rstd."""
-    out, mean, rstd = _embed.masked_patch_embed_forward(images, weight, bias, norm_weight, norm_bias, mask,
-                                                        mask_token, patch_size, eps)
+    with _on_device(images):
+        out, mean, rstd = _embed.masked_patch_embed_forward(images, weight, bias, norm_weight, norm_bias, mask,
+                                                            mask_token, patch_size, eps)
     return out, (images, weight, bias, norm_weight, mask, mean, rstd)
 
 
@@ -37,14 +44,16 @@ def masked_patch_embed_backward(grad_out, saved: Saved, patch_size, eps) -> Tupl
     """(g_weight (D, C*p*p), g_bias, g_norm_weight, g_norm_bias, g_mask_token); eps lives in the saved rstd."""
     _require_saved("masked_patch_embed", saved)
     images, weight, bias, norm_weight, mask, mean, rstd = saved
-    return _embed.masked_patch_embed_backward(grad_out, images, weight, bias, norm_weight, mask, mean, rstd,
-                                              patch_size)
+    with _on_device(images):
+        return _embed.masked_patch_embed_backward(grad_out, images, weight, bias, norm_weight, mask, mean, rstd,
+                                                  patch_size)
 
 
 def decoder_l1_loss_forward(features, weight, bias, images, mask, stride, needs_grad) -> Tuple[torch.Tensor, Saved]:
     """Loss over masked blocks; with needs_grad saves features, weight and the int8 residual signs."""
-    loss, residuals = _decoder.decoder_l1_loss_forward(features, weight, bias, images, mask, stride, needs_grad,
-                                                       eps=REC_EPS)
+    with _on_device(features):
+        loss, residuals = _decoder.decoder_l1_loss_forward(features, weight, bias, images, mask, stride, needs_grad,
+                                                           eps=REC_EPS)
     return loss, ((features, weight, *residuals) if needs_grad else ())
 
 
@@ -52,12 +61,15 @@ def decoder_l1_loss_backward(grad_loss, saved: Saved, stride) -> Tuple[torch.Ten
     """(g_features NHWC (B, h, w, D), g_weight (O, D), g_bias (O,))."""
     _require_saved("decoder_l1_loss", saved)
     features, weight, *residuals = saved
-    return _decoder.decoder_l1_loss_backward(grad_loss, features, weight, _decoder.DecoderL1Residuals(*residuals))
+    with _on_device(features):
+        return _decoder.decoder_l1_loss_backward(grad_loss, features, weight,
+                                                 _decoder.DecoderL1Residuals(*residuals))
 
 
 def cosine_distillation_forward(student, teacher, eps, needs_grad) -> Tuple[torch.Tensor, Saved]:
     """-mean_b cos(student, teacher); with needs_grad saves both inputs and per-row (s.t, |s|, |t|)."""
-    loss, stats = _cosine.cosine_distillation_forward(student, teacher, eps, save_stats=needs_grad)
+    with _on_device(student):
+        loss, stats = _cosine.cosine_distillation_forward(student, teacher, eps, save_stats=needs_grad)
     return loss, ((student, teacher, stats) if needs_grad else ())
 
 
@@ -65,4 +77,5 @@ def cosine_distillation_backward(grad_loss, saved: Saved, eps) -> Tuple[torch.Te
     """(g_student (B, D),)."""
     _require_saved("cosine_distillation", saved)
     student, teacher, stats = saved
-    return (_cosine.cosine_distillation_backward(grad_loss, student, teacher, stats, eps),)
+    with _on_device(student):
+        return (_cosine.cosine_distillation_backward(grad_loss, student, teacher, stats, eps),)
