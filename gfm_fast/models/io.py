@@ -133,17 +133,19 @@ def _replace_dir(staging: Path, target: Path) -> None:
 # Reading any supported source
 # --------------------------------------------------------------------------------------------
 
-def _deepspeed_states_file(directory: Path) -> Optional[Path]:
-    """``<dir>/mp_rank_00_model_states.pt``, or ``<dir>/<tag>/...`` with the tag named by ``<dir>/latest``."""
+def _training_tag_dir(directory: Path) -> Optional[Path]:
+    """The DeepSpeed checkpoint (tag) directory ``directory`` designates: itself when it holds
+    ``mp_rank_00_model_states.pt``, else the tag named by its ``latest`` file or by that of its
+    ``checkpoints/`` subdirectory (train.py's run layout)."""
     if (directory / DEEPSPEED_MODEL_STATES).is_file():
-        return directory / DEEPSPEED_MODEL_STATES
-    latest = directory / DEEPSPEED_LATEST
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        states = directory / tag / DEEPSPEED_MODEL_STATES
-        if not states.is_file():
-            raise CheckpointError(f"{latest} names tag {tag!r} but {states} does not exist")
-        return states
+        return directory
+    for root in (directory, directory / RUN_CHECKPOINT_SUBDIR):
+        latest = root / DEEPSPEED_LATEST
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if not (root / tag).is_dir():
+                raise CheckpointError(f"{latest} names tag {tag!r} but {root / tag} does not exist")
+            return root / tag
     return None
 
 
@@ -228,25 +230,21 @@ def _read_model_dir(directory: Path) -> _Source:
 def _resolve_dir(directory: Path, prefer_training: bool) -> Union[Path, _Source]:
     """A directory -> our model directory (as a _Source) or a DeepSpeed model-states file.
 
-    Accepted: a ``save_model`` directory; a DeepSpeed checkpoint (``latest`` + tags) or tag directory;
-    a training output directory holding ``model/`` (the export) and/or ``checkpoints/``. The export
-    is preferred for encoders (fp32, gathered), the training checkpoint for the pretrainer (it has
-    the projector and decoder).
+    Accepted: a ``save_model`` directory; a DeepSpeed checkpoint directory (``latest`` + tags) or
+    tag directory; a training output directory (``model/`` and/or ``checkpoints/``). Exported
+    model directories (``<run>/model``, ``<tag>/model``: fp32, gathered from ZeRO-3) are preferred
+    for encoders; the DeepSpeed states (with projector and decoder) for the pretrainer.
     """
     if _is_model_dir(directory):
         return _read_model_dir(directory)
-    states = _deepspeed_states_file(directory)
-    if states is not None:
+    tag = _training_tag_dir(directory)
+    states = tag / DEEPSPEED_MODEL_STATES if tag is not None and (tag / DEEPSPEED_MODEL_STATES).is_file() else None
+    exports = [d / EXPORT_SUBDIR for d in (directory, tag) if d is not None]
+    export = next((e for e in exports if _is_model_dir(e)), None)
+    if states is not None and (prefer_training or export is None):
         return states
-    export, runs = directory / EXPORT_SUBDIR, directory / RUN_CHECKPOINT_SUBDIR
-    candidates = [runs, export] if prefer_training else [export, runs]
-    for candidate in candidates:
-        if candidate == export and _is_model_dir(candidate):
-            return _read_model_dir(candidate)
-        if candidate == runs and candidate.is_dir():
-            states = _deepspeed_states_file(candidate)
-            if states is not None:
-                return states
+    if export is not None:
+        return _read_model_dir(export)
     raise CheckpointError(f"{directory} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a "
                           f"DeepSpeed checkpoint directory ({DEEPSPEED_LATEST} or {DEEPSPEED_MODEL_STATES}), nor a "
                           f"training output directory ({EXPORT_SUBDIR}/ or {RUN_CHECKPOINT_SUBDIR}/)")

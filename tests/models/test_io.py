@@ -115,8 +115,9 @@ def test_model_dir_errors(tmp_path, pretrainer):
 # Training checkpoints (DeepSpeed layout written by train.py)
 # --------------------------------------------------------------------------------------------
 
-def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=False, zero3=False):
-    """<root>/checkpoints/{latest, step_00000005/{mp_rank_00_model_states.pt, gfm_config.json}} (+ model/)."""
+def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=False, tag_export=False, zero3=False):
+    """train.py's layout: <root>/checkpoints/{latest, step_00000005/{mp_rank_00_model_states.pt,
+    gfm_config.json, model/ if tag_export}}, plus <root>/model/ if with_export."""
     student = pretrainer.student.state_dict()
     module = {k: (torch.empty(0, dtype=dtype) if zero3 else v.to(dtype)) for k, v in student.items()}
     train_cfg = TrainConfig(model=pretrainer.config)
@@ -132,6 +133,8 @@ def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=Fal
     (root / "checkpoints" / "latest").write_text("step_00000005")
     if with_export:
         save_model(pretrainer, root / "model")
+    if tag_export:
+        save_model(pretrainer, tag / "model")
     return tag
 
 
@@ -156,6 +159,12 @@ def test_zero3_partitioned_checkpoint_points_to_the_export(tmp_path, pretrainer)
     write_training_run(tmp_path / "run", pretrainer, zero3=True)
     with pytest.raises(CheckpointError, match="ZeRO-3 partitioned"):
         load_model(tmp_path / "run" / "checkpoints")
+
+
+def test_checkpoint_exports_are_preferred_for_encoders(tmp_path, pretrainer):
+    tag = write_training_run(tmp_path / "run", pretrainer, zero3=True, tag_export=True)
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tag):
+        assert_same_encoder(load_model(path), pretrainer.encoder)  # from <tag>/model, not the empty states
 
 
 def test_dangling_latest_tag(tmp_path):
@@ -241,11 +250,12 @@ def test_load_pretrainer_from_training_run(tmp_path):
     teacher_file = tmp_path / "teacher.pth"
     torch.save({"model": to_official_layout(teacher_full.state_dict(), teacher_full)}, teacher_file)
     original = tiny_pretrainer(teacher_weights=str(teacher_file))
-    write_training_run(tmp_path / "run", original, with_export=True)  # prefers checkpoints/ over model/
-    loaded = load_pretrainer(tmp_path / "run")  # config (incl. teacher_weights) from the run
-    assert loaded.config == original.config
+    tag = write_training_run(tmp_path / "run", original, with_export=True, tag_export=True)
     x, mask = torch.randn(2, 3, TINY_IMG, TINY_IMG), random_block_mask(2)
-    same_losses(original, loaded, x, mask)
+    for path in (tmp_path / "run", tag):  # the DeepSpeed states win over the encoder-only exports
+        loaded = load_pretrainer(path)  # config (incl. teacher_weights) from the run
+        assert loaded.config == original.config
+        same_losses(original, loaded, x, mask)
 
 
 @pytest.mark.filterwarnings("ignore:GFM teacher has NO weights")
