@@ -59,7 +59,7 @@ def _prune_by_registers(max_tile: int):
 
 
 @triton.jit
-def _token_coords(rows, n_tokens, tokens_per_image, grid_w, mask_h, mask_w, cell_h, cell_w, C, H, W,
+def _token_coords(rows, tokens_per_image, grid_w, mask_h, mask_w, cell_h, cell_w, C, H, W,
                   PATCH: tl.constexpr):
     """Per token row: image offset of its patch's top-left pixel, and its mask index (block level)."""
     image = rows // tokens_per_image
@@ -115,7 +115,7 @@ def _masked_patch_embed_fwd_kernel(
     row_ok = rows < n_tokens
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    patch_offset, mask_index = _token_coords(rows, n_tokens, tokens_per_image, grid_w, mask_h, mask_w, cell_h,
+    patch_offset, mask_index = _token_coords(rows, tokens_per_image, grid_w, mask_h, mask_w, cell_h,
                                              cell_w, C, H, W, PATCH)
     masked = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0) > 0.5
     keep = row_ok & (masked == 0)
@@ -160,7 +160,7 @@ def _masked_patch_embed_bwd_kernel(
     for block in range(pid, tl.cdiv(n_tokens, BLOCK_M), n_programs):
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_tokens
-        patch_offset, mask_index = _token_coords(rows, n_tokens, tokens_per_image, grid_w, mask_h, mask_w, cell_h,
+        patch_offset, mask_index = _token_coords(rows, tokens_per_image, grid_w, mask_h, mask_w, cell_h,
                                                  cell_w, C, H, W, PATCH)
         masked = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0) > 0.5
         keep = row_ok & (masked == 0)
