@@ -19,7 +19,7 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple
 
 import torch
 from timm.layers import resample_patch_embed, resize_rel_pos_bias_table

@@ -18,7 +18,7 @@ from gfm_fast.masking import generate_block_mask
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
 from gfm_fast.models.teacher import FrozenTeacher
 
-__all__ = ["GFMOutput", "GFMStudent", "GFMPretrainer", "param_groups", "NO_WEIGHT_DECAY_NAMES"]
+__all__ = ["GFMOutput", "DecoderConv", "GFMStudent", "GFMPretrainer", "param_groups", "NO_WEIGHT_DECAY_NAMES"]
 
 # Parameter names (suffixes) that never get weight decay, besides every 1-D parameter.
 NO_WEIGHT_DECAY_NAMES = ("mask_token", "relative_position_bias_table")
@@ -42,10 +42,45 @@ class GFMOutput(NamedTuple):
     mask: torch.Tensor
 
 
+class DecoderConv(nn.Conv2d):
+    """The 1x1 conv of GFM's decoder D = (conv, PixelShuffle(s)).
+
+    Called on features alone it is the plain conv (so ``decoder(r)`` reconstructs the image).
+    Called with the target images and block mask it returns the fused masked L1 loss instead,
+    using its weight block by block without building the reconstruction. The loss is computed
+    inside this module's own call so that parameter-gathering hooks (DeepSpeed ZeRO-3) fetch the
+    weight, which is too large to stay persistent.
+
+    Args:
+        in_dim: feature width F.
+        out_chans: image channels C (the conv has s*s*C outputs).
+        upscale: the PixelShuffle factor s (the student's total stride).
+        backend: ops backend of the fused loss.
+    """
+
+    def __init__(self, in_dim: int, out_chans: int, upscale: int, backend: str = "auto"):
+        super().__init__(in_dim, upscale ** 2 * out_chans, kernel_size=1)
+        self.upscale, self.backend = upscale, backend
+
+    def forward(self, features: torch.Tensor, images: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, s*s*C, h, w) for ``features`` (B, F, h, w) NCHW, or with ``images`` (B, C, H, W)
+        and block ``mask`` (B, h, w) the scalar L_rec."""
+        if images is None:
+            return super().forward(features)
+        if mask is None:
+            raise ValueError("DecoderConv: the reconstruction loss needs the block mask")
+        return ops.decoder_l1_loss(features, self.weight, self.bias, images, mask, stride=self.upscale,
+                                   backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, upscale={self.upscale}, backend={self.backend!r}"
+
+
 class GFMStudent(nn.Module):
     """The trainable part of GFM: masked Swin ``encoder``, ``projector`` P and ``decoder`` D.
 
-    ``decoder`` is ``nn.Sequential(Conv2d(F, s*s*C, 1), PixelShuffle(s))`` so that its state-dict keys
+    ``decoder`` is ``nn.Sequential(DecoderConv(F, C, s), PixelShuffle(s))`` so that its state-dict keys
     (``decoder.0.weight``/``bias``) match the GFM/SimMIM release; the loss never runs it: the fused
     ``decoder_l1_loss`` uses its conv weights block by block.
 
@@ -65,7 +100,7 @@ class GFMStudent(nn.Module):
             self.encoder.set_grad_checkpointing(True)
         width, teacher_width = self.encoder.num_features, config.teacher.num_features
         self.projector = nn.Linear(width, teacher_width)
-        self.decoder = nn.Sequential(nn.Conv2d(width, self.stride ** 2 * cfg.in_chans, kernel_size=1),
+        self.decoder = nn.Sequential(DecoderConv(width, cfg.in_chans, self.stride, backend=config.ops_backend),
                                      nn.PixelShuffle(self.stride))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, z_t: torch.Tensor,
@@ -85,9 +120,7 @@ class GFMStudent(nn.Module):
         h = self.encoder.forward_trunk(images, mask)  # (B, H/s, W/s, F) NHWC
         z_s = self.projector(h.mean(dim=(1, 2)))  # (B, T)
         r = self.encoder.forward_tail(h).permute(0, 3, 1, 2)  # (B, F, H/s, W/s) NCHW view of NHWC memory
-        conv = self.decoder[0]
-        loss_rec = ops.decoder_l1_loss(r, conv.weight, conv.bias, images, mask, stride=self.stride,
-                                       backend=self.ops_backend)
+        loss_rec = self.decoder[0](r, images, mask)
         loss_feat = ops.cosine_distillation(z_s, z_t, backend=self.ops_backend)
         recon = None
         if return_recon:
@@ -99,6 +132,7 @@ class GFMStudent(nn.Module):
         """Switch every fused op of the student to ``backend`` (auto | reference | cpp | triton)."""
         self.ops_backend = backend
         self.encoder.ops_backend = backend
+        self.decoder[0].backend = backend
 
 
 class GFMPretrainer(nn.Module):

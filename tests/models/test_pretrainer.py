@@ -162,3 +162,25 @@ def test_auto_backend_on_cpu_matches_reference():
     b.loss.backward()
     for (name, p), q in zip(reference.student.named_parameters(), auto.student.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_parameter_owners_are_called_for_the_fused_ops():
+    """ZeRO-3 gathers a module's weights in its forward pre-hook: the decoder conv (too big to stay
+    persistent) and the patch embedding must be *called*, not only have their weights read."""
+    model = tiny_pretrainer()
+    called = []
+    model.student.decoder[0].register_forward_pre_hook(lambda *_: called.append("decoder.0"))
+    model.encoder.patch_embed.register_forward_pre_hook(lambda *_: called.append("patch_embed"))
+    model.student.projector.register_forward_pre_hook(lambda *_: called.append("projector"))
+    model(images(), random_block_mask(2))
+    assert sorted(called) == ["decoder.0", "patch_embed", "projector"]
+
+
+def test_ops_backend_switch_reaches_every_op():
+    model = tiny_pretrainer(ops_backend="auto")
+    model.student.set_ops_backend("reference")
+    assert model.encoder.patch_embed.backend == model.student.decoder[0].backend == "reference"
+    out = model(images(), random_block_mask(2))  # runs on a box where "auto" may not be built
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="needs the block mask"):
+        model.student.decoder[0](torch.randn(1, 128, 4, 4), images(1))
