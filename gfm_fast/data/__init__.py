@@ -1,13 +1,38 @@
 """GeoPile data: the streaming WebDataset loader (train.py) and, separately, the shard builder.
 
-Training code imports only this module's loader surface::
+Training code imports only the loader surface::
 
     from gfm_fast.data import make_loader, sample_shards
 
-The builder lives in ``gfm_fast.data.geopile`` and is run as ``python -m gfm_fast.data build``;
-it is never imported from here, so training does not load it.
+The builder lives in ``gfm_fast.data.geopile`` and runs as ``python -m gfm_fast.data build``;
+nothing here imports it. Names resolve lazily, so the builder (and its worker processes) do not
+pay for importing torch and the loader.
 """
-from gfm_fast.data.shards import (DataWarning, GeoPileLoader, TooManyFailures, make_loader, resolve_shards,
-                                  sample_shards)
+from __future__ import annotations
 
-__all__ = ["DataWarning", "GeoPileLoader", "TooManyFailures", "make_loader", "resolve_shards", "sample_shards"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "make_loader": "gfm_fast.data.shards",
+    "sample_shards": "gfm_fast.data.shards",
+    "resolve_shards": "gfm_fast.data.shards",
+    "GeoPileLoader": "gfm_fast.data.shards",
+    "DataWarning": "gfm_fast.data.shards",
+    "TooManyFailures": "gfm_fast.data.shards",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gfm_fast.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

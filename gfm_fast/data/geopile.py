@@ -52,8 +52,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # stored as the original bytes
 SAMPLE_OVERHEAD_BYTES = 3072  # two tar headers + 512-byte padding + metadata JSON, for shard-size planning
-TAR_TAIL_BYTES = tarfile.RECORDSIZE + 2 * tarfile.BLOCKSIZE  # end-of-archive blocks + record padding
+TAR_TAIL_BYTES = 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
 TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical shards
+TAR_MODE = 0o444
 BUILD_FILE = "build.json"
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _OPEN_SCENES = 4  # per-process cache of open GeoTIFF readers (items of a scene are spread out)
@@ -300,6 +301,37 @@ class _HashingWriter:
         self.raw.flush()
 
 
+class _SampleTarWriter:
+    """Writes webdataset samples (``<key>.<ext>`` members, extensions sorted) with fixed headers.
+
+    Members are written directly (header, data, padding to 512 bytes; two zero blocks at the end),
+    without tarfile's padding of the archive to 10 KiB records, so small shards stay small.
+    Plain tar rather than ``wds.TarWriter``: same layout, but importing webdataset pulls in torch,
+    which every builder process would then pay for.
+    """
+
+    def __init__(self, fileobj):
+        self._file = fileobj
+
+    def write(self, key: str, files: Dict[str, bytes]) -> None:
+        for ext in sorted(files):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(files[ext]), TAR_MTIME, TAR_MODE
+            self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))  # long names: pax
+            self._file.write(files[ext])
+            self._file.write(b"\0" * (-len(files[ext]) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self._file.write(b"\0" * TAR_TAIL_BYTES)
+
+    def __enter__(self) -> "_SampleTarWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+
+
 class _SkipTile(Exception):
     """A tile with too much nodata: skipped and counted, not a failure."""
 
@@ -388,8 +420,6 @@ def _item_path(item: Item, root: Path) -> Path:
 
 def write_shard(task: ShardTask, progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Write one shard (tmp file, record, rename) and return its record."""
-    import webdataset as wds
-
     out = Path(task.out)
     tmp = out / f".{task.name}.tmp-{os.getpid()}"
     record = {"name": task.name, "planned": len(task.items), "samples": 0, "bytes": 0, "sha256": None,
@@ -398,7 +428,7 @@ def write_shard(task: ShardTask, progress: Optional[Callable[[int], None]] = Non
     try:
         with open(tmp, "wb") as raw:
             hashing = _HashingWriter(raw)
-            with wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME) as tar:
+            with _SampleTarWriter(hashing) as tar:
                 for item in task.items:
                     _write_item(tar, item, task, scenes, record)
                     if progress is not None:
@@ -431,7 +461,7 @@ def _write_item(tar, item: Item, task: ShardTask, scenes: _SceneCache, record: D
         return
     meta = {"source": item.source, "label": item.label, "gsd": task.gsd.get(item.source), "path": item.relpath,
             "format": ext, **info}
-    tar.write({"__key__": item.key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
+    tar.write(item.key, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
     record["samples"] += 1
     record["sources"][item.source] = record["sources"].get(item.source, 0) + 1
 

@@ -520,7 +520,11 @@ class DeviceDecoder:
     """
 
     def __init__(self, augment: GFMAugment, device: torch.device, stats: Dict[str, int]):
-        from torchvision.io import ImageReadMode, decode_jpeg
+        with warnings.catch_warnings():
+            # TODO(#5): torchvision 0.29 deprecates its image codecs in favour of torchcodec; move the
+            # nvjpeg path there once torchcodec is part of the pinned stack.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
 
         self.augment = augment
         self.device = torch.device(device)
@@ -552,17 +556,20 @@ class DeviceDecoder:
         return images
 
     def _decode_all(self, blobs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see TODO(#5) in __init__
+            try:
+                return list(self._decode_jpeg(blobs, mode=self._mode, device=self.device))
+            except RuntimeError:  # one bad JPEG fails the batched call: find it
+                results = [self._decode_one(blob) for blob in blobs]
+        return results
+
+    def _decode_one(self, blob: torch.Tensor) -> Optional[torch.Tensor]:
         try:
-            return list(self._decode_jpeg(blobs, mode=self._mode, device=self.device))
-        except RuntimeError:  # one bad JPEG fails the batched call: find it
-            results = []
-            for blob in blobs:
-                try:
-                    results.append(self._decode_jpeg(blob, mode=self._mode, device=self.device))
-                except RuntimeError as exn:
-                    warnings.warn(f"gfm_fast.data skipped a JPEG that fails on {self.device}: {exn}", DataWarning)
-                    results.append(None)
-            return results
+            return self._decode_jpeg(blob, mode=self._mode, device=self.device)
+        except RuntimeError as exn:
+            warnings.warn(f"gfm_fast.data skipped a JPEG that fails on {self.device}: {exn}", DataWarning)
+            return None
 
 
 def _box_from_row(row: Sequence[int]):
@@ -653,7 +660,11 @@ class GeoPileLoader:
                 yield images
         finally:
             self._fold_stats()
-            del source
+            # Stop the workers now: left to the garbage collector (an exception's traceback keeps
+            # the iterator alive), DataLoader's shutdown can wait out its 5 s join timeout.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _advance(self, meta: Dict[str, Any]) -> None:
         self._positions[meta["worker"]] = meta["position"]
