@@ -24,6 +24,7 @@ from torch import nn
 
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
+from gfm_fast.models.checkpoint import checkpoint_filter_fn
 
 __all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
            "build_student", "build_swin", "prune_to_trunk", "allow_any_input_size", "encoder_config_of",
@@ -266,8 +267,6 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
 def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = True, **kwargs: Any):
     """Build a registered variant with timm's builder (``pretrained`` loads a local file given by
     ``pretrained_cfg_overlay=dict(file=...)`` through our ``checkpoint_filter_fn``)."""
-    from gfm_fast.models.checkpoint import checkpoint_filter_fn  # checkpoint imports this module
-
     cls = GFMSwinTransformer if student else SwinTransformer
     return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)

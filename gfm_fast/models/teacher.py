@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import ModelConfig
+from gfm_fast.models.checkpoint import load_teacher_weights
 from gfm_fast.models.swin import prune_to_trunk, split_at_last_merging, swin_kwargs
 
 __all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
@@ -52,8 +53,6 @@ class FrozenTeacher(SwinTransformer):
         resolve_teacher_dtype(self.dtype_name, torch.device("cpu"))  # validate early
         weights = state_dict if state_dict is not None else config.teacher_weights
         if weights is not None:
-            from gfm_fast.models.checkpoint import load_teacher_weights  # checkpoint imports swin, not us
-
             load_teacher_weights(self, weights)
         else:
             warnings.warn("GFM teacher has NO weights (model.teacher_weights is None): it is randomly initialised, "

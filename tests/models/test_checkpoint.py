@@ -201,3 +201,15 @@ def test_infer_architecture_from_shapes():
         infer_swin_config({"norm.weight": torch.ones(3)})
     with pytest.raises(TypeError, match="unknown architecture override"):
         infer_swin_config(encoder.state_dict(), depth=3)
+
+
+def test_timm_pretrained_loading_uses_our_filter(tmp_path):
+    import timm
+
+    source = timm.create_model("gfm_swin_test_patch4_window2_64")
+    path = tmp_path / "official.pth"
+    torch.save({"model": to_official_layout(source.state_dict(), source)}, path)
+    loaded = timm.create_model("gfm_swin_test_patch4_window2_64", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
