@@ -21,6 +21,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from gfm_fast.models.io import load_model
+from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
+from gfm_fast.models.swin import allow_any_input_size, encoder_config_of
 
 __all__ = ["extract_features", "read_image", "IMAGE_SUFFIXES"]
 
@@ -36,8 +41,6 @@ class _Encoder:
     """The encoder to run, with what extraction needs to know about it."""
 
     def __init__(self, module: nn.Module):
-        from gfm_fast.models.swin import encoder_config_of
-
         self.module = module
         self.config = encoder_config_of(module)
         self.in_chans = self.config.swin.in_chans
@@ -46,9 +49,6 @@ class _Encoder:
 
 
 def _resolve_encoder(model_or_path: Any) -> _Encoder:
-    from gfm_fast.models.io import load_model
-    from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
-
     model = model_or_path
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
@@ -288,8 +288,6 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
         (N, num_features) float32 (1024 for Swin-B) on the CPU, or with ``stages`` a dict
         ``{i: (N, C_i, H_i, W_i)}`` NCHW at stride 4 * 2**i (128/256/512/1024 channels for Swin-B).
     """
-    from gfm_fast.models.swin import allow_any_input_size
-
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     encoder = _resolve_encoder(model_or_path)
@@ -303,11 +301,10 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
         device = _default_device(module)
     module.to(device)
     count, batches = _batches(images, encoder.in_chans, encoder.stride, batch_size)
-    from tqdm.auto import tqdm
-
     show = progress if progress is not None else count >= PROGRESS_MIN_IMAGES
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     outputs: List[Any] = []
+    size = None  # per-stage maps of all images must share one size
     was_training = module.training
     module.eval()
     try:
@@ -315,6 +312,10 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
                                                                        desc="extract_features") as bar:
             for batch, scale, what in batches:
                 _check_geometry(batch, encoder.in_chans, encoder.stride, what)
+                size = size or batch.shape[-2:]
+                if picked is not None and batch.shape[-2:] != size:
+                    raise ValueError("images of different sizes give per-stage maps of different sizes; pass "
+                                     "images of one size when asking for stages (or use the pooled feature)")
                 x = _prepare(batch, scale, encoder.config, device)
                 with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                     outputs.append(_run(module, x, picked))
@@ -323,8 +324,4 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
         module.train(was_training)
     if picked is None:
         return torch.cat(outputs)
-    sizes = {tuple(out[0].shape[-2:]) for out in outputs}
-    if len(sizes) > 1:
-        raise ValueError("images of different sizes give per-stage maps of different sizes; pass images of one "
-                         "size when asking for stages (or use the pooled feature)")
     return {stage: torch.cat([out[i] for out in outputs]) for i, stage in enumerate(picked)}

@@ -397,9 +397,12 @@ def _pretrainer_config(state: Dict[str, torch.Tensor], saved: Optional[ModelConf
                        rest: Dict[str, Any]) -> ModelConfig:
     """ModelConfig: the saved training config (if any), then shapes, then overrides."""
     base = saved if saved is not None else ModelConfig()
-    student_base = rest.pop("student", base.student)
-    keep = {k: getattr(student_base, k) for k in ("img_size", "drop_path_rate")}
-    student = infer_swin_config(normalize_swin_keys(split_prefix(state, "encoder.")), **{**keep, **arch})
+    rest = dict(rest)
+    student_override = rest.pop("student", None)
+    # Shapes decide the architecture; a whole student config or single fields may override it.
+    known = (dataclasses.asdict(student_override) if student_override is not None
+             else {k: getattr(base.student, k) for k in ("img_size", "drop_path_rate")})
+    student = infer_swin_config(normalize_swin_keys(split_prefix(state, "encoder.")), **{**known, **arch})
     teacher = rest.pop("teacher", None)
     teacher_state = split_prefix(state, TEACHER_PREFIX)
     if teacher is None and teacher_state:
