@@ -44,7 +44,8 @@ def _extensions():
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found or torch is not a CUDA build; "
                            "set CUDA_HOME to the toolkit or install a CUDA build of torch")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    # torch >= 2.10 headers need C++20; -Wno-psabi: our always-inlined SIMD helpers pass vectors by value
+    cxx = opt + ["-fopenmp", "-std=c++20", "-Wno-psabi"]
     extra = {"cxx": cxx}
     define = []
     ext_cls = CppExtension

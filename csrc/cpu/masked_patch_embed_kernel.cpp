@@ -11,8 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -71,45 +71,59 @@ PatchGeometry check_inputs(const char* op, const at::Tensor& images, const at::T
 
 // ---- hot loops (acc_t = float or double), compiled per ISA ----
 
-// X[r, :] = bias + P[r, :] @ Wt for r < rows. P (rows, K), Wt (K, D): the conv weight transposed so
-// that the inner loop runs over contiguous output channels.
+// X[r, d] = bias[d] + P[r, :] @ Wt[:, d] for r < rows, d in [d_begin, d_end), one row at a time.
 template <typename T>
-GFM_ALWAYS_INLINE void project_rows_impl(const T* __restrict P, int64_t rows, int64_t K, const T* __restrict Wt,
-                                         const T* __restrict bias, int64_t D, T* __restrict X) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    T* x0 = X + r * D;
-    T* x1 = x0 + D;
-    T* x2 = x1 + D;
-    T* x3 = x2 + D;
-    const T* p0 = P + r * K;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) x0[d] = x1[d] = x2[d] = x3[d] = bias[d];
-    for (int64_t k = 0; k < K; ++k) {
-      const T a0 = p0[k], a1 = p0[K + k], a2 = p0[2 * K + k], a3 = p0[3 * K + k];
-      const T* w = Wt + k * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const T wd = w[d];
-        x0[d] += a0 * wd;
-        x1[d] += a1 * wd;
-        x2[d] += a2 * wd;
-        x3[d] += a3 * wd;
-      }
-    }
-  }
-  for (; r < rows; ++r) {
+GFM_ALWAYS_INLINE void project_rows_simple(const T* __restrict P, int64_t rows, int64_t K, const T* __restrict Wt,
+                                           const T* __restrict bias, int64_t D, int64_t d_begin, int64_t d_end,
+                                           T* __restrict X) {
+  for (int64_t r = 0; r < rows; ++r) {
     T* x = X + r * D;
     const T* p = P + r * K;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) x[d] = bias[d];
+    for (int64_t d = d_begin; d < d_end; ++d) x[d] = bias[d];
     for (int64_t k = 0; k < K; ++k) {
       const T a = p[k];
       const T* w = Wt + k * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) x[d] += a * w[d];
+      for (int64_t d = d_begin; d < d_end; ++d) x[d] += a * w[d];
     }
   }
+}
+
+// X[r, :] = bias + P[r, :] @ Wt for r < rows. P (rows, K), Wt (K, D): the conv weight transposed so
+// that output channels are contiguous. Tiles of kRowBlock tokens x one SIMD vector of channels keep
+// their accumulators in registers across the whole K loop (K = C*p*p is small: 48 in GFM).
+template <typename T>
+GFM_ALWAYS_INLINE void project_rows_impl(const T* __restrict P, int64_t rows, int64_t K, const T* __restrict Wt,
+                                         const T* __restrict bias, int64_t D, T* __restrict X) {
+#if GFM_HAS_VECTOR_EXT
+  using V = typename cpu::Vec<T>::type;
+  constexpr int64_t L = cpu::Vec<T>::lanes;
+  const int64_t d_vec = D - D % L;
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const T* p = P + r * K;
+    T* x = X + r * D;
+    for (int64_t d = 0; d < d_vec; d += L) {
+      V c0 = cpu::vload(bias + d), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t k = 0; k < K; ++k) {
+        const V w = cpu::vload(Wt + k * D + d);
+        c0 += p[k] * w;
+        c1 += p[K + k] * w;
+        c2 += p[2 * K + k] * w;
+        c3 += p[3 * K + k] * w;
+      }
+      cpu::vstore(x + d, c0);
+      cpu::vstore(x + D + d, c1);
+      cpu::vstore(x + 2 * D + d, c2);
+      cpu::vstore(x + 3 * D + d, c3);
+    }
+    if (d_vec < D) project_rows_simple(p, kRowBlock, K, Wt, bias, D, d_vec, D, x);
+  }
+  if (r < rows) project_rows_simple(P + r * K, rows - r, K, Wt, bias, D, 0, D, X + r * D);
+#else
+  project_rows_simple(P, rows, K, Wt, bias, D, 0, D, X);
+#endif
 }
 
 // Two-pass mean and 1/std of one row (biased variance, as LayerNorm).
@@ -171,38 +185,60 @@ GFM_ALWAYS_INLINE void norm_backward_rows_impl(T* __restrict X, const T* __restr
   }
 }
 
-// gWt (K, D) += P^T @ GX and gb += column sums of GX, for P (rows, K), GX (rows, D).
+// gWt[k, d] += sum_r P[r, k] * GX[r, d] for k in [k_begin, k_end), d in [d_begin, d_end).
+template <typename T>
+GFM_ALWAYS_INLINE void weight_grad_simple(const T* __restrict P, const T* __restrict GX, int64_t rows, int64_t K,
+                                          int64_t D, int64_t k_begin, int64_t k_end, int64_t d_begin, int64_t d_end,
+                                          T* __restrict gWt) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = GX + r * D;
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const T a = P[r * K + k];
+      T* w = gWt + k * D;
+#pragma omp simd
+      for (int64_t d = d_begin; d < d_end; ++d) w[d] += a * g[d];
+    }
+  }
+}
+
+// gWt (K, D) += P^T @ GX and gb += column sums of GX, for P (rows, K), GX (rows, D). Tiles of
+// kRowBlock weight rows x one SIMD vector of channels stay in registers over all the rows.
 template <typename T>
 GFM_ALWAYS_INLINE void accumulate_weight_grad_impl(const T* __restrict P, const T* __restrict GX, int64_t rows,
                                                    int64_t K, int64_t D, T* __restrict gWt, T* __restrict gb) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    const T* g0 = GX + r * D;
-    const T* g1 = g0 + D;
-    const T* g2 = g1 + D;
-    const T* g3 = g2 + D;
-    const T* p0 = P + r * K;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) gb[d] += (g0[d] + g1[d]) + (g2[d] + g3[d]);
-    for (int64_t k = 0; k < K; ++k) {
-      const T a0 = p0[k], a1 = p0[K + k], a2 = p0[2 * K + k], a3 = p0[3 * K + k];
-      T* w = gWt + k * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) w[d] += (a0 * g0[d] + a1 * g1[d]) + (a2 * g2[d] + a3 * g3[d]);
-    }
-  }
-  for (; r < rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     const T* g = GX + r * D;
-    const T* p = P + r * K;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) gb[d] += g[d];
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = p[k];
-      T* w = gWt + k * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) w[d] += a * g[d];
+  }
+#if GFM_HAS_VECTOR_EXT
+  using V = typename cpu::Vec<T>::type;
+  constexpr int64_t L = cpu::Vec<T>::lanes;
+  const int64_t d_vec = D - D % L, k_vec = K - K % kRowBlock;
+  for (int64_t k = 0; k < k_vec; k += kRowBlock) {
+    T* w = gWt + k * D;
+    for (int64_t d = 0; d < d_vec; d += L) {
+      V c0 = cpu::vload(w + d), c1 = cpu::vload(w + D + d), c2 = cpu::vload(w + 2 * D + d),
+        c3 = cpu::vload(w + 3 * D + d);
+      for (int64_t r = 0; r < rows; ++r) {
+        const V g = cpu::vload(GX + r * D + d);
+        const T* p = P + r * K + k;
+        c0 += p[0] * g;
+        c1 += p[1] * g;
+        c2 += p[2] * g;
+        c3 += p[3] * g;
+      }
+      cpu::vstore(w + d, c0);
+      cpu::vstore(w + D + d, c1);
+      cpu::vstore(w + 2 * D + d, c2);
+      cpu::vstore(w + 3 * D + d, c3);
     }
   }
+  if (d_vec < D) weight_grad_simple(P, GX, rows, K, D, 0, k_vec, d_vec, D, gWt);
+  if (k_vec < K) weight_grad_simple(P, GX, rows, K, D, k_vec, K, 0, D, gWt);
+#else
+  weight_grad_simple(P, GX, rows, K, D, 0, K, 0, D, gWt);
+#endif
 }
 
 #define GFM_DEFINE_FOR(T)                                                                                     \
@@ -292,14 +328,22 @@ void forward_kernel(const at::Tensor& images, const AccParams<acc_type<scalar_t>
       scalar_t* out_row = out_ptr + (b * g.tokens() + ty * g.grid_w) * D;
       // Masked tokens are exactly mask_token: x * (1 - 1) + mask_token * 1.
       const int64_t n = split_row(mask_ptr + b * g.mask_h * g.mask_w, g, ty, cols.data(), [&](int64_t tx) {
-        std::memcpy(out_row + tx * D, token, D * sizeof(scalar_t));
+        cpu::stream_row(out_row + tx * D, token, D * sizeof(scalar_t));
       });
       if (n == 0) continue;
       gather_patches(img + b * image_numel, g, ty, cols.data(), n, P.data());
       project_rows(P.data(), n, K, Wt, bias, D, X.data());
       normalize_rows(X.data(), n, D, nw, nb, static_cast<acc_t>(eps));
-      for (int64_t t = 0; t < n; ++t) cpu::store_row(out_row + cols[t] * D, X.data() + t * D, D);
+      for (int64_t t = 0; t < n; ++t) {
+        scalar_t* dst = out_row + cols[t] * D;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          cpu::stream_row(dst, X.data() + t * D, D * sizeof(scalar_t));
+        } else {
+          cpu::store_row(dst, X.data() + t * D, D);
+        }
+      }
     }
+    cpu::stream_fence();
   });
 }
 
