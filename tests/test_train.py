@@ -1,0 +1,192 @@
+"""Short CPU training runs of the real train.py (tiny model, embedded sample shards, gloo).
+
+In-process runs share one gloo process group per pytest worker; the two-process and signal tests
+launch real subprocesses (the deepspeed launcher, and plain ``python gfm_fast/train.py``).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gfm_fast
+from gfm_fast.train import COMPLETE_MARKER, Checkpoints, TrainingError, train
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_PY = REPO / "gfm_fast" / "train.py"
+# A very small GFM: 64 px images, 2x2 mask blocks of 32 px (3 of 4 masked), 1-2 blocks per stage.
+TEST_MODEL = [
+    "model.student.embed_dim=16", "model.student.depths=[1,1,2,1]", "model.student.num_heads=[1,2,4,8]",
+    "model.student.window_size=2", "model.student.img_size=64",
+    "model.teacher.embed_dim=16", "model.teacher.depths=[1,1,2,1]", "model.teacher.num_heads=[1,2,4,8]",
+    "model.teacher.window_size=2", "model.teacher.img_size=64",
+    "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16", "data.samples_per_epoch=64",
+    "run.log_every=1", "run.preview_every=1000", "run.ckpt_every=1000", "run.keep_last=5",
+]
+
+
+def _overrides(tmp_path, *extra):
+    items = TEST_MODEL + [f"run.output_dir={tmp_path}"] + list(extra)
+    return {item.split("=", 1)[0]: item.split("=", 1)[1] for item in items}
+
+
+def _run(tmp_path, *extra):
+    with pytest.warns(UserWarning, match="teacher has NO weights"):
+        return train("tiny", **_overrides(tmp_path, *extra))
+
+
+def _losses(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
+
+
+def test_loss_decreases_and_outputs_are_written(tmp_path):
+    result = _run(tmp_path, "run.max_steps=40", "optim.base_lr=2e-3", "run.preview_every=20")
+    losses = _losses(tmp_path)
+    assert len(losses) == 40
+    first = sum(losses[s] for s in range(1, 6)) / 5
+    last = sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 0.05, (first, last)
+    out = Path(result.output_dir)
+    assert (out / "config.yaml").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / Checkpoints.tag(40) / COMPLETE_MARKER).is_file()
+    assert result.metrics["step"] == 40 and "perf/images_per_s" in result.metrics
+
+
+def test_zero_stages_train_alike(tmp_path):
+    """One process: every ZeRO stage is the same fp32 optimisation, so the losses agree."""
+    losses = {}
+    for stage in (0, 1, 2, 3):
+        _run(tmp_path / f"z{stage}", "run.max_steps=3", f"run.zero_stage={stage}")
+        losses[stage] = _losses(tmp_path / f"z{stage}")
+        assert gfm_fast.load_model(tmp_path / f"z{stage}").gfm_config.swin.embed_dim == 16
+    for stage in (1, 2, 3):
+        for step, loss in losses[stage].items():
+            assert loss == pytest.approx(losses[0][step], rel=1e-4, abs=1e-5), (stage, step)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    _run(tmp_path / "full", "run.max_steps=6", "run.ckpt_every=3")
+    real_save = Checkpoints.save
+
+    def save_then_crash(self, engine, step, *args, **kwargs):
+        real_save(self, engine, step, *args, **kwargs)
+        raise KeyboardInterrupt("the machine went away right after the step-3 checkpoint")
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "split", "run.max_steps=6", "run.ckpt_every=3")
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    # Same command again: --resume auto restores model, optimizer, schedule, RNG and data position.
+    result = _run(tmp_path / "split", "run.max_steps=6", "run.ckpt_every=3")
+    assert result.metrics["step"] == 6
+    full, split = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    for step in range(1, 7):
+        assert split[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_exported_model_matches_the_trained_student(tmp_path):
+    _run(tmp_path, "run.max_steps=2")
+    images = torch.randn(2, 3, 64, 64)
+    exported = gfm_fast.extract_features(tmp_path / "model", images)
+    # The DeepSpeed module states are the in-training student's weights.
+    pretrainer = gfm_fast.load_pretrainer(tmp_path / "checkpoints" / Checkpoints.tag(2))
+    direct = gfm_fast.extract_features(pretrainer, images)
+    torch.testing.assert_close(exported, direct)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+    real_save = Checkpoints.save
+
+    def crash_midway(self, engine, step, client_state, rank, export=None):
+        # Write part of a checkpoint, then die before it is marked complete.
+        (self.root / self.tag(step)).mkdir(parents=True)
+        (self.root / self.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(Checkpoints, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(2)
+    result = _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")  # resumes from step 2, replaces the partial
+    assert result.metrics["step"] == 4
+    assert (tmp_path / "checkpoints" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
+
+
+def test_non_finite_losses_are_skipped_then_fatal(tmp_path, monkeypatch):
+    import gfm_fast.data as data
+
+    real = data.make_loader
+
+    class NaNEvery:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def __iter__(self):
+            for images in self.loader:
+                yield torch.full_like(images, float("nan"))
+
+    monkeypatch.setattr(data, "make_loader", lambda *a, **k: NaNEvery(real(*a, **k)))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite losses"):
+        _run(tmp_path, "run.max_steps=5", "run.max_bad_steps=3")
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    _run(tmp_path, "run.max_steps=1")
+    with pytest.raises(TrainingError, match="model.student"):
+        _run(tmp_path, "run.max_steps=2", "model.student.embed_dim=32", "model.student.num_heads=[2,4,8,16]")
+
+
+def _env():
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # in-process runs above set them; subprocesses get their own
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def test_cli_rejects_a_bad_config_before_any_work():
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'run.max_stepz'" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_gloo_run(tmp_path, stage):
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + stage * 7 + os.getpid() % 500),
+           str(TRAIN_PY), "--max-steps", "3", "--zero-stage", str(stage), "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd + TEST_MODEL, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    assert len(_losses(tmp_path)) == 3
+    assert (tmp_path / "checkpoints" / Checkpoints.tag(3) / COMPLETE_MARKER).is_file()
+    model = gfm_fast.load_model(tmp_path)
+    assert model.gfm_config.swin.embed_dim == 16
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    cmd = [sys.executable, str(TRAIN_PY), "--max-steps", "100000", "--output-dir", str(tmp_path)] + TEST_MODEL
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
+    deadline = time.time() + 300
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    latest = Checkpoints(tmp_path, 5).latest()
+    assert latest is not None and int(latest.name.split("_")[1]) >= 2
+    assert (tmp_path / "model" / "model.safetensors").is_file()
