@@ -39,7 +39,8 @@ def _build(args: argparse.Namespace) -> int:
             source.layout = layouts.get(source.name, "auto")
         options = BuildOptions(shard_size=parse_size(args.shard_size), max_samples_per_shard=args.max_per_shard,
                                seed=args.seed, tile_size=args.tile_size, max_nodata=args.max_nodata,
-                               nodata=args.nodata, prefix=args.prefix, workers=args.workers)
+                               nodata=args.nodata, prefix=args.prefix, tile_format=args.tile_format,
+                               jpeg_quality=args.jpeg_quality, workers=args.workers)
         manifest = build_shards(sources, args.out, options, overwrite=args.overwrite, progress=not args.no_progress)
     except BuildError as exn:
         print(f"error: {exn}", file=sys.stderr)
@@ -91,6 +92,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     build.add_argument("--tile-size", type=int, default=512, help="tile side in pixels for tiles sources")
     build.add_argument("--max-nodata", type=float, default=0.25, help="skip tiles with more nodata than this")
     build.add_argument("--nodata", type=float, default=None, help="nodata value (default: the GDAL_NODATA tag)")
+    build.add_argument("--tile-format", default="lossless", choices=("lossless", "raw", "jpeg"),
+                       help="how tiles are stored: lossless (PNG / zlib TIFF, compact, slow to decode), raw "
+                            "(uncompressed TIFF, lossless, fastest), jpeg (lossy, 8-bit RGB/gray tiles only)")
+    build.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --tile-format jpeg")
     build.add_argument("--prefix", default="geopile", help="shard file name prefix")
     build.add_argument("--overwrite", action="store_true", help="replace a different earlier build in --out")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")

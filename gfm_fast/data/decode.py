@@ -70,10 +70,10 @@ class EncodedImage:
         self.data = data
         self.ext = ext
         self._pil: Optional[Image.Image] = None
-        self._tiff_shape: Optional[Tuple[int, int, int]] = None
+        self._tiff: Optional[np.ndarray] = None
         try:
-            if ext in TIFF_EXTENSIONS:
-                self._tiff_shape = _tiff_hwc_shape(data)
+            if ext in TIFF_EXTENSIONS:  # no reduced decode for TIFF: decode once, right away
+                self._tiff = decode_tiff(data)
             else:
                 self._pil = Image.open(io.BytesIO(data))
         except CorruptSample:
@@ -86,8 +86,13 @@ class EncodedImage:
         """(width, height) in pixels of the full-resolution image."""
         if self._pil is not None:
             return self._pil.size
-        height, width, _ = self._tiff_shape
+        height, width = self._tiff.shape[:2]
         return width, height
+
+    @property
+    def mode(self) -> str:
+        """Pillow mode ('RGB', 'L', 'CMYK', ...), or 'TIFF' for images read with tifffile."""
+        return self._pil.mode if self._pil is not None else "TIFF"
 
     @property
     def is_plain_jpeg(self) -> bool:
@@ -109,8 +114,8 @@ class EncodedImage:
             CorruptSample: the data does not decode or its bands do not fit ``in_chans``.
         """
         try:
-            if self._tiff_shape is not None:
-                array = decode_tiff(self.data)
+            if self._tiff is not None:
+                array = self._tiff
             elif self.is_plain_jpeg and simplejpeg is not None and (in_chans == 3 or self._pil.mode == "L"):
                 array = _decode_simplejpeg(self.data, self._pil, in_chans, reduce)
             else:
@@ -161,25 +166,6 @@ def _int32_to_uint16(array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint16)
 
 
-def _tiff_hwc_shape(data: bytes) -> Tuple[int, int, int]:
-    import tifffile
-
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        series = tif.series[0]
-        return _hwc_shape(series.shape, series.axes)
-
-
-def _hwc_shape(shape: Tuple[int, ...], axes: str) -> Tuple[int, int, int]:
-    """(H, W, C) of a 2-D image with bands stored last (YXS) or first (SYX/CYX)."""
-    if len(shape) == 2:
-        return shape[0], shape[1], 1
-    if len(shape) == 3 and axes[-1] in "SC":
-        return shape[0], shape[1], shape[2]
-    if len(shape) == 3 and axes[0] in "SCQI":
-        return shape[1], shape[2], shape[0]
-    raise CorruptSample(f"TIFF with shape {tuple(shape)} (axes {axes}) is not a 2-D image with bands")
-
-
 def decode_tiff(data: bytes) -> np.ndarray:
     """All bands of the first image of a TIFF as a C-contiguous (H, W, C) array."""
     import tifffile
@@ -190,8 +176,10 @@ def decode_tiff(data: bytes) -> np.ndarray:
         axes = series.axes
     if array.ndim == 2:
         array = array[..., None]
-    elif array.ndim == 3 and axes[-1] not in "SC":
-        array = np.moveaxis(array, 0, -1)
+    elif array.ndim == 3 and axes[-1] not in "SC" and axes[0] in "SCQI":
+        array = np.moveaxis(array, 0, -1)  # planar (bands first) -> bands last
+    elif array.ndim != 3:
+        raise CorruptSample(f"TIFF with shape {array.shape} (axes {axes}) is not a 2-D image with bands")
     if array.dtype not in INTEGER_FULL_SCALE and array.dtype not in FLOAT_TYPES:
         raise CorruptSample(f"unsupported TIFF sample type {array.dtype} (store uint8, uint16 or float32)")
     return np.ascontiguousarray(array)

@@ -1,0 +1,348 @@
+"""Loader throughput: gfm_fast.data (shards -> decode -> GFM augment -> batch) vs torchvision ImageFolder.
+
+    python benchmarks/loader_bench.py                       # writes benchmarks/results/loader_cpu.json
+    python benchmarks/loader_bench.py --images 256 --batch 64 --rounds 7 --workers 0 2
+
+Image sets (real NEON imagery from the embedded sample, mosaicked and re-cut so that sizes match
+GeoPile): ``jpeg256`` 256 px JPEG (q90) in class folders, like RESISC45/PatternNet/MLRSNet/RSD46;
+``png512`` 512 px PNG, what the builder stores for 8-bit RGB GeoTIFF tiles (NAIP). Both loaders
+read the same images: ours from shards built by the builder, the baseline from the folders.
+
+Cases:
+- ``loader``: batches/s of the full pipeline, ours vs ``ImageFolder + RandomResizedCrop +
+  RandomHorizontalFlip + ToTensor + Normalize`` (DataLoader), interleaved rounds, same process.
+  With ``workers == 0`` both run on one core (torch threads = 1): that is the per-core rate.
+- ``worker_side_for_device_decode``: what a CPU worker still does when decode_device == "cuda"
+  (read, shuffle, JPEG header, crop draw): the CPU cost per image of the GPU-decode option.
+- ``decode`` / ``resize``: per-image cost of the candidate decoders and resizers, which is how
+  the loader's choices were made (Pillow/simplejpeg decode, torch uint8 antialiased resize).
+Each record carries median/p20/p80 ms per batch (or per image), img/s, and the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import _quantile, environment, time_fn  # noqa: E402
+
+TARGET_IMG_PER_S = 3000  # the GPU step target per H100 (see the README's performance goals)
+IMG_SIZE = 192
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "gfm_fast" / "data" / "sample" / "images"
+# name: (side, how our shards store it, how the baseline's files store it)
+IMAGE_SETS = {
+    "jpeg256": (256, "passthrough", "JPEG"),  # RESISC45 / PatternNet / MLRSNet / RSD46-like
+    "naip512_lossless": (512, "lossless", "PNG"),  # GeoTIFF tiles, builder default (PNG)
+    "naip512_raw": (512, "raw", "TIFF"),  # --tile-format raw (uncompressed TIFF)
+    "naip512_jpeg95": (512, "jpeg", "JPEG"),  # --tile-format jpeg (lossy, quality 95)
+}
+GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (GFM.md), the rest is ~256 px JPEG
+MOSAIC_TILE = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+def _mosaic(seed: int) -> np.ndarray:
+    """All sample tiles resized to 256 px and laid out on a square canvas (real imagery)."""
+    from PIL import Image
+
+    tiles = [np.asarray(Image.open(p).convert("RGB").resize((MOSAIC_TILE, MOSAIC_TILE), Image.BILINEAR))
+             for p in sorted(SAMPLE_IMAGES.rglob("*")) if p.is_file()]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(tiles)
+    side = int(math.sqrt(len(tiles)))
+    rows = [np.concatenate(tiles[r * side:(r + 1) * side], axis=1) for r in range(side)]
+    return np.concatenate(rows, axis=0)
+
+
+def make_image_set(root: Path, name: str, count: int, seed: int = 0) -> Tuple[Path, Path]:
+    """``count`` random crops of the mosaic as the baseline's class folders, plus our shards.
+
+    256 px sets are JPEG files, built into shards as they are (passthrough). 512 px sets mimic
+    NAIP: each crop is written as an uncompressed GeoTIFF scene and cut by the builder's tiles
+    layout with the set's --tile-format; the baseline gets the same tiles as PNG/TIFF/JPEG files.
+
+    Returns:
+        (baseline folder, shard directory).
+    """
+    from PIL import Image
+
+    from gfm_fast.data.geopile import BuildOptions, Source, build_shards
+
+    size, tile_format, file_format = IMAGE_SETS[name]
+    canvas = _mosaic(seed)
+    rng = np.random.default_rng(seed + 1)
+    folder, scenes = root / "images" / name, root / "scenes" / name
+    suffix = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif"}[file_format]
+    save_args = {"quality": 95 if tile_format == "jpeg" else 90} if file_format == "JPEG" else {}
+    for i in range(count):
+        top, left = rng.integers(0, canvas.shape[0] - size + 1, size=2)
+        crop = np.ascontiguousarray(np.rot90(canvas[top:top + size, left:left + size], k=int(rng.integers(4))))
+        path = folder / f"class{i % 4}" / f"img{i:05d}.{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop).save(path, format=file_format, **save_args)
+        if tile_format != "passthrough":
+            import tifffile
+
+            scenes.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(scenes / f"scene{i:05d}.tif", crop, photometric="rgb", metadata=None)
+    if tile_format == "passthrough":
+        source = Source(name, str(folder))
+    else:
+        source = Source(name, str(scenes), layout="tiles")
+    shards = root / "shards" / name
+    build_shards([source], shards, BuildOptions(shard_size=64 * 2**20, tile_size=size,
+                                                tile_format="lossless" if tile_format == "passthrough" else tile_format),
+                 progress=False, log=lambda *_: None)
+    return folder, shards
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders under test
+# --------------------------------------------------------------------------------------------
+
+def _ours(shards: Path, batch: int, workers: int, shuffle_buffer: int) -> Callable[[], torch.Tensor]:
+    from gfm_fast.config import DataConfig
+    from gfm_fast.data import make_loader
+
+    cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, shuffle_buffer=shuffle_buffer,
+                     samples_per_epoch=10**9)
+    iterator = iter(make_loader(cfg, img_size=IMG_SIZE, mean=MEAN, std=STD, seed=0))
+    return lambda: next(iterator)
+
+
+def _worker_side_deferred(shards: Path, batch: int, shuffle_buffer: int) -> Callable[[], object]:
+    """The stream a worker runs when JPEGs are decoded on the GPU (no device stage here)."""
+    from gfm_fast.config import DataConfig
+    from gfm_fast.data.shards import EpochStream, GeoPileLoader
+
+    cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=0, shuffle_buffer=shuffle_buffer,
+                     samples_per_epoch=10**9)
+    loader = GeoPileLoader(cfg, img_size=IMG_SIZE, in_chans=3, mean=MEAN, std=STD, seed=0, rank=0, world_size=1,
+                           decode_device="cpu")
+    iterator = iter(EpochStream(loader._template))
+    return lambda: next(iterator)
+
+
+def _baseline(folder: Path, batch: int, workers: int) -> Callable[[], torch.Tensor]:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.RandomResizedCrop(IMG_SIZE, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3),
+                                               interpolation=T.InterpolationMode.BILINEAR),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    dataset = datasets.ImageFolder(str(folder), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    batches = (images for _ in itertools.count() for images, _labels in loader)
+    return lambda: next(batches)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------
+
+def _summary(samples: Sequence[float], per: int) -> Dict[str, float]:
+    median = statistics.median(samples)
+    return {"median_ms": median, "p20_ms": _quantile(list(samples), 0.2), "p80_ms": _quantile(list(samples), 0.8),
+            "runs": len(samples), "img_s": per / (median / 1e3)}
+
+
+def _interleaved(fns: Dict[str, Callable[[], object]], rounds: int, batches_per_run: int) -> Dict[str, List[float]]:
+    """ms per batch of each fn, measured in alternating runs (ratios need interleaving)."""
+    cpu = torch.device("cpu")
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up: workers start, shuffle buffers fill, caches warm
+        time_fn(fn, device=cpu, warmup=2, runs=1)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            timing = time_fn(lambda: [fn() for _ in range(batches_per_run)], device=cpu, warmup=0, runs=1)
+            samples[name].append(timing.median_ms / batches_per_run)
+    return samples
+
+
+def _per_image(fn: Callable[[bytes], object], blobs: List[bytes], rounds: int) -> Dict[str, float]:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for blob in blobs:
+            fn(blob)
+        times.append((time.perf_counter() - start) * 1e3 / len(blobs))
+    return _summary(times, 1)
+
+
+def bench_codecs(folder: Path, rounds: int) -> List[Dict]:
+    """Per-image decode and resize cost of the candidates the loader chose between."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torchvision.io as tvio
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    blobs = [p.read_bytes() for p in files]
+    is_jpeg = files[0].suffix == ".jpg"
+    decoders = {"pillow": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))}
+    if is_jpeg:
+        decoders["torchvision.io.decode_jpeg"] = lambda b: tvio.decode_jpeg(
+            torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+        try:
+            import simplejpeg
+
+            decoders["simplejpeg"] = lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB")
+        except ImportError:
+            pass
+    else:
+        decoders["torchvision.io.decode_png"] = lambda b: tvio.decode_png(
+            torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+    records = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, decode in decoders.items():
+            records.append({"case": "decode", "image_set": folder.name, "impl": name, **_per_image(decode, blobs, rounds)})
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    crop = int(arrays[0].shape[0] * 0.9)
+
+    def pil_resize(array):
+        Image.fromarray(array).crop((5, 5, 5 + crop, 5 + crop)).resize((IMG_SIZE, IMG_SIZE), Image.BILINEAR)
+
+    def torch_resize(array):
+        image = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)[:, :, 5:5 + crop, 5:5 + crop]
+        F.interpolate(image, size=(IMG_SIZE, IMG_SIZE), mode="bilinear", antialias=True, align_corners=False)
+
+    for name, resize in (("pillow crop+resize", pil_resize), ("torch uint8 interpolate (channels-last)", torch_resize)):
+        records.append({"case": "resize", "image_set": folder.name, "impl": name, **_per_image(resize, arrays, rounds)})
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+def run_loader(images: int = 192, batch: int = 32, rounds: int = 5, batches_per_run: int = 3,
+               workers: Sequence[int] = (0, 2), image_sets: Sequence[str] = tuple(IMAGE_SETS),
+               shuffle_buffer: int = 256, codecs: bool = True, workdir: Optional[str] = None) -> List[Dict]:
+    """Measure the loader against the ImageFolder baseline; one record per (image set, workers, impl).
+
+    Args:
+        images: images per set (written to a temp dir, also built into shards).
+        batch: batch size of both loaders.
+        rounds: interleaved timed runs per loader.
+        batches_per_run: batches per timed run.
+        workers: DataLoader workers to try; 0 = single core, which gives the per-core rate.
+        image_sets: which of IMAGE_SETS to use.
+        shuffle_buffer: our loader's sample shuffle buffer.
+        codecs: also record the per-image decoder/resizer measurements.
+        workdir: where to write the images and shards (default: a temp dir).
+
+    Returns:
+        JSON-able records (environment fields included).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-core numbers: one thread in the main process, one per worker
+    env = environment(torch.device("cpu"))
+    records: List[Dict] = []
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            root = Path(tmp)
+            for name in image_sets:
+                folder, shards = make_image_set(root, name, images)
+                for num_workers in workers:
+                    fns = {"gfm_fast": _ours(shards, batch, num_workers, shuffle_buffer),
+                           "torchvision_imagefolder": _baseline(folder, batch, num_workers)}
+                    if num_workers == 0:
+                        fns["worker_side_for_device_decode"] = _worker_side_deferred(shards, batch, shuffle_buffer)
+                    samples = _interleaved(fns, rounds, batches_per_run)
+                    base = statistics.median(samples["torchvision_imagefolder"])
+                    cores = max(1, num_workers)
+                    for impl, times in samples.items():
+                        summary = _summary(times, batch)
+                        records.append({**env, "case": "loader", "image_set": name, "impl": impl, "workers": num_workers,
+                                        "batch": batch, "img_size": IMG_SIZE, **summary,
+                                        "img_s_per_core": summary["img_s"] / cores,
+                                        "speedup_vs_imagefolder": base / summary["median_ms"]})
+                if codecs and name in ("jpeg256", "naip512_lossless"):
+                    records += [{**env, **r} for r in bench_codecs(folder, rounds)]
+    finally:
+        torch.set_num_threads(threads)
+    return records
+
+
+def cores_needed(records: List[Dict], target: float = TARGET_IMG_PER_S) -> List[Dict]:
+    """CPU cores to feed ``target`` img/s, from the single-core rates (workers == 0).
+
+    Per image set, and for the GeoPile mix (NAIP tiles stored each way + the 256 px JPEG
+    sources), whose per-image cost is the share-weighted mean of the two.
+    """
+    rates = {(r["image_set"], r["impl"]): r["img_s_per_core"] for r in records
+             if r.get("case") == "loader" and r["workers"] == 0}
+    estimates = []
+
+    def add(image_set: str, impl: str, per_core: float) -> None:
+        estimates.append({"case": "cores_for_target", "image_set": image_set, "impl": impl, "target_img_s": target,
+                          "img_s_per_core": per_core, "cores": math.ceil(target / per_core)})
+
+    for (image_set, impl), per_core in rates.items():
+        add(image_set, impl, per_core)
+    for (image_set, impl), per_core in rates.items():
+        if image_set.startswith("naip") and ("jpeg256", impl) in rates:
+            seconds = GEOPILE_SHARE_TILES / per_core + (1 - GEOPILE_SHARE_TILES) / rates[("jpeg256", impl)]
+            add(f"geopile_mix({image_set})", impl, 1 / seconds)
+    return estimates
+
+
+def print_table(records: List[Dict]) -> None:
+    print(f"{'case':<18} {'set':<34} {'impl':<32} {'workers':>7} {'ms/batch|img':>12} {'p20-p80':>15} "
+          f"{'img/s':>8} {'/core':>8} {'speedup':>8}")
+    for r in records:
+        if r["case"] == "cores_for_target":
+            print(f"{r['case']:<18} {r['image_set']:<34} {r['impl']:<32} {'':>7} {'':>12} {'':>15} "
+                  f"{r['target_img_s']:>8.0f} {r['img_s_per_core']:>8.0f}   -> {r['cores']} cores")
+            continue
+        spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
+        print(f"{r['case']:<18} {r['image_set']:<34} {r['impl'][:32]:<32} {r.get('workers', ''):>7} "
+              f"{r['median_ms']:>12.3f} {spread:>15} {r['img_s']:>8.0f} {r.get('img_s_per_core', r['img_s']):>8.0f} "
+              f"{r.get('speedup_vs_imagefolder', float('nan')):>8.2f}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches-per-run", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--sets", nargs="+", default=list(IMAGE_SETS), choices=list(IMAGE_SETS))
+    parser.add_argument("--no-codecs", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "loader_cpu.json"))
+    args = parser.parse_args(argv)
+    records = run_loader(args.images, args.batch, args.rounds, args.batches_per_run, args.workers, args.sets,
+                         codecs=not args.no_codecs)
+    records += cores_needed(records)
+    print_table(records)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
