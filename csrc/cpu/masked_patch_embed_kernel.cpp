@@ -390,8 +390,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
   const at::Tensor sums = partials.reduce();
   const auto dtype = grad_out.scalar_type();
-  at::Tensor g_weight = sums.narrow(0, 0, K * D).view({K, D}).t().to(dtype).contiguous();  // (D, K)
-  auto vec = [&](int64_t i) { return sums.narrow(0, K * D + i * D, D).to(dtype).contiguous(); };
+  // Fresh tensors (copy=true): the outputs must not share the partials' storage.
+  at::Tensor g_weight = sums.narrow(0, 0, K * D).view({K, D}).t().to(dtype, false, true).contiguous();  // (D, K)
+  auto vec = [&](int64_t i) { return sums.narrow(0, K * D + i * D, D).to(dtype, false, true); };
   return {g_weight, vec(0), vec(1), vec(2), vec(3)};
 }
 
