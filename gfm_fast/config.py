@@ -86,6 +86,7 @@ class ModelConfig:
     std: Tuple[float, ...] = IMAGENET_STD
     ops_backend: str = "auto"
     grad_checkpointing: bool = False
+    fused_attn: bool = True  # window attention through F.scaled_dot_product_attention (same math, less memory)
 
     def validate(self, prefix: str = "model") -> None:
         self.student.validate(f"{prefix}.student")

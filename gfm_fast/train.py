@@ -445,8 +445,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     pretrainer = GFMPretrainer(cfg.model)
     teacher = pretrainer.teacher.to(device)
     student = pretrainer.student
+    # torch's AdamW (no DeepSpeed op to compile); its fused multi-tensor kernel on GPU.
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=schedule.lr(0),
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

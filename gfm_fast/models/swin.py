@@ -19,7 +19,7 @@ import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from gfm_fast import ops
@@ -194,6 +194,19 @@ def swin_kwargs(cfg: SwinConfig) -> Dict[str, Any]:
     return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
                 embed_dim=cfg.embed_dim, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
                 window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate)
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> nn.Module:
+    """Route every window attention of ``model`` through ``F.scaled_dot_product_attention`` (or not).
+
+    timm keeps Swin on its explicit softmax path unless asked (``experimental``); the fused path
+    computes the same function (rel-pos bias + shift mask as an additive ``attn_mask``) without
+    materialising the attention probabilities for backward on GPU.
+    """
+    for module in model.modules():
+        if isinstance(module, WindowAttention):
+            module.fused_attn = enabled
+    return model
 
 
 def build_student(cfg: SwinConfig, *, ops_backend: str = "auto", **kwargs: Any) -> GFMSwinTransformer:

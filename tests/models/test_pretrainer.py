@@ -184,3 +184,23 @@ def test_ops_backend_switch_reaches_every_op():
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="needs the block mask"):
         model.student.decoder[0](torch.randn(1, 128, 4, 4), images(1))
+
+
+def test_fused_window_attention_matches_the_explicit_softmax_path():
+    """model.fused_attn routes timm's window attention through SDPA: same losses and gradients."""
+    from timm.models.swin_transformer import WindowAttention
+
+    torch.manual_seed(0)
+    fused = tiny_pretrainer(fused_attn=True)
+    explicit = tiny_pretrainer(fused_attn=False)
+    explicit.load_state_dict(fused.state_dict())
+    assert all(m.fused_attn for m in fused.modules() if isinstance(m, WindowAttention))
+    assert not any(m.fused_attn for m in explicit.modules() if isinstance(m, WindowAttention))
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    mask = random_block_mask(2)
+    out_f, out_e = fused(images, mask), explicit(images, mask)
+    out_f.loss.backward()
+    out_e.loss.backward()
+    torch.testing.assert_close(out_f.loss, out_e.loss, rtol=1e-5, atol=1e-6)
+    for (name, p_f), p_e in zip(fused.student.named_parameters(), explicit.student.parameters()):
+        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
