@@ -3,19 +3,25 @@
     python benchmarks/loader_bench.py                       # writes benchmarks/results/loader_cpu.json
     python benchmarks/loader_bench.py --images 256 --batch 64 --rounds 7 --workers 0 2
 
-Image sets (real NEON imagery from the embedded sample, mosaicked and re-cut so that sizes match
-GeoPile): ``jpeg256`` 256 px JPEG (q90) in class folders, like RESISC45/PatternNet/MLRSNet/RSD46;
-``png512`` 512 px PNG, what the builder stores for 8-bit RGB GeoTIFF tiles (NAIP). Both loaders
-read the same images: ours from shards built by the builder, the baseline from the folders.
+Image sets (IMAGE_SETS; real NEON imagery from the embedded sample, mosaicked and re-cut to
+GeoPile's sizes): ``jpeg256``, 256 px JPEG files in class folders like RESISC45 / PatternNet /
+MLRSNet / RSD46; ``naip512_*``, 512 px tiles cut by the builder from GeoTIFF scenes like NAIP,
+stored with each --tile-format (lossless = PNG, raw = uncompressed TIFF, jpeg = quality 95).
+Both loaders read the same images: ours from the builder's shards, the baseline from files.
 
 Cases:
-- ``loader``: batches/s of the full pipeline, ours vs ``ImageFolder + RandomResizedCrop +
-  RandomHorizontalFlip + ToTensor + Normalize`` (DataLoader), interleaved rounds, same process.
-  With ``workers == 0`` both run on one core (torch threads = 1): that is the per-core rate.
+- ``loader``: ms per batch of the full pipeline, ours vs ``ImageFolder + RandomResizedCrop +
+  RandomHorizontalFlip + ToTensor + Normalize`` in a DataLoader. ``workers == 0``: both run on
+  one core (torch threads = 1), timed in alternating runs: the per-core rate and a fair ratio.
+  ``workers > 0``: each loader timed alone at steady state (background prefetch would make
+  alternating runs meaningless); on a shared machine these numbers are noisy.
 - ``worker_side_for_device_decode``: what a CPU worker still does when decode_device == "cuda"
-  (read, shuffle, JPEG header, crop draw): the CPU cost per image of the GPU-decode option.
-- ``decode`` / ``resize``: per-image cost of the candidate decoders and resizers, which is how
-  the loader's choices were made (Pillow/simplejpeg decode, torch uint8 antialiased resize).
+  (read, shuffle, JPEG header, crop draw; PNG/TIFF are still decoded on CPU).
+- ``gfm_fast_pillow_jpeg``: our loader with Pillow instead of simplejpeg for JPEG.
+- ``decode`` / ``resize``: per-image cost of the candidate decoders and resizers: how the loader's
+  choices were made (simplejpeg, else Pillow, for JPEG; torch uint8 antialiased resize).
+- ``cores_for_target``: cores to feed TARGET_IMG_PER_S from the per-core rates, per set and for
+  the GeoPile mix (NAIP's share of tiles + 256 px JPEG for the rest).
 Each record carries median/p20/p80 ms per batch (or per image), img/s, and the environment.
 """
 from __future__ import annotations
@@ -91,7 +97,8 @@ def make_image_set(root: Path, name: str, count: int, seed: int = 0) -> Tuple[Pa
     rng = np.random.default_rng(seed + 1)
     folder, scenes = root / "images" / name, root / "scenes" / name
     suffix = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif"}[file_format]
-    save_args = {"quality": 95 if tile_format == "jpeg" else 90} if file_format == "JPEG" else {}
+    # The builder's jpeg tiles are quality 95, 4:4:4; 256 px sources are ordinary quality-90 JPEGs.
+    save_args = {"JPEG": {"quality": 95, "subsampling": 0} if tile_format == "jpeg" else {"quality": 90}}.get(file_format, {})
     for i in range(count):
         top, left = rng.integers(0, canvas.shape[0] - size + 1, size=2)
         crop = np.ascontiguousarray(np.rot90(canvas[top:top + size, left:left + size], k=int(rng.integers(4))))
@@ -118,17 +125,18 @@ def make_image_set(root: Path, name: str, count: int, seed: int = 0) -> Tuple[Pa
 # Loaders under test
 # --------------------------------------------------------------------------------------------
 
-def _ours(shards: Path, batch: int, workers: int, shuffle_buffer: int) -> Callable[[], torch.Tensor]:
+def _ours(shards: Path, batch: int, workers: int, shuffle_buffer: int):
+    """(next batch, close) of our loader; close stops its workers."""
     from gfm_fast.config import DataConfig
     from gfm_fast.data import make_loader
 
     cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=workers, shuffle_buffer=shuffle_buffer,
                      samples_per_epoch=10**9)
     iterator = iter(make_loader(cfg, img_size=IMG_SIZE, mean=MEAN, std=STD, seed=0))
-    return lambda: next(iterator)
+    return (lambda: next(iterator)), iterator.close
 
 
-def _worker_side_deferred(shards: Path, batch: int, shuffle_buffer: int) -> Callable[[], object]:
+def _worker_side_deferred(shards: Path, batch: int, shuffle_buffer: int):
     """The stream a worker runs when JPEGs are decoded on the GPU (no device stage here)."""
     from gfm_fast.config import DataConfig
     from gfm_fast.data.shards import EpochStream, GeoPileLoader
@@ -138,10 +146,11 @@ def _worker_side_deferred(shards: Path, batch: int, shuffle_buffer: int) -> Call
     loader = GeoPileLoader(cfg, img_size=IMG_SIZE, in_chans=3, mean=MEAN, std=STD, seed=0, rank=0, world_size=1,
                            decode_device="cpu")
     iterator = iter(EpochStream(loader._template))
-    return lambda: next(iterator)
+    return (lambda: next(iterator)), (lambda: None)
 
 
-def _baseline(folder: Path, batch: int, workers: int) -> Callable[[], torch.Tensor]:
+def _baseline(folder: Path, batch: int, workers: int):
+    """(next batch, close) of the torchvision ImageFolder + transforms DataLoader."""
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -151,8 +160,46 @@ def _baseline(folder: Path, batch: int, workers: int) -> Callable[[], torch.Tens
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
-    batches = (images for _ in itertools.count() for images, _labels in loader)
-    return lambda: next(batches)
+    epochs = (iter(loader) for _ in itertools.count())
+    current = {"it": next(epochs)}
+
+    def next_batch():
+        try:
+            return next(current["it"])[0]
+        except StopIteration:
+            current["it"] = next(epochs)
+            return next(current["it"])[0]
+
+    def close():
+        shutdown = getattr(current["it"], "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    return next_batch, close
+
+
+def _ours_without_simplejpeg(shards: Path, batch: int, shuffle_buffer: int):
+    """Our loader with Pillow as the JPEG decoder (in-process only): the simplejpeg decision."""
+    from gfm_fast.data import decode
+
+    fn, close = _ours(shards, batch, 0, shuffle_buffer)
+
+    def next_batch():
+        saved, decode.simplejpeg = decode.simplejpeg, None
+        try:
+            return fn()
+        finally:
+            decode.simplejpeg = saved
+
+    return next_batch, close
+
+
+LOADERS = {
+    "gfm_fast": lambda folder, shards, batch, workers, buf: _ours(shards, batch, workers, buf),
+    "gfm_fast_pillow_jpeg": lambda folder, shards, batch, workers, buf: _ours_without_simplejpeg(shards, batch, buf),
+    "torchvision_imagefolder": lambda folder, shards, batch, workers, buf: _baseline(folder, batch, workers),
+    "worker_side_for_device_decode": lambda folder, shards, batch, workers, buf: _worker_side_deferred(shards, batch, buf),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,17 +212,31 @@ def _summary(samples: Sequence[float], per: int) -> Dict[str, float]:
             "runs": len(samples), "img_s": per / (median / 1e3)}
 
 
-def _interleaved(fns: Dict[str, Callable[[], object]], rounds: int, batches_per_run: int) -> Dict[str, List[float]]:
-    """ms per batch of each fn, measured in alternating runs (ratios need interleaving)."""
-    cpu = torch.device("cpu")
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up: workers start, shuffle buffers fill, caches warm
-        time_fn(fn, device=cpu, warmup=2, runs=1)
+def _time_batches(fn: Callable[[], object], batches: int) -> float:
+    """ms per batch over ``batches`` consecutive batches (the one shared timer, one run)."""
+    return time_fn(lambda: [fn() for _ in range(batches)], device=torch.device("cpu"), warmup=0, runs=1).median_ms / batches
+
+
+def _interleaved(loaders: Dict[str, tuple], rounds: int, batches_per_run: int) -> Dict[str, List[float]]:
+    """In-process loaders (workers == 0), timed in alternating runs: their ratios are fair."""
+    samples: Dict[str, List[float]] = {name: [] for name in loaders}
+    for name, (fn, _) in loaders.items():  # warm-up: shuffle buffers fill, caches warm
+        _time_batches(fn, 2)
     for _ in range(rounds):
-        for name, fn in fns.items():
-            timing = time_fn(lambda: [fn() for _ in range(batches_per_run)], device=cpu, warmup=0, runs=1)
-            samples[name].append(timing.median_ms / batches_per_run)
+        for name, (fn, _) in loaders.items():
+            samples[name].append(_time_batches(fn, batches_per_run))
     return samples
+
+
+def _sustained(make: Callable[[], tuple], rounds: int, batches_per_run: int, workers: int) -> List[float]:
+    """One multi-worker loader alone (others stopped: workers prefetch in the background, so
+    alternating runs would time queued batches); warm-up fills the prefetch queues first."""
+    fn, close = make()
+    try:
+        _time_batches(fn, 4 * workers)
+        return [_time_batches(fn, max(batches_per_run, 2 * workers)) for _ in range(rounds)]
+    finally:
+        close()
 
 
 def _per_image(fn: Callable[[bytes], object], blobs: List[bytes], rounds: int) -> Dict[str, float]:
@@ -199,7 +260,12 @@ def bench_codecs(folder: Path, rounds: int) -> List[Dict]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     blobs = [p.read_bytes() for p in files]
     is_jpeg = files[0].suffix == ".jpg"
-    decoders = {"pillow": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))}
+    def pillow(blob):
+        image = Image.open(io.BytesIO(blob))
+        image.load()
+        return np.asarray(image)
+
+    decoders = {"pillow": pillow}
     if is_jpeg:
         decoders["torchvision.io.decode_jpeg"] = lambda b: tvio.decode_jpeg(
             torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
@@ -265,16 +331,21 @@ def run_loader(images: int = 192, batch: int = 32, rounds: int = 5, batches_per_
             for name in image_sets:
                 folder, shards = make_image_set(root, name, images)
                 for num_workers in workers:
-                    fns = {"gfm_fast": _ours(shards, batch, num_workers, shuffle_buffer),
-                           "torchvision_imagefolder": _baseline(folder, batch, num_workers)}
+                    args = (folder, shards, batch, num_workers, shuffle_buffer)
                     if num_workers == 0:
-                        fns["worker_side_for_device_decode"] = _worker_side_deferred(shards, batch, shuffle_buffer)
-                    samples = _interleaved(fns, rounds, batches_per_run)
+                        loaders = {impl: make(*args) for impl, make in LOADERS.items()}
+                        samples = _interleaved(loaders, rounds, batches_per_run)
+                        for _, close in loaders.values():
+                            close()
+                    else:  # the device-decode worker side is a per-core number only
+                        samples = {impl: _sustained(lambda: LOADERS[impl](*args), rounds, batches_per_run, num_workers)
+                                   for impl in ("gfm_fast", "torchvision_imagefolder")}
                     base = statistics.median(samples["torchvision_imagefolder"])
                     cores = max(1, num_workers)
                     for impl, times in samples.items():
                         summary = _summary(times, batch)
                         records.append({**env, "case": "loader", "image_set": name, "impl": impl, "workers": num_workers,
+                                        "timing": "interleaved" if num_workers == 0 else "sequential",
                                         "batch": batch, "img_size": IMG_SIZE, **summary,
                                         "img_s_per_core": summary["img_s"] / cores,
                                         "speedup_vs_imagefolder": base / summary["median_ms"]})

@@ -373,8 +373,9 @@ def encode_tile(array: np.ndarray, tile_format: str, jpeg_quality: int) -> Tuple
     bands = array.shape[-1] if array.ndim == 3 else 1
     if tile_format == "jpeg" and array.dtype == np.uint8 and bands in (1, 3):
         buffer = io.BytesIO()
+        # 4:4:4 (no chroma subsampling): remote sensing needs each band's detail, not a photo's.
         Image.fromarray(array[..., 0] if array.ndim == 3 and bands == 1 else array).save(
-            buffer, format="JPEG", quality=jpeg_quality)
+            buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
         return "jpg", buffer.getvalue()
     if tile_format == "raw":
         import tifffile

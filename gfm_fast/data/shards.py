@@ -39,7 +39,7 @@ from webdataset.tariterators import group_by_keys
 
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from gfm_fast.data.augment import GFMAugment
-from gfm_fast.data.decode import JPEG_EXTENSIONS, CorruptSample, EncodedImage, find_image
+from gfm_fast.data.decode import JPEG_EXTENSIONS, EncodedImage, find_image
 from gfm_fast.data.manifest import MANIFEST_NAME, read_manifest, shard_paths
 
 SAMPLE_SHARDS_DIR = Path(__file__).resolve().parent / "sample" / "shards"
@@ -635,7 +635,7 @@ class GeoPileLoader:
         self._device_stats = new_stats()
         self._finish = (DeviceDecoder(self._template.augment(), device, self._device_stats)
                         if self._template.defer_jpeg else None)
-        self._pin_memory = device.type == "cpu" and torch.cuda.is_available() and cfg.num_workers > 0
+        self._pin_memory = torch.cuda.is_available() and cfg.num_workers > 0  # async host-to-device copies
         self._epoch, self._batches = 0, 0
         self._positions = [0] * self._workers
         self._stats_base = new_stats()

@@ -94,6 +94,31 @@ def test_geotiff_scenes_are_tiled_multiband_kept_nodata_skipped(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(rgb_tile["png"]))), rgb[0:64, 64:128])
 
 
+@pytest.mark.parametrize("tile_format, ext", [("raw", "tif"), ("jpeg", "jpg"), ("lossless", "png")])
+def test_tile_formats(tmp_path, tile_format, ext):
+    scene = textured(64, 64, bands=3, seed=2)
+    root = write_files(tmp_path / "s", {"scene.tif": tiff(scene)})
+    _build([Source("s", str(root), layout="tiles")], tmp_path / "out", tile_size=64, tile_format=tile_format,
+           jpeg_quality=97)
+    (sample,) = _samples(tmp_path / "out").values()
+    stored = decode_tiff(sample[ext]) if ext == "tif" else np.asarray(Image.open(io.BytesIO(sample[ext])))
+    error = np.abs(stored.astype(int) - scene.astype(int))
+    if tile_format == "jpeg":  # the only lossy one (4:4:4 keeps every band's detail)
+        assert 0 < error.mean() < 3
+    else:
+        assert error.max() == 0
+    if tile_format == "raw":
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(sample["tif"])) as tif:
+            assert tif.pages.first.compression == 1  # uncompressed: the fastest to decode
+    # 16-bit / multi-band tiles stay lossless whatever the format asks for.
+    deep = textured(64, 64, bands=4, dtype=np.uint16)
+    write_files(root, {"deep.tif": tiff(deep)})
+    _build([Source("s", str(root), layout="tiles")], tmp_path / "out2", tile_size=64, tile_format=tile_format)
+    np.testing.assert_array_equal(decode_tiff(_samples(tmp_path / "out2")["s/deep/y000000_x000000"]["tif"]), deep)
+
+
 def test_nodata_option_overrides_a_missing_tag(tmp_path):
     scene = textured(64, 128, bands=3, seed=1)
     scene[:, :64] = 255
