@@ -6,7 +6,7 @@
 Image sets (IMAGE_SETS; real NEON imagery from the embedded sample, mosaicked and re-cut to
 GeoPile's sizes): ``jpeg256``, 256 px JPEG files in class folders like RESISC45 / PatternNet /
 MLRSNet / RSD46; ``naip512_*``, 512 px tiles cut by the builder from GeoTIFF scenes like NAIP,
-stored with each --tile-format (lossless = PNG, raw = uncompressed TIFF, jpeg = quality 95).
+stored with each --tile-format (raw = uncompressed TIFF, compressed = PNG, jpeg = quality 95).
 Both loaders read the same images: ours from the builder's shards, the baseline from files.
 
 Cases:
@@ -53,8 +53,8 @@ SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "gfm_fast" / "data" / "sam
 # name: (side, how our shards store it, how the baseline's files store it)
 IMAGE_SETS = {
     "jpeg256": (256, "passthrough", "JPEG"),  # RESISC45 / PatternNet / MLRSNet / RSD46-like
-    "naip512_lossless": (512, "lossless", "PNG"),  # GeoTIFF tiles, builder default (PNG)
-    "naip512_raw": (512, "raw", "TIFF"),  # --tile-format raw (uncompressed TIFF)
+    "naip512_raw": (512, "raw", "TIFF"),  # GeoTIFF tiles, builder default (uncompressed TIFF)
+    "naip512_png": (512, "compressed", "PNG"),  # --tile-format compressed (PNG)
     "naip512_jpeg95": (512, "jpeg", "JPEG"),  # --tile-format jpeg (lossy, quality 95)
 }
 GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (GFM.md), the rest is ~256 px JPEG
@@ -116,7 +116,7 @@ def make_image_set(root: Path, name: str, count: int, seed: int = 0) -> Tuple[Pa
         source = Source(name, str(scenes), layout="tiles")
     shards = root / "shards" / name
     build_shards([source], shards, BuildOptions(shard_size=64 * 2**20, tile_size=size,
-                                                tile_format="lossless" if tile_format == "passthrough" else tile_format),
+                                                tile_format="raw" if tile_format == "passthrough" else tile_format),
                  progress=False, log=lambda *_: None)
     return folder, shards
 
@@ -349,7 +349,7 @@ def run_loader(images: int = 192, batch: int = 32, rounds: int = 5, batches_per_
                                         "batch": batch, "img_size": IMG_SIZE, **summary,
                                         "img_s_per_core": summary["img_s"] / cores,
                                         "speedup_vs_imagefolder": base / summary["median_ms"]})
-                if codecs and name in ("jpeg256", "naip512_lossless"):
+                if codecs and name in ("jpeg256", "naip512_png"):
                     records += [{**env, **r} for r in bench_codecs(folder, rounds)]
     finally:
         torch.set_num_threads(threads)

@@ -24,19 +24,22 @@ def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from gfm_fast.data.geopile import BuildError, BuildOptions, build_shards, parse_gsd, parse_size, parse_source
+    from gfm_fast.data.geopile import (BuildError, BuildOptions, build_shards, parse_bands, parse_gsd, parse_size,
+                                       parse_source)
 
     try:
         sources = [parse_source(s) for s in (args.sources or []) + (args.name or [])]
         names = {s.name for s in sources}
-        for option, values in (("--gsd", _pairs(args.gsd, "--gsd")), ("--layout", _pairs(args.layout, "--layout"))):
+        for option, values in (("--gsd", _pairs(args.gsd, "--gsd")), ("--layout", _pairs(args.layout, "--layout")),
+                               ("--bands", _pairs(args.bands, "--bands"))):
             unknown = sorted(set(values) - names)
             if unknown:
                 raise BuildError(f"{option} names unknown source(s) {unknown}; sources are {sorted(names)}")
-        gsd, layouts = _pairs(args.gsd, "--gsd"), _pairs(args.layout, "--layout")
+        gsd, layouts, bands = _pairs(args.gsd, "--gsd"), _pairs(args.layout, "--layout"), _pairs(args.bands, "--bands")
         for source in sources:
             source.gsd = parse_gsd(gsd[source.name]) if source.name in gsd else None
             source.layout = layouts.get(source.name, "auto")
+            source.bands = parse_bands(bands[source.name]) if source.name in bands else None
         options = BuildOptions(shard_size=parse_size(args.shard_size), max_samples_per_shard=args.max_per_shard,
                                seed=args.seed, tile_size=args.tile_size, max_nodata=args.max_nodata,
                                nodata=args.nodata, prefix=args.prefix, tile_format=args.tile_format,
@@ -90,11 +93,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     build.add_argument("--layout", action="append", metavar="NAME=LAYOUT",
                        help="classes | flat | tiles | auto (default: auto; GeoTIFF scenes need tiles)")
     build.add_argument("--tile-size", type=int, default=512, help="tile side in pixels for tiles sources")
+    build.add_argument("--bands", action="append", metavar="NAME=1,2,3",
+                       help="tiles sources: 1-based bands to keep (default: all), e.g. naip=1,2,3 for RGB")
     build.add_argument("--max-nodata", type=float, default=0.25, help="skip tiles with more nodata than this")
     build.add_argument("--nodata", type=float, default=None, help="nodata value (default: the GDAL_NODATA tag)")
-    build.add_argument("--tile-format", default="lossless", choices=("lossless", "raw", "jpeg"),
-                       help="how tiles are stored: lossless (PNG / zlib TIFF, compact, slow to decode), raw "
-                            "(uncompressed TIFF, lossless, fastest), jpeg (lossy, 8-bit RGB/gray tiles only)")
+    build.add_argument("--tile-format", default="raw", choices=("raw", "compressed", "jpeg"),
+                       help="how tiles are stored: raw (uncompressed TIFF: lossless, fastest to decode; default), "
+                            "compressed (PNG / zlib TIFF: lossless, compact, ~30x slower to decode), jpeg (lossy, "
+                            "8-bit RGB/gray tiles only; for storage-bound setups)")
     build.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --tile-format jpeg")
     build.add_argument("--prefix", default="geopile", help="shard file name prefix")
     build.add_argument("--overwrite", action="store_true", help="replace a different earlier build in --out")

@@ -1,10 +1,12 @@
 """Decode one stored image into an (H, W, C) array with the band count the model expects.
 
-Decoder choice (measured, see benchmarks/results/loader_*.json): Pillow (libjpeg-turbo inside)
-decodes JPEG/PNG as fast as ``torchvision.io.decode_jpeg`` on CPU; ``simplejpeg`` is used for
-plain RGB/gray JPEGs when it is installed because it is ~10% faster still. Large JPEGs are
-decoded at 1/2, 1/4 or 1/8 size directly in the DCT domain (``Image.draft``) when the crop that
-follows would throw that resolution away anyway. TIFF (multi-band, 16-bit) goes through tifffile.
+Decoder choice, by measurement (benchmarks/loader_bench.py, benchmarks/results/loader_cpu.json;
+one core, 256 px JPEG): simplejpeg 0.29 ms < torchvision.io.decode_jpeg 0.32 ms < Pillow 0.37 ms
+per image (all libjpeg-turbo), which makes the whole loader ~20% faster with simplejpeg. So
+plain RGB/gray JPEGs go through simplejpeg when it is installed (optional dependency), else
+Pillow; CMYK JPEG, PNG, WebP and BMP through Pillow; TIFF (multi-band, 16-bit) through tifffile.
+Large JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain when the crop that follows
+would throw that resolution away anyway (``reduce``).
 
 Band rules (``in_chans``): an image must have exactly ``in_chans`` bands, except that for
 ``in_chans == 3`` gray (replicated), gray+alpha, RGBA (alpha dropped), palette and CMYK images are
@@ -18,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-try:  # optional: ~10% faster JPEG decode than Pillow (both are libjpeg-turbo)
+try:  # optional: the fastest JPEG decoder measured (see above)
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised when simplejpeg is not installed
     simplejpeg = None

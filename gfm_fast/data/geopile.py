@@ -18,8 +18,9 @@ How a build goes:
 4. **Manifest**: per-shard counts/bytes/sha256/sources, per-source counts, all failures.
 
 Samples keep the original bytes of JPEG/PNG files (verified by a full decode, never re-encoded);
-other formats and tiles are stored losslessly: 8-bit gray/RGB as PNG, everything else (multi-band,
-16-bit, float) as zlib TIFF. Each sample has a ``.json`` with source, label, gsd, width, height,
+other formats are stored losslessly (8-bit gray/RGB as PNG, everything else - multi-band, 16-bit,
+float - as zlib TIFF); tiles as uncompressed TIFF by default (lossless and ~30x faster to decode
+than PNG; see encode_tile for the other --tile-format choices). Each sample has a ``.json`` with source, label, gsd, width, height,
 bands, dtype, format, path (and window for tiles). Unreadable files are reported, counted and
 skipped; tiles with more than ``max_nodata`` nodata pixels are skipped and counted.
 """
@@ -48,7 +49,7 @@ from gfm_fast.data.geotiff import TiffWindowReader, nodata_fraction, tile_window
 from gfm_fast.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, read_manifest, write_json_atomic
 
 LAYOUTS = ("auto", "classes", "flat", "tiles")
-TILE_FORMATS = ("lossless", "raw", "jpeg")
+TILE_FORMATS = ("raw", "compressed", "jpeg")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # stored as the original bytes
@@ -75,12 +76,15 @@ class Source:
         layout: ``classes``, ``flat``, ``tiles`` or ``auto`` (classes when the root holds only
             folders, flat when it holds images, tiles for a single TIFF file).
         gsd: ground sample distance in metres, a number or a (min, max) range; stored as metadata.
+        bands: ``tiles`` only: 1-based bands to keep, in order (e.g. (1, 2, 3) for the RGB of
+            4-band NAIP); None keeps every band.
     """
 
     name: str
     path: str
     layout: str = "auto"
     gsd: Optional[Union[float, Tuple[float, float]]] = None
+    bands: Optional[Tuple[int, ...]] = None
 
 
 @dataclass
@@ -94,7 +98,7 @@ class BuildOptions:
     max_nodata: float = 0.25  # skip tiles with a larger fraction of nodata pixels
     nodata: Optional[float] = None  # overrides the GeoTIFF's GDAL_NODATA tag
     prefix: str = "geopile"
-    tile_format: str = "lossless"  # lossless | raw | jpeg (see encode_tile)
+    tile_format: str = "raw"  # raw | compressed | jpeg (see encode_tile)
     jpeg_quality: int = 95  # tile_format == "jpeg" only
     workers: int = 1
 
@@ -140,6 +144,7 @@ class ShardTask:
     items: List[Item]
     roots: Dict[str, str]
     gsd: Dict[str, Any]
+    bands: Dict[str, Optional[Tuple[int, ...]]]
     options: BuildOptions
     out: str
 
@@ -216,11 +221,14 @@ def _scene_items(source: Source, root: Path, scenes: List[Path], options: BuildO
         try:
             with TiffWindowReader(str(path)) as reader:
                 info = reader.info
+            if source.bands and max(source.bands) > info.bands:
+                raise ValueError(f"--bands {','.join(map(str, source.bands))} but the scene has {info.bands} bands")
         except Exception as exn:
             result.failures.append({"path": f"{source.name}/{relpath}", "reason": f"{type(exn).__name__}: {exn}"})
             continue
         tile = options.tile_size
-        raw = tile * tile * info.bands * np.dtype(info.dtype).itemsize + SAMPLE_OVERHEAD_BYTES
+        bands = len(source.bands) if source.bands else info.bands
+        raw = tile * tile * bands * np.dtype(info.dtype).itemsize + SAMPLE_OVERHEAD_BYTES
         for top, left in tile_windows(info.height, info.width, tile):
             items.append(Item(source.name, relpath, f"{key}/y{top:06d}_x{left:06d}", None, raw,
                               (top, left, tile, tile)))
@@ -280,7 +288,7 @@ def plan_shards(items: Sequence[Item], options: BuildOptions) -> List[List[Item]
 
 def plan_fingerprint(sources: Sequence[Source], shards: Sequence[Sequence[Item]], options: BuildOptions) -> str:
     settings = {k: v for k, v in asdict(options).items() if k != "workers"}
-    described = [{"name": s.name, "layout": s.layout, "gsd": s.gsd} for s in sources]
+    described = [{"name": s.name, "layout": s.layout, "gsd": s.gsd, "bands": s.bands} for s in sources]
     digest = hashlib.sha256(json.dumps([settings, described], sort_keys=True).encode())
     for shard in shards:
         digest.update(b"\x00shard")
@@ -362,13 +370,15 @@ def encode_lossless(array: np.ndarray) -> Tuple[str, bytes]:
 
 
 def encode_tile(array: np.ndarray, tile_format: str, jpeg_quality: int) -> Tuple[str, bytes]:
-    """Encode a GeoTIFF tile as chosen by --tile-format.
+    """Encode a GeoTIFF tile as chosen by --tile-format (benchmarks/results/loader_cpu.json).
 
-    ``lossless`` (default): see encode_lossless; compact, but inflating a 512 px PNG costs ~5-7 ms
-    per image on one core (benchmarks/results/loader_cpu.json), the loader's dominant cost.
-    ``raw``: uncompressed TIFF, still lossless; ~1.4x the bytes, decodes in ~0.2 ms.
-    ``jpeg``: lossy JPEG at ``jpeg_quality`` for 8-bit gray/RGB tiles (others stay lossless); ~4x
-    smaller than PNG and decodes in ~1.5 ms, or less with the loader's DCT-domain downscaling.
+    ``raw`` (default): uncompressed TIFF: lossless and the fastest to decode (~0.2 ms for a
+    512 px RGB tile on one core), ~1.4x the bytes of PNG for aerial imagery.
+    ``compressed``: encode_lossless (PNG / zlib TIFF): lossless and compact, but inflating a
+    512 px PNG costs ~6-7 ms per image, so the loader needs ~10x the cores for such tiles.
+    ``jpeg``: lossy JPEG (``jpeg_quality``, 4:4:4) for 8-bit gray/RGB tiles; other tiles stay
+    lossless (``compressed``). ~4x smaller than PNG; decodes in ~1.7 ms, less with the loader's
+    DCT-domain downscaling; the right choice when storage bandwidth is the limit.
     """
     bands = array.shape[-1] if array.ndim == 3 else 1
     if tile_format == "jpeg" and array.dtype == np.uint8 and bands in (1, 3):
@@ -435,15 +445,20 @@ class _SceneCache:
         self._open.clear()
 
 
-def _encode_tile(item: Item, path: Path, scenes: _SceneCache, options: BuildOptions) -> Tuple[str, bytes, Dict]:
+def _encode_tile(item: Item, path: Path, scenes: _SceneCache, options: BuildOptions,
+                 bands: Optional[Tuple[int, ...]]) -> Tuple[str, bytes, Dict]:
     reader = scenes.get(str(path))
     tile = reader.read(*item.window)
+    if bands:
+        tile = np.ascontiguousarray(tile[..., [b - 1 for b in bands]])
     nodata = options.nodata if options.nodata is not None else reader.info.nodata
     if nodata_fraction(tile, nodata) > options.max_nodata:
         raise _SkipTile()
     ext, encoded = encode_tile(tile, options.tile_format, options.jpeg_quality)
     info = _describe_array(tile)
     info["window"] = list(item.window)
+    if bands:
+        info["scene_bands"] = list(bands)
     return ext, encoded, info
 
 
@@ -483,7 +498,7 @@ def _write_item(tar, item: Item, task: ShardTask, scenes: _SceneCache, record: D
     path = _item_path(item, Path(task.roots[item.source]))
     try:
         if item.window is not None:
-            ext, data, info = _encode_tile(item, path, scenes, task.options)
+            ext, data, info = _encode_tile(item, path, scenes, task.options, task.bands.get(item.source))
         else:
             ext, data, info = _encode_file(path)
     except _SkipTile:
@@ -580,7 +595,8 @@ def build_shards(sources: Sequence[Source], out: Union[str, Path], options: Opti
     _prepare_out(out, fingerprint, options.prefix, overwrite)
     roots = {s.name: str(Path(s.path).expanduser().resolve()) for s in sources}
     gsd = {s.name: s.gsd for s in sources}
-    tasks = [ShardTask(name, items, roots, gsd, options, str(out))
+    bands = {s.name: s.bands for s in sources}
+    tasks = [ShardTask(name, items, roots, gsd, bands, options, str(out))
              for name, items in zip(names, shards) if _shard_done(out, name) is None]
     resumed = len(shards) - len(tasks)
     if resumed:
@@ -605,6 +621,8 @@ def _check_sources(sources: Sequence[Source]) -> None:
             raise BuildError(f"source name {source.name!r} may only hold letters, digits, '_' and '-'")
         if source.layout not in LAYOUTS:
             raise BuildError(f"source {source.name}: layout {source.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if source.bands is not None and (not source.bands or min(source.bands) < 1):
+            raise BuildError(f"source {source.name}: --bands are 1-based band numbers, got {source.bands}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise BuildError(f"source names must be unique, got {duplicates} more than once")
@@ -638,7 +656,7 @@ def _manifest(sources: Sequence[Source], scan: ScanResult, options: BuildOptions
     per_source = {}
     for source in sources:
         per_source[source.name] = {
-            "path": source.path, "layout": scan.layouts[source.name], "gsd": source.gsd,
+            "path": source.path, "layout": scan.layouts[source.name], "gsd": source.gsd, "bands": source.bands,
             "samples": sum(r["sources"].get(source.name, 0) for r in records),
             "failures": sum(1 for f in failures if f["path"].startswith(source.name + "/")),
             "skipped_nodata": sum(r["skipped_nodata"].get(source.name, 0) for r in records),
@@ -697,6 +715,17 @@ def parse_gsd(text: str) -> Union[float, Tuple[float, float]]:
         return float(text)
     except ValueError:
         raise BuildError(f"cannot read GSD {text!r}; use metres, e.g. 0.3 or a range 0.1-10") from None
+
+
+def parse_bands(text: str) -> Tuple[int, ...]:
+    """'1,2,3' -> (1, 2, 3) (1-based, like GDAL)."""
+    try:
+        bands = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise BuildError(f"cannot read bands {text!r}; use 1-based numbers, e.g. 1,2,3") from None
+    if not bands or min(bands) < 1:
+        raise BuildError(f"bands are 1-based, got {text!r}")
+    return bands
 
 
 def parse_source(text: str) -> Source:

@@ -90,11 +90,24 @@ def test_geotiff_scenes_are_tiled_multiband_kept_nodata_skipped(tmp_path):
     assert meta["window"] == [64, 128, 64, 64] and meta["bands"] == 5 and meta["dtype"] == "uint16"
     np.testing.assert_array_equal(decode_tiff(tile["tif"]), scene[64:128, 128:192])
     rgb_tile = samples["naip/rgb/m_02/y000000_x000064"]
-    assert json.loads(rgb_tile["json"])["format"] == "png"  # 8-bit RGB tiles are PNG
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(rgb_tile["png"]))), rgb[0:64, 64:128])
+    assert json.loads(rgb_tile["json"])["format"] == "tif"  # tiles default to uncompressed TIFF
+    np.testing.assert_array_equal(decode_tiff(rgb_tile["tif"]), rgb[0:64, 64:128])
 
 
-@pytest.mark.parametrize("tile_format, ext", [("raw", "tif"), ("jpeg", "jpg"), ("lossless", "png")])
+def test_band_selection_for_tiles(tmp_path):
+    scene = textured(64, 128, bands=4, seed=5)  # e.g. NAIP: R, G, B, NIR
+    root = write_files(tmp_path / "naip", {"m.tif": tiff(scene)})
+    assert cli(["build", f"naip={root}", "--layout", "naip=tiles", "--bands", "naip=3,2,1", "--tile-size", "64",
+                "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    samples = _samples(tmp_path / "out")
+    tile = samples["naip/m/y000000_x000064"]
+    assert json.loads(tile["json"])["scene_bands"] == [3, 2, 1] and json.loads(tile["json"])["bands"] == 3
+    np.testing.assert_array_equal(decode_tiff(tile["tif"]), scene[:, 64:128, [2, 1, 0]])
+    manifest = _build([Source("naip", str(root), layout="tiles", bands=(5,))], tmp_path / "bad", tile_size=64)
+    assert manifest["samples"] == 0 and "scene has 4 bands" in manifest["failures"][0]["reason"]
+
+
+@pytest.mark.parametrize("tile_format, ext", [("raw", "tif"), ("jpeg", "jpg"), ("compressed", "png")])
 def test_tile_formats(tmp_path, tile_format, ext):
     scene = textured(64, 64, bands=3, seed=2)
     root = write_files(tmp_path / "s", {"scene.tif": tiff(scene)})
