@@ -16,16 +16,43 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _is_toolkit(home):
+    return bool(home) and all(os.path.exists(os.path.join(home, *part)) for part in
+                              (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+
+
 def _cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """The CUDA toolkit root: CUDA_HOME/CUDA_PATH, /usr/local/cuda, or the one nvcc on PATH belongs to.
+
+    A candidate must hold both bin/nvcc and the headers: an nvcc wrapper script in /usr/local/bin
+    would otherwise make /usr/local look like a toolkit.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    return None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return next((home for home in candidates if _is_toolkit(home)), None)
+
+
+def _pip_cuda_includes(cuda_home):
+    """torch's CUDA headers include cuSPARSE/cuBLAS/cuSOLVER headers that a bare toolkit may lack; the
+    nvidia-*-cu* wheels torch depends on ship them (same CUDA major as torch). Only used when needed."""
+    import torch
+
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")) or not torch.version.cuda:
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    major = torch.version.cuda.split(".")[0]
+    found = []
+    for root in nvidia.__path__:
+        for include in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            name = os.path.basename(os.path.dirname(include))
+            if os.path.exists(os.path.join(include, "cusparse.h")) and name in (f"cu{major}", "cusparse"):
+                found.append(include)
+    return found
 
 
 def _extensions():
@@ -48,6 +75,7 @@ def _extensions():
     cxx = opt + ["-fopenmp", "-std=c++20", "-Wno-psabi"]
     extra = {"cxx": cxx}
     define = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
     ext_cls = CppExtension
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if with_cuda and cuda_sources:
@@ -58,12 +86,13 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100, H100 when no GPU can be queried
         sources += cuda_sources
+        include_dirs += _pip_cuda_includes(cuda_home)
         ext_cls = CUDAExtension
         define.append(("WITH_CUDA", None))
         extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()
     print(f"gfm_fast build: torch {torch.__version__}, cuda toolkit {cuda_home}, with_cuda={ext_cls is CUDAExtension}, "
           f"debug={debug}, arch={os.environ.get('TORCH_CUDA_ARCH_LIST', 'default')}, sources={len(sources)}")
-    ext = ext_cls("gfm_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define,
+    ext = ext_cls("gfm_fast._C", sources, include_dirs=include_dirs, define_macros=define,
                   extra_compile_args=extra, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

@@ -23,9 +23,8 @@ inline void check_input(const char* op, const char* name, const at::Tensor& t, c
 
 inline void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) &&
-                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                   t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16),
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
   check_input(op, name, t, t, dim);
 }

@@ -11,7 +11,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "checks.h"
+#include "geometry.h"
 #include "cpu/cpu_utils.h"
 
 namespace gfm_fast {
@@ -21,14 +21,6 @@ using cpu::acc_type;
 
 constexpr const char* kForward = "cosine_distillation";
 constexpr const char* kBackward = "_cosine_distillation_backward";
-constexpr int64_t kStats = 3;  // per row: s.t, |s|, |t|
-
-void check_pair(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
-  check_float_input(op, "student", student, 2);
-  check_input(op, "teacher", teacher, student, 2);
-  check_shape(op, "teacher", teacher, student.sizes());
-  TORCH_CHECK(student.size(0) > 0, op, ": got an empty batch");
-}
 
 at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -61,7 +53,7 @@ void backward_rows(const at::Tensor& student, const at::Tensor& teacher, const a
   scalar_t* g = g_student.data_ptr<scalar_t>();
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const acc_t dot = st[b * kStats], norm_s = st[b * kStats + 1], norm_t = st[b * kStats + 2];
+      const acc_t dot = st[b * kCosineStats], norm_s = st[b * kCosineStats + 1], norm_t = st[b * kCosineStats + 2];
       const acc_t clamp_s = std::max(norm_s, static_cast<acc_t>(eps));
       const acc_t clamp_t = std::max(norm_t, static_cast<acc_t>(eps));
       // g = coef * (t / (clamp_s * clamp_t) - dot / (clamp_t * clamp_s^2 * norm_s) * s), divided in an
@@ -82,9 +74,9 @@ void backward_rows(const at::Tensor& student, const at::Tensor& teacher, const a
 
 std::tuple<at::Tensor, at::Tensor> cosine_distillation_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                            double eps, bool needs_grad) {
-  check_pair(kForward, student, teacher);
+  check_cosine_inputs(kForward, student, teacher);
   const int64_t B = student.size(0), D = student.size(1);
-  at::Tensor stats = at::empty({B, kStats}, student.options().dtype(stats_dtype(student.scalar_type())));
+  at::Tensor stats = at::empty({B, kCosineStats}, student.options().dtype(stats_dtype(student.scalar_type())));
   double cos_sum = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -92,26 +84,26 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cpu(const at::Tensor& stu
     const scalar_t* t = teacher.data_ptr<scalar_t>();
     acc_t* st = stats.data_ptr<acc_t>();
     at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) row_dots<scalar_t>(s + b * D, t + b * D, D, st + b * kStats);
+      for (int64_t b = begin; b < end; ++b) row_dots<scalar_t>(s + b * D, t + b * D, D, st + b * kCosineStats);
     });
     for (int64_t b = 0; b < B; ++b) {  // fixed order: the same loss for any thread count
-      const acc_t* r = st + b * kStats;
+      const acc_t* r = st + b * kCosineStats;
       const acc_t denom = std::max(r[1], static_cast<acc_t>(eps)) * std::max(r[2], static_cast<acc_t>(eps));
       cos_sum += static_cast<double>(r[0] / denom);
     }
   });
   at::Tensor loss = at::scalar_tensor(-cos_sum / static_cast<double>(B), student.options());
-  return {loss, needs_grad ? stats : at::empty({0, kStats}, stats.options())};
+  return {loss, needs_grad ? stats : at::empty({0, kCosineStats}, stats.options())};
 }
 
 at::Tensor cosine_distillation_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                             const at::Tensor& teacher, const at::Tensor& row_stats, double eps) {
-  check_pair(kBackward, student, teacher);
+  check_cosine_inputs(kBackward, student, teacher);
   check_scalar_grad(kBackward, grad_loss, student);
   const int64_t B = student.size(0);
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kStats &&
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kCosineStats &&
                   row_stats.scalar_type() == stats_dtype(student.scalar_type()) && row_stats.is_contiguous(),
-              kBackward, ": row_stats must be the (", B, ", ", kStats, ") ", stats_dtype(student.scalar_type()),
+              kBackward, ": row_stats must be the (", B, ", ", kCosineStats, ") ", stats_dtype(student.scalar_type()),
               " tensor returned by cosine_distillation with needs_grad=True, got ", row_stats.sizes(), " ",
               row_stats.scalar_type());
   at::Tensor g_student = at::empty_like(student);

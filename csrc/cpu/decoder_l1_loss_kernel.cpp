@@ -19,7 +19,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "geometry.h"
 #include "cpu/cpu_utils.h"
 
 namespace gfm_fast {
@@ -29,44 +29,9 @@ using cpu::acc_type;
 
 constexpr const char* kForward = "decoder_l1_loss";
 constexpr const char* kBackward = "_decoder_l1_loss_backward";
-constexpr double kRecEps = 1e-5;  // added to sum(M) in L_rec (gfm_fast/losses.py REC_EPS)
 // Logits slice size (elements): ~1 MiB of fp32 stays in L2 between the GEMM that writes it, the
 // L1 pass and the GEMMs that read it back.
 constexpr int64_t kSliceElems = 256 * 1024;
-
-struct DecoderGeometry {
-  int64_t batch, grid_h, grid_w, dim, chans, stride, out_chans;
-  int64_t blocks() const { return batch * grid_h * grid_w; }
-  int64_t height() const { return grid_h * stride; }
-  int64_t width() const { return grid_w * stride; }
-};
-
-DecoderGeometry check_inputs(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
-                             const at::Tensor& images, const at::Tensor& mask, int64_t stride) {
-  const char* op = kForward;
-  check_float_input(op, "features", features, 4);
-  TORCH_CHECK(stride > 0, op, ": stride must be positive, got ", stride);
-  DecoderGeometry g{};
-  g.batch = features.size(0);
-  g.grid_h = features.size(1);
-  g.grid_w = features.size(2);
-  g.dim = features.size(3);
-  g.stride = stride;
-  check_input(op, "images", images, features, 4);
-  g.chans = images.size(1);
-  g.out_chans = stride * stride * g.chans;
-  TORCH_CHECK(images.size(0) == g.batch && images.size(2) == g.height() && images.size(3) == g.width(), op,
-              ": images must have shape (B, C, h*stride, w*stride) = (", g.batch, ", C, ", g.height(), ", ",
-              g.width(), ") for NHWC features ", features.sizes(), " and stride ", stride, ", got ", images.sizes());
-  check_input(op, "weight", weight, features, 2);
-  check_shape(op, "weight", weight, {g.out_chans, g.dim});
-  check_input(op, "bias", bias, features, 1);
-  check_shape(op, "bias", bias, {g.out_chans});
-  check_mask(op, mask, features, g.batch);
-  TORCH_CHECK(mask.size(1) == g.grid_h && mask.size(2) == g.grid_w, op, ": mask must be at block level (B, ",
-              g.grid_h, ", ", g.grid_w, "), one entry per decoder output position, got ", mask.sizes());
-  return g;
-}
 
 // Indices (into the B*h*w feature rows) of the masked blocks, in order.
 at::Tensor masked_rows(const at::Tensor& mask) {
@@ -140,7 +105,7 @@ int64_t slice_width(const DecoderGeometry& g, int64_t n, at::ScalarType dtype) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& images,
     const at::Tensor& mask, int64_t stride, bool needs_grad) {
-  const DecoderGeometry g = check_inputs(features, weight, bias, images, mask, stride);
+  const DecoderGeometry g = check_decoder_inputs(features, weight, bias, images, mask, stride);
   const auto options = features.options();
   const at::Tensor rows = masked_rows(mask);
   const int64_t n = rows.numel(), D = g.dim, O = g.out_chans;

@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
+#include "geometry.h"
 #include "cpu/cpu_utils.h"
 
 namespace gfm_fast {
@@ -26,48 +26,6 @@ using cpu::acc_type;
 constexpr const char* kForward = "masked_patch_embed";
 constexpr const char* kBackward = "_masked_patch_embed_backward";
 constexpr int64_t kRowBlock = 4;  // tokens sharing each weight load in the GEMM micro-kernels
-
-struct PatchGeometry {
-  int64_t batch, chans, height, width, patch, grid_h, grid_w, dim, kdim, mask_h, mask_w;
-  int64_t tokens() const { return grid_h * grid_w; }
-  // A mask cell covers rep_h x rep_w tokens (1 x 1 at token level, 8 x 8 for 32-px blocks of 4-px patches).
-  int64_t rep_h() const { return grid_h / mask_h; }
-  int64_t rep_w() const { return grid_w / mask_w; }
-};
-
-PatchGeometry check_inputs(const char* op, const at::Tensor& images, const at::Tensor& weight,
-                           const at::Tensor& bias, const at::Tensor& norm_weight, const at::Tensor& mask,
-                           int64_t patch_size) {
-  check_float_input(op, "images", images, 4);
-  TORCH_CHECK(patch_size > 0, op, ": patch_size must be positive, got ", patch_size);
-  PatchGeometry g{};
-  g.batch = images.size(0);
-  g.chans = images.size(1);
-  g.height = images.size(2);
-  g.width = images.size(3);
-  g.patch = patch_size;
-  TORCH_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, op, ": image size ", g.height, "x",
-              g.width, " is not divisible by patch_size ", patch_size);
-  g.grid_h = g.height / patch_size;
-  g.grid_w = g.width / patch_size;
-  check_input(op, "weight", weight, images, 2);
-  g.dim = weight.size(0);
-  g.kdim = g.chans * patch_size * patch_size;
-  TORCH_CHECK(weight.size(1) == g.kdim, op, ": weight must have shape (D, C*p*p) = (", g.dim, ", ", g.kdim,
-              ") for ", g.chans, "-channel images and patch_size ", patch_size, ", got ", weight.sizes(),
-              "; check the number of input channels");
-  check_input(op, "bias", bias, images, 1);
-  check_shape(op, "bias", bias, {g.dim});
-  check_input(op, "norm_weight", norm_weight, images, 1);
-  check_shape(op, "norm_weight", norm_weight, {g.dim});
-  check_mask(op, mask, images, g.batch);
-  g.mask_h = mask.size(1);
-  g.mask_w = mask.size(2);
-  TORCH_CHECK(g.mask_h > 0 && g.mask_w > 0 && g.grid_h % g.mask_h == 0 && g.grid_w % g.mask_w == 0, op,
-              ": mask grid ", g.mask_h, "x", g.mask_w, " does not divide the token grid ", g.grid_h, "x", g.grid_w,
-              "; pass the mask at token level or at a coarser level that divides it (e.g. 32-px blocks)");
-  return g;
-}
 
 // ---- hot loops (acc_t = float or double), compiled per ISA ----
 
@@ -399,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 at::Tensor masked_patch_embed_cpu(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
                                   const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& mask,
                                   const at::Tensor& mask_token, int64_t patch_size, double eps) {
-  const PatchGeometry g = check_inputs(kForward, images, weight, bias, norm_weight, mask, patch_size);
+  const PatchGeometry g = check_patch_embed_inputs(kForward, images, weight, bias, norm_weight, mask, patch_size);
   check_input(kForward, "norm_bias", norm_bias, images, 1);
   check_shape(kForward, "norm_bias", norm_bias, {g.dim});
   check_input(kForward, "mask_token", mask_token, images, 1);
@@ -415,7 +373,7 @@ at::Tensor masked_patch_embed_cpu(const at::Tensor& images, const at::Tensor& we
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_patch_embed_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& norm_weight, const at::Tensor& mask, int64_t patch_size, double eps) {
-  const PatchGeometry g = check_inputs(kBackward, images, weight, bias, norm_weight, mask, patch_size);
+  const PatchGeometry g = check_patch_embed_inputs(kBackward, images, weight, bias, norm_weight, mask, patch_size);
   check_input(kBackward, "grad_out", grad_out, images, 3);
   check_shape(kBackward, "grad_out", grad_out, {g.batch, g.tokens(), g.dim});
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;

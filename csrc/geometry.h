@@ -1,0 +1,103 @@
+// Shapes and argument checks of the three ops, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include "checks.h"
+
+namespace gfm_fast {
+
+constexpr double kRecEps = 1e-5;  // added to sum(M) in L_rec (gfm_fast/losses.py REC_EPS)
+constexpr int64_t kCosineStats = 3;  // cosine_distillation keeps s.t, |s|, |t| per row
+
+// ---- masked_patch_embed
+
+struct PatchGeometry {
+  int64_t batch, chans, height, width, patch, grid_h, grid_w, dim, kdim, mask_h, mask_w;
+  C10_HOST_DEVICE int64_t tokens() const { return grid_h * grid_w; }
+  // A mask cell covers rep_h x rep_w tokens (1 x 1 at token level, 8 x 8 for 32-px blocks of 4-px patches).
+  C10_HOST_DEVICE int64_t rep_h() const { return grid_h / mask_h; }
+  C10_HOST_DEVICE int64_t rep_w() const { return grid_w / mask_w; }
+};
+
+inline PatchGeometry check_patch_embed_inputs(const char* op, const at::Tensor& images, const at::Tensor& weight,
+                                              const at::Tensor& bias, const at::Tensor& norm_weight,
+                                              const at::Tensor& mask, int64_t patch_size) {
+  check_float_input(op, "images", images, 4);
+  TORCH_CHECK(patch_size > 0, op, ": patch_size must be positive, got ", patch_size);
+  PatchGeometry g{};
+  g.batch = images.size(0);
+  g.chans = images.size(1);
+  g.height = images.size(2);
+  g.width = images.size(3);
+  g.patch = patch_size;
+  TORCH_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, op, ": image size ", g.height, "x",
+              g.width, " is not divisible by patch_size ", patch_size);
+  g.grid_h = g.height / patch_size;
+  g.grid_w = g.width / patch_size;
+  check_input(op, "weight", weight, images, 2);
+  g.dim = weight.size(0);
+  g.kdim = g.chans * patch_size * patch_size;
+  TORCH_CHECK(weight.size(1) == g.kdim, op, ": weight must have shape (D, C*p*p) = (", g.dim, ", ", g.kdim,
+              ") for ", g.chans, "-channel images and patch_size ", patch_size, ", got ", weight.sizes(),
+              "; check the number of input channels");
+  check_input(op, "bias", bias, images, 1);
+  check_shape(op, "bias", bias, {g.dim});
+  check_input(op, "norm_weight", norm_weight, images, 1);
+  check_shape(op, "norm_weight", norm_weight, {g.dim});
+  check_mask(op, mask, images, g.batch);
+  g.mask_h = mask.size(1);
+  g.mask_w = mask.size(2);
+  TORCH_CHECK(g.mask_h > 0 && g.mask_w > 0 && g.grid_h % g.mask_h == 0 && g.grid_w % g.mask_w == 0, op,
+              ": mask grid ", g.mask_h, "x", g.mask_w, " does not divide the token grid ", g.grid_h, "x", g.grid_w,
+              "; pass the mask at token level or at a coarser level that divides it (e.g. 32-px blocks)");
+  return g;
+}
+
+// ---- decoder_l1_loss
+
+struct DecoderGeometry {
+  int64_t batch, grid_h, grid_w, dim, chans, stride, out_chans;
+  C10_HOST_DEVICE int64_t blocks() const { return batch * grid_h * grid_w; }
+  C10_HOST_DEVICE int64_t height() const { return grid_h * stride; }
+  C10_HOST_DEVICE int64_t width() const { return grid_w * stride; }
+};
+
+inline DecoderGeometry check_decoder_inputs(const at::Tensor& features, const at::Tensor& weight,
+                                            const at::Tensor& bias, const at::Tensor& images, const at::Tensor& mask,
+                                            int64_t stride) {
+  const char* op = "decoder_l1_loss";
+  check_float_input(op, "features", features, 4);
+  TORCH_CHECK(stride > 0, op, ": stride must be positive, got ", stride);
+  DecoderGeometry g{};
+  g.batch = features.size(0);
+  g.grid_h = features.size(1);
+  g.grid_w = features.size(2);
+  g.dim = features.size(3);
+  g.stride = stride;
+  check_input(op, "images", images, features, 4);
+  g.chans = images.size(1);
+  g.out_chans = stride * stride * g.chans;
+  TORCH_CHECK(images.size(0) == g.batch && images.size(2) == g.height() && images.size(3) == g.width(), op,
+              ": images must have shape (B, C, h*stride, w*stride) = (", g.batch, ", C, ", g.height(), ", ",
+              g.width(), ") for NHWC features ", features.sizes(), " and stride ", stride, ", got ", images.sizes());
+  check_input(op, "weight", weight, features, 2);
+  check_shape(op, "weight", weight, {g.out_chans, g.dim});
+  check_input(op, "bias", bias, features, 1);
+  check_shape(op, "bias", bias, {g.out_chans});
+  check_mask(op, mask, features, g.batch);
+  TORCH_CHECK(mask.size(1) == g.grid_h && mask.size(2) == g.grid_w, op, ": mask must be at block level (B, ",
+              g.grid_h, ", ", g.grid_w, "), one entry per decoder output position, got ", mask.sizes());
+  return g;
+}
+
+// ---- cosine_distillation
+
+inline void check_cosine_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
+  check_float_input(op, "student", student, 2);
+  check_input(op, "teacher", teacher, student, 2);
+  check_shape(op, "teacher", teacher, student.sizes());
+  TORCH_CHECK(student.size(0) > 0, op, ": got an empty batch");
+}
+
+}  // namespace gfm_fast
