@@ -24,9 +24,6 @@ import torch.nn.functional as F
 
 from gfm_fast.data.decode import to_unit_scale
 
-# Decoded arrays are read-only numpy views of Pillow buffers; we never write into them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=__name__)
-
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times before a centre crop
 _MAX_DRAFT_REDUCTION = 8  # libjpeg decodes at 1/2, 1/4, 1/8 scale
 
@@ -124,7 +121,7 @@ class GFMAugment:
             (C, img_size, img_size) tensor, NCHW-indexed; uint8 for uint8 input, else float32
             in the stored units (to_unit_scale gives the factor to [0, 1]).
         """
-        image = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last
+        image = _as_tensor(array).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last
         return self.crop_resize_tensor(image, box, full_size)
 
     def crop_resize_tensor(self, image: torch.Tensor, box: CropBox, full_size: Tuple[int, int]) -> torch.Tensor:
@@ -159,6 +156,15 @@ class GFMAugment:
             scale = (to_unit_scale(dtype) * self._inv_std).to(device)
             self._affine[key] = (scale, (-self._mean * self._inv_std).to(device))
         return self._affine[key]
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor view; Pillow's arrays are read-only, which is fine: nothing writes to them."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "array is not writable" notice
+        return torch.from_numpy(array)
 
 
 def _rescale_box(box: CropBox, sx: float, sy: float, width: int, height: int) -> Tuple[int, int, int, int]:

@@ -38,7 +38,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from gfm_fast.data.augment import GFMAugment
+from gfm_fast.data.augment import CropBox, GFMAugment
 from gfm_fast.data.decode import JPEG_EXTENSIONS, EncodedImage, find_image
 from gfm_fast.data.manifest import MANIFEST_NAME, read_manifest, shard_paths
 
@@ -148,8 +148,17 @@ def resolve_shards(spec: Optional[str]) -> ShardSet:
         root = local if local.is_dir() else local.parent
         manifest = read_manifest(root)
         counts = {name: int(src["samples"]) for name, src in manifest["sources"].items()}
-        return ShardSet(shard_paths(root, manifest), spec, counts)
-    urls = [_to_url(url) for item in _split_top_level(spec) for url in braceexpand.braceexpand(item)]
+        shards = ShardSet(shard_paths(root, manifest), spec, counts)
+    else:
+        urls = [_to_url(url) for item in _split_top_level(spec) for url in braceexpand.braceexpand(item)]
+        shards = ShardSet(urls, spec)
+    _check_local_shards(shards)
+    return shards
+
+
+def _check_local_shards(shards: ShardSet) -> None:
+    """Fail fast when no local shard exists; warn about missing ones (they count as failed)."""
+    urls, spec = shards.urls, shards.spec
     if not urls:
         raise ValueError(f"data.shards={spec!r} names no shards")
     local_paths = [u for u in urls if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", u)]
@@ -159,7 +168,6 @@ def resolve_shards(spec: Optional[str]) -> ShardSet:
     if missing:
         warnings.warn(f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); they will be "
                       "counted as failed shards", DataWarning)
-    return ShardSet(urls, spec)
 
 
 def source_of(key: str) -> str:
@@ -584,9 +592,7 @@ class DeviceDecoder:
             return None
 
 
-def _box_from_row(row: Sequence[int]):
-    from gfm_fast.data.augment import CropBox
-
+def _box_from_row(row: Sequence[int]) -> CropBox:
     return CropBox(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
