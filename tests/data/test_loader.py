@@ -302,3 +302,15 @@ def test_embedded_sample_is_the_default():
 def test_seed_mixing_is_stable():
     assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2) != mix_seed(0, 2, 1)
     assert 0 <= mix_seed(-1, 2**70) < 2**63
+
+
+def test_training_import_surface_stays_upstream():
+    """data never imports models, and the loader surface does not load the builder."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from gfm_fast.data import make_loader, sample_shards; "
+            "bad = [m for m in ('gfm_fast.models', 'gfm_fast.data.geopile') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr or result.stdout
