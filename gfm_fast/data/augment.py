@@ -118,8 +118,8 @@ class GFMAugment:
             full_size: (width, height) of the full-resolution image, to rescale ``box``.
 
         Returns:
-            (C, img_size, img_size) tensor, NCHW-indexed; uint8 for uint8 input, else float32
-            in the stored units (to_unit_scale gives the factor to [0, 1]).
+            (C, img_size, img_size) tensor, NCHW-indexed; uint8 for uint8 input on CPU, else
+            float32 in the stored units (to_unit_scale gives the factor to [0, 1]).
         """
         image = _as_tensor(array).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last
         return self.crop_resize_tensor(image, box, full_size)
@@ -129,8 +129,8 @@ class GFMAugment:
         height, width = image.shape[-2:]
         top, left, h, w = _rescale_box(box, width / full_size[0], height / full_size[1], width, height)
         crop = image[:, :, top:top + h, left:left + w]
-        if crop.dtype != torch.uint8:
-            crop = crop.float()
+        if crop.dtype != torch.uint8 or crop.device.type != "cpu":
+            crop = crop.float()  # antialiased uint8 resize is a CPU kernel; elsewhere resize in float
         size = (self.img_size, self.img_size)
         out = crop if (h, w) == size else F.interpolate(crop, size=size, mode="bilinear", align_corners=False,
                                                         antialias=True)
