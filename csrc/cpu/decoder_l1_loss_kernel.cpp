@@ -29,9 +29,10 @@ using cpu::acc_type;
 
 constexpr const char* kForward = "decoder_l1_loss";
 constexpr const char* kBackward = "_decoder_l1_loss_backward";
-// Logits slice size (elements): ~1 MiB of fp32 stays in L2 between the GEMM that writes it, the
-// L1 pass and the GEMMs that read it back.
-constexpr int64_t kSliceElems = 256 * 1024;
+// Target logits slice size (elements): ~2 MiB of fp32, each thread's half in its L2 between the GEMM
+// that writes it, the L1 pass and the GEMMs that read it back. Fewer, larger slices mean fewer
+// parallel regions (each one a barrier of all threads).
+constexpr int64_t kSliceElems = 512 * 1024;
 
 // Indices (into the B*h*w feature rows) of the masked blocks, in order.
 at::Tensor masked_rows(const at::Tensor& mask) {
@@ -93,13 +94,14 @@ double l1_slice(scalar_t* slice, int64_t o0, int64_t width, const int64_t* rows,
   return loss_sums.reduce().item<double>();
 }
 
-// Channels per slice: a multiple of stride (whole image row segments). fp16/bf16 use a single
-// slice: their GEMMs return 16-bit results, so g_features must come out of one GEMM rather than
-// a sum of rounded partial products.
+// Channels per slice: a multiple of stride (whole image row segments), slices of about equal size.
+// fp16/bf16 use a single slice: their GEMMs return 16-bit results, so g_features must come out of
+// one GEMM rather than a sum of rounded partial products.
 int64_t slice_width(const DecoderGeometry& g, int64_t n, at::ScalarType dtype) {
   if (dtype == at::kHalf || dtype == at::kBFloat16) return g.out_chans;
-  const int64_t rows_of_pixels = std::max<int64_t>(1, kSliceElems / std::max<int64_t>(1, n * g.stride));
-  return std::min(g.out_chans, rows_of_pixels * g.stride);
+  const int64_t slices = std::max<int64_t>(1, (n * g.out_chans + kSliceElems - 1) / kSliceElems);
+  const int64_t runs = g.out_chans / g.stride;  // image row segments (c, i)
+  return ((runs + slices - 1) / slices) * g.stride;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
