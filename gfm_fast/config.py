@@ -156,6 +156,7 @@ class OptimConfig:
     warmup_epochs: int = 10
     clip_grad: float = 5.0
     grad_accum: int = 1
+    schedule_steps: int = 0  # LR schedule length in optimizer steps; 0: run.max_steps if set, else all epochs
 
     def validate(self, prefix: str = "optim") -> None:
         for key in ("base_lr", "warmup_lr", "min_lr", "eps"):
@@ -167,6 +168,7 @@ class OptimConfig:
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables clipping)")
         _require(self.grad_accum > 0, f"{prefix}.grad_accum", "must be positive")
         _require(self.lr_scale_batch > 0, f"{prefix}.lr_scale_batch", "must be positive")
+        _require(self.schedule_steps >= 0, f"{prefix}.schedule_steps", "must be >= 0")
 
 
 @dataclass

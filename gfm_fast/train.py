@@ -113,6 +113,7 @@ class Schedule:
     warmup_lr: float
     min_lr: float
     global_batch: int
+    stop_step: int  # training ends here (run.max_steps, or the end of the schedule)
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.warmup_lr, self.min_lr)
@@ -121,17 +122,20 @@ class Schedule:
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> Schedule:
     """Optimizer steps and LRs scaled by the global batch (GFM.md "Optimisation").
 
-    One optimizer step consumes ``grad_accum`` loader batches. With ``run.max_steps`` set, the
-    warmup + cosine schedule is compressed to that many steps, keeping the warmup fraction.
+    One optimizer step consumes ``grad_accum`` loader batches. The warmup + cosine schedule spans
+    ``optim.schedule_steps`` if set, else ``run.max_steps`` if set (compressed, keeping the warmup
+    fraction), else all epochs; training stops at ``run.max_steps`` (default: the schedule's end),
+    so a long run can be trained in chunks of ``run.max_steps``.
     """
     optim = cfg.optim
     global_batch = cfg.data.batch_size * world_size * optim.grad_accum
     scale = global_batch / optim.lr_scale_batch
     steps_per_epoch = max(1, steps_per_epoch // optim.grad_accum)
     planned = optim.epochs * steps_per_epoch
-    total = cfg.run.max_steps or planned
-    warmup = round(total * optim.warmup_epochs / optim.epochs)
-    return Schedule(total, warmup, optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale, global_batch)
+    length = optim.schedule_steps or cfg.run.max_steps or planned
+    warmup = round(length * optim.warmup_epochs / optim.epochs)
+    return Schedule(length, warmup, optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale,
+                    global_batch, cfg.run.max_steps or length)
 
 
 def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
@@ -460,11 +464,11 @@ def run(cfg: TrainConfig) -> TrainResult:
         step, epoch = _restore(engine, resume_from, cfg, loader, mask_generator)
     loader.set_epoch(epoch)
 
-    logger = RunLogger(output_dir, schedule.total_steps, step, is_main)
+    logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {step}")
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
-                   f"global batch {schedule.global_batch}, {schedule.total_steps} steps, "
+                   f"global batch {schedule.global_batch}, {schedule.stop_step} steps, "
                    f"peak lr {schedule.base_lr:.2e}, output {output_dir}")
 
     stop = _StopRequest()
@@ -476,7 +480,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     client_state = lambda: _client_state(cfg, step, epoch, loader, mask_generator, stats)  # noqa: E731
     export = lambda path: export_model(student, path, cfg.run.zero_stage, rank)  # noqa: E731
     try:
-        while step < schedule.total_steps:
+        while step < schedule.stop_step:
             lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -519,7 +523,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             elif throughput_t0 is not None:
                 throughput_images += schedule.global_batch
 
-            if step % cfg.run.log_every == 0 or step == schedule.total_steps:
+            if step % cfg.run.log_every == 0 or step == schedule.stop_step:
                 loss, loss_rec, loss_feat = (sums / cfg.optim.grad_accum).tolist()
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {"loss/total": loss, "loss/rec": loss_rec, "loss/feat": loss_feat, "lr": lr,
@@ -535,7 +539,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             stop_now = stop.signum is not None
             if world_size > 1:
                 stop_now = _all_reduce_flag(stop_now, device)
-            last = step == schedule.total_steps or stop_now
+            last = step == schedule.stop_step or stop_now
             if step % cfg.run.ckpt_every == 0 or last:
                 checkpoints.save(engine, step, client_state(), rank, export=export)
             if last:
@@ -570,11 +574,21 @@ def _client_state(cfg, step, epoch, loader, mask_generator, stats) -> Dict[str, 
         "gfm_step": step,
         "gfm_epoch": epoch,
         "gfm_config": json.dumps(to_dict(cfg)),
-        "gfm_loader": json.dumps(loader.state_dict()),
-        "gfm_mask_rng": mask_generator.get_state().cpu(),
-        "gfm_torch_rng": torch.get_rng_state(),
+        "gfm_loader": json.dumps(_gather_from_ranks(loader.state_dict())),
+        # Per-rank RNG states, as byte tensors stacked by rank (ZeRO 0-2 store rank 0's file only).
+        "gfm_mask_rng": torch.stack(_gather_from_ranks(mask_generator.get_state().cpu())),
+        "gfm_torch_rng": torch.stack(_gather_from_ranks(torch.get_rng_state())),
         "gfm_stats": json.dumps(stats),
     }
+
+
+def _gather_from_ranks(value: Any) -> List[Any]:
+    """Every rank's ``value`` (loader positions and RNG states differ per rank), indexed by rank."""
+    import torch.distributed as dist
+
+    values: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _restore(engine, path: Path, cfg: TrainConfig, loader, mask_generator):
@@ -586,9 +600,15 @@ def _restore(engine, path: Path, cfg: TrainConfig, loader, mask_generator):
     load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or state is None:
         raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
-    loader.load_state_dict(json.loads(state["gfm_loader"]))
-    mask_generator.set_state(state["gfm_mask_rng"].to(mask_generator.get_state().device))
-    torch.set_rng_state(state["gfm_torch_rng"])
+    import torch.distributed as dist
+
+    loader.load_state_dict(json.loads(state["gfm_loader"]))  # picks this rank's entry
+    rank, saved_ranks = dist.get_rank(), state["gfm_mask_rng"].shape[0]
+    if rank < saved_ranks and dist.get_world_size() == saved_ranks:
+        mask_generator.set_state(state["gfm_mask_rng"][rank].clone())
+        torch.set_rng_state(state["gfm_torch_rng"][rank].clone())
+    else:  # resumed at another world size: fresh, rank- and step-dependent mask stream
+        mask_generator.manual_seed(cfg.run.seed * 100_003 + rank + 7919 * int(state["gfm_step"]))
     return int(state["gfm_step"]), int(state["gfm_epoch"])
 
 
@@ -645,7 +665,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--resume", help="auto | none | PATH (run.resume)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.batch_size=16")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 def main(argv: Optional[List[str]] = None) -> int:

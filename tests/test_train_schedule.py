@@ -31,6 +31,10 @@ def test_schedule_scales_lr_by_global_batch_and_compresses_to_max_steps():
     assert sched.warmup_steps == 10 * 50
     short = make_schedule(load_config(overrides=["run.max_steps=40"]), steps_per_epoch=100, world_size=1)
     assert short.total_steps == 40 and short.warmup_steps == 4  # same 10% warmup fraction
+    assert short.stop_step == 40
+    chunk = make_schedule(load_config(overrides=["run.max_steps=40", "optim.schedule_steps=400"]),
+                          steps_per_epoch=100, world_size=1)
+    assert chunk.total_steps == 400 and chunk.warmup_steps == 40 and chunk.stop_step == 40
 
 
 def test_deepspeed_config_carries_recipe():
