@@ -56,6 +56,17 @@ def check_mask_values(mask: torch.Tensor) -> None:
                          "mask at least one block per batch")
 
 
+def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, *, op: str = "cosine_distillation") -> None:
+    """z_s and z_t are matching, non-empty (B, D) batches."""
+    if student.dim() != 2:
+        raise ValueError(f"{op}: student features must have shape (B, D), got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{op}: teacher features shape {tuple(teacher.shape)} does not match student features "
+                         f"shape {tuple(student.shape)}; the projector output must match the teacher width")
+    if student.shape[0] == 0:
+        raise ValueError(f"{op}: got an empty batch")
+
+
 def upsample_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, h, w) 0/1 mask -> (B, 1, height, width) by nearest (block) upsampling."""
     sh, sw = height // mask.shape[1], width // mask.shape[2]
@@ -102,13 +113,7 @@ def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     """
     check_float("student", student)
     check_float("teacher", teacher)
-    if student.dim() != 2:
-        raise ValueError(f"student features must have shape (B, D), got {tuple(student.shape)}")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher features shape {tuple(teacher.shape)} does not match student features "
-                         f"shape {tuple(student.shape)}; the projector output must match the teacher width")
-    if student.shape[0] == 0:
-        raise ValueError("cosine_distillation got an empty batch")
+    check_feature_pair(student, teacher)
     return -F.cosine_similarity(student, teacher.detach().to(student.dtype), dim=-1, eps=COS_EPS).mean()
 
 

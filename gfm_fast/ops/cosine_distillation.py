@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.losses import COS_EPS
+from gfm_fast.losses import COS_EPS, check_feature_pair
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
 from gfm_fast.ops._common import check_same
@@ -35,13 +35,7 @@ def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend
     if isinstance(teacher, torch.Tensor) and isinstance(student, torch.Tensor) and teacher.is_floating_point():
         teacher = teacher.to(student.dtype)
     check_same(OP, "student", student, teacher=teacher)
-    if student.dim() != 2:
-        raise ValueError(f"{OP}: student features must have shape (B, D), got {tuple(student.shape)}")
-    if teacher.shape != student.shape:
-        raise ValueError(f"{OP}: teacher features shape {tuple(teacher.shape)} does not match student features "
-                         f"shape {tuple(student.shape)}; the projector output must match the teacher width")
-    if student.shape[0] == 0:
-        raise ValueError(f"{OP}: got an empty batch")
+    check_feature_pair(student, teacher, op=OP)
     backend = resolve(OP, backend, student.device)
     if backend == "reference":
         return reference.cosine_distillation(student, teacher)
