@@ -43,6 +43,12 @@ MODES = ("forward", "backward", "full")
 IMG, PATCH, EMBED, BLOCK, RATIO = 192, 4, 128, 32, 0.6  # GFM at 192 px: 4-px patches, 32-px mask blocks
 STAGE4_DIM, FEAT_DIM, CHANS = 1024, 1024, 3  # r (B, 6, 6, 1024); z_s, z_t (B, 1024)
 BASELINES = {"masked_patch_embed": "torch_gemm_where", "decoder_l1_loss": "torch_masked_blocks"}
+NOTES = {
+    "decoder_l1_loss/cpp": "computes the gradients in the forward (fused-linear-loss idiom) and only scales them in "
+                           "the backward: compare the 'full' mode",
+    "decoder_l1_loss/bound": "all backends but the reference are bound by the three GEMMs over the masked blocks "
+                             "(n x D x O each); on CPU their time is the floor of the fused op",
+}
 
 
 # ---------------------------------------------------------------- plain-PyTorch rearrangements
@@ -192,7 +198,7 @@ def bench_case(case: Case, backends: Sequence[str], mode: str, device: torch.dev
         records.append({"case": case.op, "backend": b, "mode": mode, "batch": batch, "shape": case.shape,
                         "median_ms": statistics.median(ms), "p20_ms": _quantile(ms, 0.2), "p80_ms": _quantile(ms, 0.8),
                         "runs": runs, "images_per_s": batch / (statistics.median(ms) / 1e3), "peak_bytes": peak,
-                        "grad_bytes": grad_bytes})
+                        "grad_bytes": grad_bytes, "note": NOTES.get(f"{case.op}/{b}")})
     ref = next(r for r in records if r["backend"] == "reference")
     for r in records:
         r["speedup"] = ref["median_ms"] / r["median_ms"]
@@ -230,6 +236,20 @@ def run_ops(device="cpu", backends: Optional[Sequence[str]] = None, dtype: torch
     return records
 
 
+def machine() -> Dict[str, object]:
+    """What the CPU numbers ran on: model, cores, SIMD level, load when the run started."""
+    info: Dict[str, object] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                                 if line.startswith("model name"))
+        info["load_average"] = os.getloadavg()
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
 def print_table(records: List[Dict]) -> None:
     cols = ["case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s",
             "peak_MiB", "speedup", "extra_peak_vs_reference"]
@@ -263,7 +283,8 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(__file__).parent / "results" / f"{torch.device(args.device).type}_ops_{args.dtype}_b{args.batch}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device(args.device))
-    out.write_text(json.dumps({"environment": env, "command": " ".join(sys.argv), "records": records}, indent=1))
+    out.write_text(json.dumps({"environment": env, "machine": machine(), "command": " ".join(sys.argv),
+                               "notes": NOTES, "records": records}, indent=1))
     print(f"wrote {out}")
     return 0
 
