@@ -209,3 +209,19 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     latest = Checkpoints(tmp_path, 5).latest()
     assert latest is not None and int(latest.name.split("_")[1]) >= 2
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    """2 micro-batches of 2 accumulate to the same optimisation as 1 batch of 4 (same samples, masks)."""
+    _run(tmp_path / "big", "run.max_steps=3", "data.batch_size=4", "optim.grad_accum=1", "optim.lr_scale_batch=4")
+    _run(tmp_path / "acc", "run.max_steps=3", "data.batch_size=2", "optim.grad_accum=2", "optim.lr_scale_batch=4")
+    big, acc = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
+    assert sorted(big) == sorted(acc) == [1, 2, 3]
+    for step in big:
+        assert acc[step] == pytest.approx(big[step], rel=1e-4, abs=1e-5), step
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=1", "run.keep_last=2")
+    tags = Checkpoints(tmp_path, 2).complete_tags()
+    assert tags == [Checkpoints.tag(3), Checkpoints.tag(4)]
