@@ -112,3 +112,26 @@ def environment(device: torch.device) -> Dict[str, object]:
     except ImportError:
         info["triton"] = None
     return info
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(records: List[Dict], columns: List[str]) -> None:
+    """A readable fixed-width table of ``records`` (missing values as '-'; ``peak_bytes`` in MiB)."""
+    def value(record, column):
+        if column == "peak_MiB":
+            peak = record.get("peak_bytes")
+            return None if peak is None else peak / 2 ** 20
+        return record.get(column)
+
+    rows = [[_cell(value(r, c)) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import _quantile, environment, peak_memory_bytes, time_fn  # noqa: E402
+from _timing import print_table as print_records  # noqa: E402
 
 OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
 MODES = ("forward", "backward", "full")
@@ -276,14 +277,8 @@ def machine() -> Dict[str, object]:
 
 
 def print_table(records: List[Dict]) -> None:
-    cols = ["case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s",
-            "peak_MiB", "speedup", "extra_peak_vs_reference"]
-    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
-    rows = [[fmt(r["peak_bytes"] / 2 ** 20 if c == "peak_MiB" else r.get(c)) for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print_records(records, ["case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
+                            "images_per_s", "peak_MiB", "speedup", "extra_peak_vs_reference"])
 
 
 def main(argv=None) -> int:

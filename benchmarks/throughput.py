@@ -24,7 +24,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import environment, peak_memory_bytes, time_fn  # noqa: E402
+from _timing import environment, peak_memory_bytes, print_table, time_fn  # noqa: E402
 
 MODEL_SIZES = {
     # name: (embed_dim, depths, heads)
@@ -93,24 +93,8 @@ def bench_step(device: torch.device, size: str, batch: int, backends: List[str],
     return records
 
 
-def print_table(records: List[Dict]) -> None:
-    cols = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms", "images_per_s",
-            "peak_bytes", "speedup"]
-    rows = [[_fmt(r.get(c)) for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.4g}"
-    if isinstance(value, int) and value > 10 ** 6:
-        return f"{value / 2 ** 20:.1f}MiB"
-    return str(value)
+TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
+                 "images_per_s", "img_s", "peak_MiB", "speedup"]
 
 
 def main(argv=None) -> int:
@@ -148,7 +132,7 @@ def main(argv=None) -> int:
         records += [{"section": "loader", **r} for r in run_loader()]
     env = environment(device)
     print(json.dumps({"environment": env}, indent=None))
-    print_table(records)
+    print_table(records, TABLE_COLUMNS)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": env, "records": records}, indent=1))
