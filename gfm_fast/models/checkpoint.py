@@ -12,7 +12,6 @@ Three rules (STYLE.md, and the GFM reference's anti-patterns we avoid):
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
@@ -60,24 +59,22 @@ class _InertObject(OrderedDict):
 
 
 def _numpy_globals(names: Iterable[str]) -> list:
-    """Real NumPy array/dtype/scalar reconstructors for the ``numpy.*`` names in a checkpoint (RNG
-    states and metrics are often NumPy). They rebuild plain data and run no code from the file;
-    object arrays would need further globals, which become placeholders."""
-    names = [n for n in names if n.startswith("numpy.")]
-    if not names:
+    """The NumPy array/dtype/scalar reconstructors among the ``numpy.*`` names in a checkpoint (RNG
+    states and metrics are often NumPy), under the 1.x and 2.x module names. These rebuild plain data
+    only; any other NumPy callable (``numpy.save``, ``numpy.testing``'s ``runstring``...) could write
+    files or run code from the file, so it becomes a placeholder like every other class."""
+    names = set(names)
+    if not any(n.startswith("numpy.") for n in names):
         return []
     import numpy as np
     import numpy.dtypes
 
+    reconstruct, scalar = np.zeros(0).__reduce__()[0], np.float32(0).__reduce__()[0]
+    known = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        known.update({f"{module}._reconstruct": reconstruct, f"{module}.scalar": scalar})
     allowed: list = [getattr(numpy.dtypes, n) for n in numpy.dtypes.__all__]  # types of unpickled dtypes
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if module.__name__.split(".")[0] == np.__name__ and hasattr(module, attr):
-            allowed.append((getattr(module, attr), name))
+    allowed += [(obj, name) for name, obj in known.items() if name in names]
     return allowed
 
 

@@ -60,6 +60,27 @@ def test_reads_tensors_only_and_never_runs_code(tmp_path):
     assert type(checkpoint["config"]) is not YacsLikeConfig
 
 
+class WritesWithNumpy:
+    """A NumPy callable that is not an array reconstructor: it writes a file when called."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (np.save, (self.marker, np.zeros(1)))
+
+
+def test_numpy_functions_other_than_reconstructors_never_run(tmp_path):
+    marker = tmp_path / "numpy_ran.npy"
+    path = tmp_path / "ckpt.pth"
+    state = {"w": torch.randn(2)}
+    torch.save({"model": state, "metrics": np.arange(3.0), "x": WritesWithNumpy(str(marker))}, path)
+    checkpoint = read_checkpoint(str(path))
+    assert not marker.exists()
+    np.testing.assert_array_equal(checkpoint["metrics"], np.arange(3.0))  # real arrays still load
+    torch.testing.assert_close(unwrap_state_dict(checkpoint), state)
+
+
 def test_blocked_globals_are_a_clear_error(tmp_path):
     class CallsSystem:
         def __reduce__(self):
