@@ -179,11 +179,10 @@ def test_any_size_divisible_by_32_on_a_fixed_size_model():
 
 
 def test_images_of_mixed_sizes(encoder, tmp_path):
-    write_rgb(tmp_path / "a.png", 0, (64, 64))
-    write_rgb(tmp_path / "b.png", 1, (96, 64))
-    write_rgb(tmp_path / "c.png", 2, (64, 64))
+    pixels = [write_rgb(tmp_path / "a.png", 0, (64, 64)), write_rgb(tmp_path / "b.png", 1, (96, 64)),
+              write_rgb(tmp_path / "c.png", 2, (64, 64))]
     out = extract_features(encoder, tmp_path, batch_size=3)
-    singles = torch.cat([extract_features(encoder, tmp_path / n) for n in ("a.png", "b.png", "c.png")])
+    singles = torch.cat([direct(encoder, normalise(p.transpose(2, 0, 1)[None], 255.0)) for p in pixels])
     torch.testing.assert_close(out, singles)
     with pytest.raises(ValueError, match="different sizes"):
         extract_features(encoder, tmp_path, stages=[0, 1])
