@@ -222,13 +222,21 @@ def _check_geometry(batch: torch.Tensor, chans: int, stride: int, what: str) -> 
                          f"{max(stride, width // stride * stride)})")
 
 
-def _prepare(batch: torch.Tensor, scale: Optional[float], config, device: torch.device) -> torch.Tensor:
+def _normalization(config, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model's mean and std as (1, C, 1, 1) tensors on ``device``, built once per call (a
+    per-batch ``torch.tensor(..., device=cuda)`` is a blocking host-to-device copy)."""
+    mean = torch.tensor(config.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
+def _prepare(batch: torch.Tensor, scale: Optional[float], mean_std: Tuple[torch.Tensor, torch.Tensor],
+             device: torch.device) -> torch.Tensor:
     """Move to ``device`` first (uint8 travels 4x lighter), then scale and normalise."""
     batch = batch.to(device, non_blocking=True)
     if scale is None:
         return batch.float()
-    mean = torch.tensor(config.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(config.std, device=device).view(1, -1, 1, 1)
+    mean, std = mean_std
     return (batch.float() / scale - mean) / std
 
 
@@ -303,6 +311,7 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
     count, batches = _batches(images, encoder.in_chans, encoder.stride, batch_size)
     show = progress if progress is not None else count >= PROGRESS_MIN_IMAGES
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    mean_std = _normalization(encoder.config, device)
     outputs: List[Any] = []
     size = None  # per-stage maps of all images must share one size
     was_training = module.training
@@ -316,7 +325,7 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
                 if picked is not None and batch.shape[-2:] != size:
                     raise ValueError("images of different sizes give per-stage maps of different sizes; pass "
                                      "images of one size when asking for stages (or use the pooled feature)")
-                x = _prepare(batch, scale, encoder.config, device)
+                x = _prepare(batch, scale, mean_std, device)
                 with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                     outputs.append(_run(module, x, picked))
                 bar.update(batch.shape[0])
