@@ -24,8 +24,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from gfm_fast.config import ConfigError, ModelConfig, SwinConfig, from_dict
-from gfm_fast.models.checkpoint import (CheckpointError, checkpoint_filter_fn, infer_swin_config,
+from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, ModelConfig, SwinConfig, from_dict
+from gfm_fast.models.checkpoint import (DEFAULT_RGB_BANDS, CheckpointError, checkpoint_filter_fn, infer_swin_config,
                                         load_state_dict_strict, normalize_swin_keys, read_checkpoint,
                                         split_prefix, unwrap_state_dict)
 from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
@@ -299,7 +299,7 @@ def load_model(path: PathLike, **overrides: Any) -> GFMSwinTransformer:
     """
     arch, rest = _split_overrides(overrides)
     mean, std = rest.pop("mean", None), rest.pop("std", None)
-    rgb_bands = tuple(rest.pop("rgb_bands", (0, 1, 2)))
+    rgb_bands = tuple(rest.pop("rgb_bands", DEFAULT_RGB_BANDS))
     ops_backend = rest.pop("ops_backend", "auto")
     dynamic = bool(rest.pop("dynamic_img_size", True))
     if rest:
@@ -333,9 +333,8 @@ def _encoder_config(swin: SwinConfig, saved: Optional[EncoderConfig], mean: Any,
     if (mean is None or std is None) and swin.in_chans != 3:
         raise ValueError(f"the model takes {swin.in_chans} input channels: pass mean=... and std=... "
                          f"({swin.in_chans} values each) to normalise them")
-    model_config = ModelConfig()
-    return EncoderConfig(swin, tuple(mean if mean is not None else model_config.mean),
-                         tuple(std if std is not None else model_config.std))
+    return EncoderConfig(swin, tuple(mean if mean is not None else IMAGENET_MEAN),
+                         tuple(std if std is not None else IMAGENET_STD))
 
 
 # --------------------------------------------------------------------------------------------
