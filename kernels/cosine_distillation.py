@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gfm_fast.kernels._common import acc_dtype, acc_torch_dtype
+
 MAX_BLOCK_D = 4096  # columns per vector load; longer rows loop over chunks
 NUM_STATS = 3  # per-row statistics saved for backward: s.t, |s|, |t|
 
@@ -87,11 +89,6 @@ def _cosine_distillation_bwd_kernel(
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    """fp32 accumulation for 16/32-bit inputs; fp64 stays fp64."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _row_settings(dim: int) -> Tuple[int, int]:
     """(BLOCK_D, num_warps) for a row of ``dim`` elements (Liger's calculate_settings)."""
     block = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
@@ -128,13 +125,13 @@ def cosine_distillation_forward(student: torch.Tensor, teacher: torch.Tensor, ep
     """
     _check_pair(student, teacher)
     batch, dim = student.shape
-    acc_torch = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_torch = acc_torch_dtype(student.dtype)
     cos = torch.empty(batch, dtype=acc_torch, device=student.device)
     stats = torch.empty((batch, NUM_STATS), dtype=acc_torch, device=student.device) if save_stats else cos
     block, num_warps = _row_settings(dim)
     _cosine_distillation_fwd_kernel[(batch,)](
         student, teacher, cos, stats, dim,
-        EPS=eps, BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), SAVE_STATS=save_stats, num_warps=num_warps)
+        EPS=eps, BLOCK_D=block, ACC_DTYPE=acc_dtype(student.dtype), SAVE_STATS=save_stats, num_warps=num_warps)
     loss = (-cos.mean()).to(student.dtype)
     return loss, (stats if save_stats else None)
 
@@ -154,7 +151,7 @@ def cosine_distillation_backward(grad_loss: torch.Tensor, student: torch.Tensor,
     """
     _check_pair(student, teacher)
     batch, dim = student.shape
-    acc_torch = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_torch = acc_torch_dtype(student.dtype)
     if stats.shape != (batch, NUM_STATS) or stats.dtype != acc_torch or not stats.is_contiguous():
         raise ValueError(f"stats must be the contiguous ({batch}, {NUM_STATS}) {acc_torch} tensor returned by "
                          f"cosine_distillation_forward, got {tuple(stats.shape)} {stats.dtype}")
@@ -165,5 +162,5 @@ def cosine_distillation_backward(grad_loss: torch.Tensor, student: torch.Tensor,
     block, num_warps = _row_settings(dim)
     _cosine_distillation_bwd_kernel[(batch,)](
         student, teacher, stats, grad_loss.reshape(1), g_student, dim, batch,
-        EPS=eps, BLOCK_D=block, ACC_DTYPE=_acc_dtype(student.dtype), num_warps=num_warps)
+        EPS=eps, BLOCK_D=block, ACC_DTYPE=acc_dtype(student.dtype), num_warps=num_warps)
     return g_student

@@ -25,17 +25,15 @@ Gradients follow torch: d|x|/dx = sign(x), which is 0 at x == 0.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter (TRITON_INTERPRET=1, CPU) runs tl.dot through numpy, which cannot multiply
-# bf16 (stored as uint16): there, dot operands are upcast to fp32, which is exact for the products.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MIN_DOT_DIM = 16  # tl.dot needs every tile dimension >= 16
+from gfm_fast.kernels._common import (INTERPRET, MIN_DOT_DIM, acc_dtype, acc_torch_dtype, check_tensors,
+                                      dot_settings)
+
 # Pixel columns per forward tile. Not autotuned: the per-row loss partials are laid out by column
 # tile, and a fixed layout lets every autotune candidate overwrite exactly the same slots.
 FWD_BLOCK_N = 32 if INTERPRET else 128
@@ -225,29 +223,10 @@ def _decoder_l1_loss_bwd_weight_kernel(
         tl.store(g_b_ptr + outs, (bias_acc * scale).to(g_b_ptr.dtype.element_ty), mask=o_ok)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _sign_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage of sign(recon - image): one byte, except for fp64, where Triton cannot feed an 8-bit
     tensor to an fp64 tl.dot (its MMA lowering asserts on sm_90), so the signs are stored as fp64."""
     return torch.float64 if dtype == torch.float64 else torch.int8
-
-
-def _dot_settings(dtype: torch.dtype) -> Tuple[object, str]:
-    """(operand dtype, input_precision) for tl.dot on inputs of ``dtype``.
-
-    16-bit inputs go to the tensor cores as they are (fp32 accumulation); fp32 follows torch's
-    ``allow_tf32`` matmul flag, so it is IEEE unless the user opted into TF32.
-    """
-    if dtype == torch.float64:
-        return tl.float64, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if INTERPRET:
-        return tl.float32, "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
 
 
 def _check_inputs(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
@@ -271,15 +250,7 @@ def _check_inputs(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"block), got {tuple(mask.shape)}")
     if mask.dtype != torch.float32:
         raise ValueError(f"mask of shape {tuple(mask.shape)} must be float32 0/1, got {mask.dtype}; use mask.float()")
-    for name, tensor in dict(features=features, weight=weight, bias=bias, images=images, mask=mask).items():
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} must be contiguous; call .contiguous()")
-        if tensor.device != features.device:
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} is on {tensor.device}, features on "
-                             f"{features.device}; move all inputs to one device")
-        if name != "mask" and tensor.dtype != features.dtype:
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} has dtype {tensor.dtype}, features have "
-                             f"{features.dtype}; cast all inputs to one dtype")
+    check_tensors("features", features, weight=weight, bias=bias, images=images, mask=mask)
 
 
 def decoder_l1_loss_forward(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
@@ -308,27 +279,27 @@ def decoder_l1_loss_forward(features: torch.Tensor, weight: torch.Tensor, bias: 
     out_chans = weight.shape[0]
     n_rows = batch * grid_h * grid_w
     device = features.device
-    acc_torch = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc_torch = acc_torch_dtype(features.dtype)
     order = torch.empty(n_rows, dtype=torch.int32, device=device)
     count = torch.empty(1, dtype=torch.int32, device=device)
     inv_norm = torch.empty(1, dtype=acc_torch, device=device)
     _decoder_l1_loss_compact_kernel[(1,)](mask, order, count, inv_norm, n_rows, stride * stride, chans, eps,
-                                          BLOCK=COMPACT_BLOCK, ACC_DTYPE=_acc_dtype(features.dtype))
+                                          BLOCK=COMPACT_BLOCK, ACC_DTYPE=acc_dtype(features.dtype))
     block_n = min(FWD_BLOCK_N, max(MIN_DOT_DIM, triton.next_power_of_2(out_chans)))
     n_col_tiles = triton.cdiv(out_chans, block_n)
     row_loss = torch.empty((n_rows, n_col_tiles), dtype=acc_torch, device=device)
     sign_shape = (n_rows, out_chans) if needs_grad else (0, out_chans)
     sign = torch.empty(sign_shape, dtype=_sign_dtype(features.dtype), device=device)
-    dot_dtype, precision = _dot_settings(features.dtype)
+    dot_dtype, precision = dot_settings(features.dtype)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_col_tiles)  # noqa: E731
     _decoder_l1_loss_fwd_kernel[grid](
         features, weight, bias, images, order, count, row_loss, sign if needs_grad else row_loss,
         n_rows, dim, out_chans, chans, grid_h, grid_w, height, width, n_col_tiles,
-        STRIDE=stride, BLOCK_N=block_n, ACC_DTYPE=_acc_dtype(features.dtype), DOT_DTYPE=dot_dtype,
+        STRIDE=stride, BLOCK_N=block_n, ACC_DTYPE=acc_dtype(features.dtype), DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, STORE_SIGN=needs_grad)
     loss = torch.empty((), dtype=features.dtype, device=device)
     _decoder_l1_loss_finish_kernel[(1,)](row_loss, count, inv_norm, loss, n_col_tiles, BLOCK=FINISH_BLOCK,
-                                         ACC_DTYPE=_acc_dtype(features.dtype))
+                                         ACC_DTYPE=acc_dtype(features.dtype))
     return loss, DecoderL1Residuals(order, count, inv_norm, sign)
 
 
@@ -364,8 +335,8 @@ def decoder_l1_loss_backward(grad_loss: torch.Tensor, features: torch.Tensor, we
     g_features = torch.empty_like(features)
     g_weight = torch.empty_like(weight)
     g_bias = torch.empty(out_chans, dtype=features.dtype, device=features.device)
-    dot_dtype, precision = _dot_settings(features.dtype)
-    common = dict(ACC_DTYPE=_acc_dtype(features.dtype), DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
+    dot_dtype, precision = dot_settings(features.dtype)
+    common = dict(ACC_DTYPE=acc_dtype(features.dtype), DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     grid_in = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
     _decoder_l1_loss_bwd_input_kernel[grid_in](sign, weight, order, count, grad_loss, inv_norm, g_features,
                                                n_rows, dim, out_chans, **common)

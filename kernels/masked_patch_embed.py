@@ -16,18 +16,16 @@ the launcher adds the partials (deterministic, no atomics).
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter (TRITON_INTERPRET=1, CPU) runs tl.dot through numpy, which cannot multiply
-# bf16 (stored as uint16): there, dot operands are upcast to fp32, which is exact for the products.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from gfm_fast.kernels._common import (INTERPRET, MIN_DOT_DIM, acc_dtype, acc_torch_dtype, check_tensors,
+                                      dot_settings)
+
 MAX_BLOCK_K = 64  # patch elements per tl.dot step; K = 48 for RGB at p = 4 fits in one step
-MIN_DOT_DIM = 16  # tl.dot needs every tile dimension >= 16
 NUM_VECTOR_GRADS = 4  # per-program partials: g_bias, g_norm_weight, g_norm_bias, g_mask_token
 INTERPRET_PROGRAMS = 2  # persistent backward programs under the interpreter (keeps the row loop exercised)
 MAX_WEIGHT_TILE = 8192  # fp32 elements of the backward's g_weight accumulator: 32 registers/thread at 8 warps
@@ -196,25 +194,6 @@ def _masked_patch_embed_bwd_kernel(
         tl.store(vec_base + 3 * D + cols, g_tok, mask=col_ok)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_settings(dtype: torch.dtype) -> Tuple[object, str]:
-    """(operand dtype, input_precision) for tl.dot on inputs of ``dtype``.
-
-    16-bit inputs go to the tensor cores as they are (fp32 accumulation); fp32 follows torch's
-    ``allow_tf32`` matmul flag, so it is IEEE unless the user opted into TF32.
-    """
-    if dtype == torch.float64:
-        return tl.float64, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if INTERPRET:
-        return tl.float32, "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
-
-
 def _block_d(dim: int) -> int:
     return max(MIN_DOT_DIM, triton.next_power_of_2(dim))
 
@@ -267,16 +246,7 @@ def _check_inputs(images: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
     if mask.dtype != torch.float32:
         raise ValueError(f"mask of shape {tuple(mask.shape)} must be float32 0/1, got {mask.dtype}; "
                          f"use mask.float()")
-    tensors = dict(images=images, weight=weight, mask=mask, **vectors)
-    for name, tensor in tensors.items():
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} must be contiguous; call .contiguous()")
-        if tensor.device != images.device:
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} is on {tensor.device}, images on "
-                             f"{images.device}; move all inputs to one device")
-        if name != "mask" and tensor.dtype != images.dtype:
-            raise ValueError(f"{name} with shape {tuple(tensor.shape)} has dtype {tensor.dtype}, images have "
-                             f"{images.dtype}; cast all inputs to one dtype")
+    check_tensors("images", images, weight=weight, mask=mask, **vectors)
 
 
 def masked_patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -302,15 +272,15 @@ def masked_patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias:
     geometry = _geometry(images, mask, patch_size)
     dim, k = weight.shape
     n_tokens = geometry["n_tokens"]
-    stats_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    stats_dtype = acc_torch_dtype(images.dtype)
     out = torch.empty((images.shape[0], geometry["tokens_per_image"], dim), dtype=images.dtype, device=images.device)
     mean = torch.empty(n_tokens, dtype=stats_dtype, device=images.device)
     rstd = torch.empty(n_tokens, dtype=stats_dtype, device=images.device)
-    dot_dtype, precision = _dot_settings(images.dtype)
+    dot_dtype, precision = dot_settings(images.dtype)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]),)  # noqa: E731
     _masked_patch_embed_fwd_kernel[grid](
         images, weight, bias, norm_weight, norm_bias, mask, mask_token, out, mean, rstd, **geometry, D=dim, K=k,
-        eps=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k, dim), ACC_DTYPE=_acc_dtype(images.dtype),
+        eps=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k, dim), ACC_DTYPE=acc_dtype(images.dtype),
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     return out, mean, rstd
 
@@ -338,7 +308,7 @@ def masked_patch_embed_backward(grad_out: torch.Tensor, images: torch.Tensor, we
     if grad_out.shape != expected or grad_out.dtype != images.dtype or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be a contiguous {images.dtype} tensor of shape {expected}, got "
                          f"{tuple(grad_out.shape)} {grad_out.dtype}")
-    stats_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    stats_dtype = acc_torch_dtype(images.dtype)
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if stat.shape != (n_tokens,) or stat.dtype != stats_dtype:
             raise ValueError(f"{name} must be the ({n_tokens},) {stats_dtype} tensor returned by the forward, got "
@@ -347,10 +317,10 @@ def masked_patch_embed_backward(grad_out: torch.Tensor, images: torch.Tensor, we
     block_k = _block_k(k, dim)
     g_weight_part = torch.empty((programs, dim, k), dtype=stats_dtype, device=images.device)
     g_vector_part = torch.empty((programs, NUM_VECTOR_GRADS, dim), dtype=stats_dtype, device=images.device)
-    dot_dtype, precision = _dot_settings(images.dtype)
+    dot_dtype, precision = dot_settings(images.dtype)
     _masked_patch_embed_bwd_kernel[(programs, triton.cdiv(k, block_k))](
         images, weight, bias, norm_weight, mask, mean, rstd, grad_out, g_weight_part, g_vector_part, **geometry,
-        D=dim, K=k, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=block_k, ACC_DTYPE=_acc_dtype(images.dtype),
+        D=dim, K=k, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=block_k, ACC_DTYPE=acc_dtype(images.dtype),
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     g_weight = g_weight_part.sum(dim=0).to(images.dtype)
     g_bias, g_norm_weight, g_norm_bias, g_mask_token = g_vector_part.sum(dim=0).to(images.dtype).unbind(0)
