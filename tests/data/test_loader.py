@@ -299,8 +299,18 @@ def test_embedded_sample_is_the_default():
     assert loader.shards.spec == sample_shards() and len(_epoch(loader)) == 2
 
 
+# The published SplitMix64 outputs for seed 1234567 (Vigna's reference splitmix64.c): the state
+# advances by the golden gamma before each output.
+SPLITMIX64_SEED, SPLITMIX64_GAMMA = 1234567, 0x9E3779B97F4A7C15
+SPLITMIX64_OUTPUTS = (6457827717110365317, 3203168211198807973, 9817491932198370423)
+
+
 def test_seed_mixing_is_stable():
-    assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2) != mix_seed(0, 2, 1)
+    """Seeds come from SplitMix64 (same value in every process and Python version, unlike hash())."""
+    for step, expected in enumerate(SPLITMIX64_OUTPUTS):
+        state = (SPLITMIX64_SEED + step * SPLITMIX64_GAMMA) & ((1 << 64) - 1)
+        assert mix_seed(state) == expected >> 1  # one value: one SplitMix64 step, kept to 63 bits
+    assert mix_seed(0, 1, 2) != mix_seed(0, 2, 1)  # order matters
     assert 0 <= mix_seed(-1, 2**70) < 2**63
 
 
