@@ -26,33 +26,11 @@ from gfm_fast.losses import cosine_distillation as cosine_reference  # noqa: E40
 from gfm_fast.ops import _triton_impl as impl  # noqa: E402
 from gfm_fast.ops import reference  # noqa: E402
 
+from .utils import assert_close, reference_dtype  # noqa: E402
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-# Relative tolerance per dtype (errors are compared against max|expected|, so tiny gradients do not
-# demand more digits than the large ones provide). 16-bit cases compare with an fp32 reference
-# computed from the same rounded inputs.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """allclose scaled by the magnitude of ``expected``; says which tensor and where it failed."""
-    tol = TOLERANCE[dtype]
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    error = (actual - expected).abs()
-    worst = error.max().item() if error.numel() else 0.0
-    if not worst <= tol * scale:
-        index = tuple(int(i) for i in torch.nonzero(error == error.max())[0])
-        raise AssertionError(f"{name} ({dtype}): max error {worst:.3e} > {tol * scale:.3e} at {index}: "
-                             f"got {actual[index].item():.6g}, expected {expected[index].item():.6g}")
-
-
-def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # --------------------------------------------------------------------------- masked_patch_embed
 
@@ -93,7 +71,7 @@ def _run_embed(images, params, mask, patch, eps=1e-5):
 
 
 def _reference_embed(images, params, mask, patch, grad_out, dtype):
-    ref_dtype = _reference_dtype(dtype)
+    ref_dtype = reference_dtype(dtype)
     leaves = {n: p.detach().to(ref_dtype).requires_grad_() for n, p in params.items()}
     dim, k = leaves["weight"].shape
     chans = images.shape[1]
@@ -104,38 +82,36 @@ def _reference_embed(images, params, mask, patch, grad_out, dtype):
     return out, {n: leaf.grad for n, leaf in leaves.items()}
 
 
+def _check_embed(images, params, mask, patch, dtype):
+    """Forward + backward through the backend; tokens and every gradient against the reference."""
+    out, grad_out, grads = _run_embed(images, params, mask, patch)
+    expected, expected_grads = _reference_embed(images, params, mask, patch, grad_out, dtype)
+    assert out.dtype == dtype
+    assert_close("out", out, expected, dtype)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype
+        assert_close(f"g_{name}", grad, expected_grads[name], dtype)
+    return out, grads
+
+
 @pytest.mark.parametrize("case", EMBED_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_masked_patch_embed_matches_reference(case, dtype):
     batch, chans, height, width, patch, dim, mask_h, mask_w = case
     images, params, mask = _embed_inputs(batch, chans, height, width, patch, dim, mask_h, mask_w, dtype)
-    out, grad_out, grads = _run_embed(images, params, mask, patch)
-    expected, expected_grads = _reference_embed(images, params, mask, patch, grad_out, dtype)
-    assert out.dtype == dtype and out.shape == (batch, (height // patch) * (width // patch), dim)
-    assert_close("out", out, expected, dtype)
-    for name, grad in grads.items():
-        assert grad.dtype == dtype
-        assert_close(f"g_{name}", grad, expected_grads[name], dtype)
+    out, _ = _check_embed(images, params, mask, patch, dtype)
+    assert out.shape == (batch, (height // patch) * (width // patch), dim)
 
 
 def test_masked_patch_embed_bf16_against_fp32_reference():
     images, params, mask = _embed_inputs(2, 3, 16, 28, 4, 24, 2, 7, torch.bfloat16)
-    out, grad_out, grads = _run_embed(images, params, mask, 4)
-    expected, expected_grads = _reference_embed(images, params, mask, 4, grad_out, torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    assert_close("out", out, expected, torch.bfloat16)
-    for name, grad in grads.items():
-        assert_close(f"g_{name}", grad, expected_grads[name], torch.bfloat16)
+    _check_embed(images, params, mask, 4, torch.bfloat16)
 
 
 @pytest.mark.parametrize("mask_mode", ["none", "all"])
 def test_masked_patch_embed_no_or_all_tokens_masked(mask_mode):
     images, params, mask = _embed_inputs(2, 3, 8, 12, 4, 20, 2, 3, torch.float32, mask_mode)
-    out, grad_out, grads = _run_embed(images, params, mask, 4)
-    expected, expected_grads = _reference_embed(images, params, mask, 4, grad_out, torch.float32)
-    assert_close("out", out, expected, torch.float32)
-    for name, grad in grads.items():
-        assert_close(f"g_{name}", grad, expected_grads[name], torch.float32)
+    out, grads = _check_embed(images, params, mask, 4, torch.float32)
     if mask_mode == "all":  # masked rows send no gradient into the conv or the norm
         for name in ("weight", "bias", "norm_weight", "norm_bias"):
             assert torch.count_nonzero(grads[name]) == 0, name
@@ -165,12 +141,25 @@ def _decoder_inputs(batch, dim, grid_h, grid_w, stride, chans, dtype, mask_mode=
 
 
 def _reference_decoder(features, weight, bias, images, mask, stride, grad, dtype):
-    ref_dtype = _reference_dtype(dtype)
+    ref_dtype = reference_dtype(dtype)
     leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (features, weight, bias)]
     features_nchw = leaves[0].permute(0, 3, 1, 2)
     loss = reference.decoder_l1_loss(features_nchw, leaves[1], leaves[2], images.to(ref_dtype), mask, stride=stride)
     loss.backward(grad.to(ref_dtype))
     return loss, [leaf.grad for leaf in leaves]
+
+
+def _check_decoder(inputs, stride, grad, dtype):
+    """Forward + backward through the backend; loss and the three gradients against the reference."""
+    features, weight, bias, images, mask = inputs
+    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, stride, True)
+    grads = impl.decoder_l1_loss_backward(grad, saved, stride)
+    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, stride, grad, dtype)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    assert_close("loss", loss, expected, dtype)
+    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
+        assert got.dtype == dtype
+        assert_close(name, got, want, dtype)
 
 
 DECODER_CASES = [
@@ -186,39 +175,18 @@ DECODER_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_decoder_l1_loss_matches_reference(case, dtype):
     batch, dim, grid_h, grid_w, stride, chans = case
-    features, weight, bias, images, mask = _decoder_inputs(batch, dim, grid_h, grid_w, stride, chans, dtype)
-    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, stride, True)
-    grad = torch.tensor(1.7, dtype=dtype, device=DEVICE)
-    grads = impl.decoder_l1_loss_backward(grad, saved, stride)
-    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, stride, grad, dtype)
-    assert loss.dim() == 0 and loss.dtype == dtype
-    assert_close("loss", loss, expected, dtype)
-    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
-        assert got.dtype == dtype
-        assert_close(name, got, want, dtype)
+    inputs = _decoder_inputs(batch, dim, grid_h, grid_w, stride, chans, dtype)
+    _check_decoder(inputs, stride, torch.tensor(1.7, dtype=dtype, device=DEVICE), dtype)
 
 
 def test_decoder_l1_loss_bf16_against_fp32_reference():
-    features, weight, bias, images, mask = _decoder_inputs(2, 24, 3, 5, 4, 3, torch.bfloat16)
-    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
-    grad = torch.tensor(1.0, dtype=torch.bfloat16, device=DEVICE)
-    grads = impl.decoder_l1_loss_backward(grad, saved, 4)
-    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, 4, grad, torch.bfloat16)
-    assert loss.dtype == torch.bfloat16
-    assert_close("loss", loss, expected, torch.bfloat16)
-    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
-        assert_close(name, got, want, torch.bfloat16)
+    inputs = _decoder_inputs(2, 24, 3, 5, 4, 3, torch.bfloat16)
+    _check_decoder(inputs, 4, torch.tensor(1.0, dtype=torch.bfloat16, device=DEVICE), torch.bfloat16)
 
 
 def test_decoder_l1_loss_all_blocks_masked():
-    features, weight, bias, images, mask = _decoder_inputs(2, 17, 3, 2, 4, 2, torch.float32, "all")
-    loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
-    grads = impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
-    expected, expected_grads = _reference_decoder(features, weight, bias, images, mask, 4,
-                                                  torch.tensor(1.0), torch.float32)
-    assert_close("loss", loss, expected, torch.float32)
-    for name, got, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
-        assert_close(name, got, want, torch.float32)
+    inputs = _decoder_inputs(2, 17, 3, 2, 4, 2, torch.float32, "all")
+    _check_decoder(inputs, 4, torch.tensor(1.0, device=DEVICE), torch.float32)
 
 
 def test_decoder_l1_loss_no_block_masked_gives_zero_loss_and_grads():
@@ -255,8 +223,7 @@ def test_decoder_l1_loss_without_grad_saves_nothing_and_is_deterministic():
 
 
 def test_decoder_compaction_lists_masked_blocks_first():
-    _, _, _, _, mask = _decoder_inputs(2, 16, 3, 5, 4, 3, torch.float32)
-    features, weight, bias, images, _ = _decoder_inputs(2, 16, 3, 5, 4, 3, torch.float32)
+    features, weight, bias, images, mask = _decoder_inputs(2, 16, 3, 5, 4, 3, torch.float32)
     _, residuals = dec_kernels.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
     flat = mask.flatten().cpu()
     count = int(flat.sum())
@@ -280,7 +247,7 @@ def _cosine_inputs(batch, dim, dtype, special=True):
 
 
 def _reference_cosine(student, teacher, grad, dtype):
-    leaf = student.detach().to(_reference_dtype(dtype)).requires_grad_()
+    leaf = student.detach().to(reference_dtype(dtype)).requires_grad_()
     loss = cosine_reference(leaf, teacher.to(leaf.dtype))
     loss.backward(grad.to(leaf.dtype))
     return loss, leaf.grad
