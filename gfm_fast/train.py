@@ -328,9 +328,10 @@ class RunLogger:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
+        speed = values.get("perf/images_per_s")  # measured once the warm-up steps are over
         self.bar.set_postfix_str(
             f"loss {values['loss/total']:.4f} rec {values['loss/rec']:.4f} feat {values['loss/feat']:.4f} "
-            f"lr {values['lr']:.2e} {values.get('perf/images_per_s', 0.0):.1f} img/s")
+            f"lr {values['lr']:.2e}" + (f" {speed:.1f} img/s" if speed else ""))
 
     def preview(self, step: int, grid) -> None:
         if self.enabled:
@@ -496,7 +497,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                                            ratio=cfg.model.mask_ratio, generator=mask_generator, device=device).blocks
                 z_t = teacher(images)
                 out = engine(images.to(compute_dtype), mask, z_t)
-                # Non-finite loss: every rank skips together (ZeRO collectives stay in step).
+                # Non-finite loss: every rank skips the rest of this step together (ZeRO collectives
+                # stay in step); micro-batches already accumulated are dropped by zero_grad below.
                 if _all_reduce_flag(not bool(torch.isfinite(out.loss.detach().float())), device):
                     skipped = True
                     break
@@ -597,6 +599,7 @@ def _restore(engine, path: Path, cfg: TrainConfig, loader, mask_generator):
     saved_cfg = _saved_config(path)
     if saved_cfg is not None:
         check_same_architecture(saved_cfg.get("model", {}), to_dict(cfg)["model"], path)
+    check_tensors_only(path)
     load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or state is None:
         raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
@@ -610,6 +613,34 @@ def _restore(engine, path: Path, cfg: TrainConfig, loader, mask_generator):
     else:  # resumed at another world size: fresh, rank- and step-dependent mask stream
         mask_generator.manual_seed(cfg.run.seed * 100_003 + rank + 7919 * int(state["gfm_step"]))
     return int(state["gfm_step"]), int(state["gfm_epoch"])
+
+
+def check_tensors_only(path: Path) -> None:
+    """Refuse a checkpoint whose files hold anything but tensors and plain data.
+
+    DeepSpeed unpickles its files without ``weights_only``; reading each one with
+    ``weights_only=True`` first (memory-mapped, so cheap) means no code from a tampered file runs.
+    Allowed beyond tensors and plain data: DeepSpeed's own state records (no code, just fields).
+    """
+    import pickle
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    deepspeed_records = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    for file in sorted(path.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(deepspeed_records):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise TrainingError(f"checkpoint file {file} holds objects other than tensors and plain data; refusing "
+                                f"to unpickle it ({str(exc).splitlines()[0]}). Resume from a checkpoint written by "
+                                f"gfm_fast, or --resume none") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise TrainingError(f"checkpoint file {file} is unreadable or truncated ({exc}); resume from an "
+                                f"earlier checkpoint (--resume PATH) or --resume none") from None
 
 
 def _saved_config(path: Path) -> Optional[Dict[str, Any]]:

@@ -225,3 +225,17 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(tmp_path, "run.max_steps=4", "run.ckpt_every=1", "run.keep_last=2")
     tags = Checkpoints(tmp_path, 2).complete_tags()
     assert tags == [Checkpoints.tag(3), Checkpoints.tag(4)]
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    _run(tmp_path, "run.max_steps=1")
+    states = tmp_path / "checkpoints" / Checkpoints.tag(1) / "mp_rank_00_model_states.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"module": {}, "evil": Payload()}, states)
+    with pytest.raises(TrainingError, match="objects other than tensors"):
+        _run(tmp_path, "run.max_steps=2")
+    assert not (tmp_path / "pwned").exists()
