@@ -498,7 +498,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                 z_t = teacher(images)
                 out = engine(images.to(compute_dtype), mask, z_t)
                 # Non-finite loss: every rank skips the rest of this step together (ZeRO collectives
-                # stay in step); micro-batches already accumulated are dropped by zero_grad below.
+                # stay in step). TODO(#6): with grad_accum > 1, a skip after some micro-batches drops
+                # their gradients (zero_grad) but DeepSpeed has counted them towards the next boundary.
                 if _all_reduce_flag(not bool(torch.isfinite(out.loss.detach().float())), device):
                     skipped = True
                     break
