@@ -31,9 +31,10 @@ class CosineDistillationFunction(torch.autograd.Function):
 
 def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """-mean_b cos(student[b], teacher[b]) over (B, D); teacher detached (cast to the student's dtype), eps 1e-8."""
-    teacher = teacher.detach()
-    if isinstance(teacher, torch.Tensor) and isinstance(student, torch.Tensor) and teacher.is_floating_point():
-        teacher = teacher.to(student.dtype)
+    if isinstance(teacher, torch.Tensor):  # anything else gets check_same's TypeError below
+        teacher = teacher.detach()
+        if isinstance(student, torch.Tensor) and teacher.is_floating_point():
+            teacher = teacher.to(student.dtype)
     check_same(OP, "student", student, teacher=teacher)
     check_feature_pair(student, teacher, op=OP)
     backend = resolve(OP, backend, student.device)

@@ -142,6 +142,8 @@ def test_error_messages(backend):
         ops.cosine_distillation(student[:0], student[:0], backend=backend)
     with pytest.raises(TypeError, match="floating-point"):
         ops.cosine_distillation(student.long(), student.long(), backend=backend)
+    with pytest.raises(TypeError, match="teacher must be a torch.Tensor, got list"):
+        ops.cosine_distillation(student, student.tolist(), backend=backend)
     with pytest.raises(ValueError, match="is on meta but student is on cpu"):
         ops.cosine_distillation(student, torch.randn(4, 8, device="meta"), backend=backend)
 
