@@ -476,69 +476,30 @@ def run(cfg: TrainConfig) -> TrainResult:
     stop.install()
     stats = {"bad_steps": 0, "bad_in_row": 0}
     metrics: Dict[str, float] = {}
-    batches = iter(loader)
-    throughput_t0, throughput_images, local_iter = None, 0, 0
-    client_state = lambda: _client_state(cfg, step, epoch, loader, mask_generator, stats)  # noqa: E731
+    stream = _BatchStream(loader, epoch, device)
+    masks = lambda n: generate_block_mask(n, cfg.model.student.img_size, block_size=cfg.model.mask_block,  # noqa: E731
+                                          ratio=cfg.model.mask_ratio, generator=mask_generator, device=device).blocks
+    speed = _Throughput(schedule.global_batch)
+    client_state = lambda: _client_state(cfg, step, stream.epoch, loader, mask_generator, stats)  # noqa: E731
     export = lambda path: export_model(student, path, cfg.run.zero_stage, rank)  # noqa: E731
     try:
         while step < schedule.stop_step:
             lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(3, device=device)
-            wait = 0.0
-            skipped = False
-            for _ in range(cfg.optim.grad_accum):
-                t_wait = time.perf_counter()
-                images, batches, epoch = _next_batch(loader, batches, epoch)
-                wait += time.perf_counter() - t_wait
-                images = images.to(device, non_blocking=True)
-                mask = generate_block_mask(images.shape[0], cfg.model.student.img_size, block_size=cfg.model.mask_block,
-                                           ratio=cfg.model.mask_ratio, generator=mask_generator, device=device).blocks
-                z_t = teacher(images)
-                out = engine(images.to(compute_dtype), mask, z_t)
-                # Non-finite loss: every rank skips the rest of this step together (ZeRO collectives
-                # stay in step). TODO(#6): with grad_accum > 1, a skip after some micro-batches drops
-                # their gradients (zero_grad) but DeepSpeed has counted them towards the next boundary.
-                if _all_reduce_flag(not bool(torch.isfinite(out.loss.detach().float())), device):
-                    skipped = True
-                    break
-                engine.backward(out.loss)
-                engine.step()
-                sums += torch.stack([out.loss.detach().float(), out.loss_rec.detach().float(),
-                                     out.loss_feat.detach().float()])
-            if skipped:
-                stats["bad_steps"] += 1
-                stats["bad_in_row"] += 1
-                engine.zero_grad()
-                logger.message(f"step {step}: non-finite loss, step skipped "
-                               f"({stats['bad_in_row']} in a row, {stats['bad_steps']} in total)")
-                if stats["bad_in_row"] >= cfg.run.max_bad_steps:
-                    raise TrainingError(f"{stats['bad_in_row']} consecutive non-finite losses at step {step}: "
-                                        f"lower optim.base_lr, check the data, or raise run.max_bad_steps")
+            result = _train_step(engine, teacher, stream, masks, compute_dtype, cfg.optim.grad_accum, device)
+            if result is None:
+                _count_bad_step(engine, stats, step, cfg.run.max_bad_steps, logger)
                 continue
             stats["bad_in_row"] = 0
             step += 1
-            local_iter += 1
             logger.step()
-            if local_iter == WARMUP_STEPS_FOR_THROUGHPUT:
-                throughput_t0, throughput_images = time.perf_counter(), 0
-            elif throughput_t0 is not None:
-                throughput_images += schedule.global_batch
-
+            speed.step()
             if step % cfg.run.log_every == 0 or step == schedule.stop_step:
-                loss, loss_rec, loss_feat = (sums / cfg.optim.grad_accum).tolist()
-                grad_norm = engine.get_global_grad_norm()
-                metrics = {"loss/total": loss, "loss/rec": loss_rec, "loss/feat": loss_feat, "lr": lr,
-                           "data/wait_ms": wait * 1e3, "data/corrupt_samples": float(loader.stats["corrupt_samples"]),
-                           "train/bad_steps": float(stats["bad_steps"]), "train/epoch": float(epoch)}
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                if throughput_t0 is not None and throughput_images:
-                    metrics["perf/images_per_s"] = throughput_images / (time.perf_counter() - throughput_t0)
+                metrics = _step_metrics(result, lr, engine, loader, stats, stream, speed)
                 logger.scalars(step, metrics)
             if step % cfg.run.preview_every == 0:
-                _log_preview(engine, images, mask, z_t, compute_dtype, cfg, logger, step)
+                _log_preview(engine, result, compute_dtype, cfg, logger, step)
             stop_now = stop.signum is not None
             if world_size > 1:
                 stop_now = _all_reduce_flag(stop_now, device)
@@ -558,15 +519,101 @@ def run(cfg: TrainConfig) -> TrainResult:
     return TrainResult(str(output_dir), metrics)
 
 
-def _next_batch(loader, batches, epoch):
-    """Next loader batch, rolling over to the next epoch (every rank yields the same count)."""
-    try:
-        return next(batches), batches, epoch
-    except StopIteration:
-        epoch += 1
-        loader.set_epoch(epoch)
-        batches = iter(loader)
-        return next(batches), batches, epoch
+class _BatchStream:
+    """Loader batches across epochs (every rank yields the same count), timing the wait for data."""
+
+    def __init__(self, loader, epoch: int, device):
+        self.loader, self.epoch, self.device = loader, epoch, device
+        self.batches = iter(loader)
+        self.wait = 0.0  # seconds spent waiting for the last batch
+
+    def next(self):
+        start = time.perf_counter()
+        try:
+            images = next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self.batches = iter(self.loader)
+            images = next(self.batches)
+        self.wait = time.perf_counter() - start
+        return images.to(self.device, non_blocking=True)
+
+
+class _Throughput:
+    """Images/s over the steps after the warm-up (allocator, autotune), host wall clock."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch, self.steps, self.t0, self.images = global_batch, 0, None, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == WARMUP_STEPS_FOR_THROUGHPUT:
+            self.t0 = time.perf_counter()
+        elif self.t0 is not None:
+            self.images += self.global_batch
+
+    def images_per_s(self) -> Optional[float]:
+        return self.images / (time.perf_counter() - self.t0) if self.images else None
+
+
+@dataclass
+class _StepResult:
+    sums: Any  # (3,) tensor: loss, loss_rec, loss_feat summed over micro-batches
+    micro_batches: int
+    wait_s: float  # data-loader wait over the step
+    images: Any  # the last micro-batch, its mask and z_t (for previews)
+    mask: Any
+    z_t: Any
+
+
+def _train_step(engine, teacher, stream: _BatchStream, masks: Callable[[int], Any], compute_dtype, grad_accum: int,
+                device) -> Optional[_StepResult]:
+    """One optimizer step over ``grad_accum`` micro-batches; None when a loss was non-finite."""
+    import torch
+
+    sums, wait = torch.zeros(3, device=device), 0.0
+    for _ in range(grad_accum):
+        images = stream.next()
+        wait += stream.wait
+        mask = masks(images.shape[0])
+        z_t = teacher(images)
+        out = engine(images.to(compute_dtype), mask, z_t)
+        # Non-finite loss: every rank skips the rest of this step together (ZeRO collectives
+        # stay in step). TODO(#6): with grad_accum > 1, a skip after some micro-batches drops
+        # their gradients (zero_grad) but DeepSpeed has counted them towards the next boundary.
+        if _all_reduce_flag(not bool(torch.isfinite(out.loss.detach().float())), device):
+            return None
+        engine.backward(out.loss)
+        engine.step()
+        sums += torch.stack([out.loss.detach().float(), out.loss_rec.detach().float(), out.loss_feat.detach().float()])
+    return _StepResult(sums, grad_accum, wait, images, mask, z_t)
+
+
+def _count_bad_step(engine, stats: Dict[str, int], step: int, max_bad_steps: int, logger) -> None:
+    stats["bad_steps"] += 1
+    stats["bad_in_row"] += 1
+    engine.zero_grad()
+    logger.message(f"step {step}: non-finite loss, step skipped "
+                   f"({stats['bad_in_row']} in a row, {stats['bad_steps']} in total)")
+    if stats["bad_in_row"] >= max_bad_steps:
+        raise TrainingError(f"{stats['bad_in_row']} consecutive non-finite losses at step {step}: "
+                            f"lower optim.base_lr, check the data, or raise run.max_bad_steps")
+
+
+def _step_metrics(result: _StepResult, lr: float, engine, loader, stats, stream, speed) -> Dict[str, float]:
+    """The logged scalars (one host sync: the loss sums)."""
+    loss, loss_rec, loss_feat = (result.sums / result.micro_batches).tolist()
+    metrics = {"loss/total": loss, "loss/rec": loss_rec, "loss/feat": loss_feat, "lr": lr,
+               "data/wait_ms": result.wait_s * 1e3, "data/corrupt_samples": float(loader.stats["corrupt_samples"]),
+               "train/bad_steps": float(stats["bad_steps"]), "train/epoch": float(stream.epoch)}
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    images_per_s = speed.images_per_s()
+    if images_per_s is not None:
+        metrics["perf/images_per_s"] = images_per_s
+    return metrics
 
 
 def _client_state(cfg, step, epoch, loader, mask_generator, stats) -> Dict[str, Any]:
@@ -658,14 +705,15 @@ def _write_effective_config(cfg: TrainConfig, output_dir: Path) -> None:
     os.replace(tmp, output_dir / "config.yaml")
 
 
-def _log_preview(engine, images, mask, z_t, compute_dtype, cfg, logger, step) -> None:
+def _log_preview(engine, result: _StepResult, compute_dtype, cfg, logger, step) -> None:
     """Reconstruction preview; every rank runs the forward (ZeRO-3 gathers are collective)."""
     import torch
 
-    n = min(PREVIEW_IMAGES, images.shape[0])
+    n = min(PREVIEW_IMAGES, result.images.shape[0])
+    images, mask = result.images[:n], result.mask[:n]
     with torch.no_grad():
-        out = engine(images[:n].to(compute_dtype), mask[:n], z_t[:n], return_recon=True)
-    logger.preview(step, preview_grid(images[:n], out.recon.float(), mask[:n], cfg.model.mean, cfg.model.std))
+        out = engine(images.to(compute_dtype), mask, result.z_t[:n], return_recon=True)
+    logger.preview(step, preview_grid(images, out.recon.float(), mask, cfg.model.mean, cfg.model.std))
 
 
 # --------------------------------------------------------------------------------------------
