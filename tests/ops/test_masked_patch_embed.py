@@ -12,7 +12,7 @@ from gfm_fast import ops
 from gfm_fast.ops import reference
 from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbed, MaskedPatchEmbedFunction
 
-from .utils import (assert_close, backend_device_params, is_interpreted, make_mask, reference_dtype,
+from .utils import (assert_close, backend_device_params, make_mask, reference_dtype,
                     skip_if_slow)
 
 PARAM_NAMES = ("weight", "bias", "norm_weight", "norm_bias", "mask_token")
