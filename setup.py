@@ -116,5 +116,5 @@ setup(
     extras_require={"test": ["pytest", "pytest-xdist"], "bench": ["torchvision"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["gfm-train=gfm_fast.train:main"]},
+    entry_points={"console_scripts": ["gfm-train=gfm_fast.training:main"]},
 )

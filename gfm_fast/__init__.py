@@ -17,7 +17,7 @@ _LAZY = {
     "save_model": "gfm_fast.models.io",
     "load_model": "gfm_fast.models.io",
     "extract_features": "gfm_fast.features",
-    "train": "gfm_fast.train",
+    "train": "gfm_fast.training",
     "ops": "gfm_fast.ops",
 }
 

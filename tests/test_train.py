@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gfm_fast
-from gfm_fast.train import COMPLETE_MARKER, Checkpoints, TrainingError, train
+from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError, train
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PY = REPO / "gfm_fast" / "train.py"
@@ -154,6 +154,12 @@ def _env():
         env.pop(key, None)  # in-process runs above set them; subprocesses get their own
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def test_python_api_is_the_training_function():
+    import gfm_fast.training
+
+    assert gfm_fast.train is gfm_fast.training.train
 
 
 def test_cli_rejects_a_bad_config_before_any_work():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gfm_fast.config import ConfigError, load_config
-from gfm_fast.train import (COMPLETE_MARKER, Checkpoints, TrainingError, check_same_architecture,
+from gfm_fast.training import (COMPLETE_MARKER, Checkpoints, TrainingError, check_same_architecture,
                             deepspeed_config, lr_at, make_schedule, resolve_config_path, resolve_resume)
 
 
