@@ -44,6 +44,14 @@ class TrainingError(RuntimeError):
     """Training cannot continue (bad checkpoint, too many non-finite losses, ...)."""
 
 
+def _user_errors() -> tuple:
+    """Errors whose message already names the problem and the fix (printed without a traceback)."""
+    from gfm_fast.data import TooManyFailures
+    from gfm_fast.models.checkpoint import CheckpointError
+
+    return (ConfigError, TrainingError, CheckpointError, TooManyFailures, FileNotFoundError)
+
+
 @dataclass
 class TrainResult:
     output_dir: str
@@ -718,6 +726,15 @@ def _log_preview(engine, result: _StepResult, compute_dtype, cfg, logger, step) 
 # Entry points
 # --------------------------------------------------------------------------------------------
 
+def check_paths(cfg: TrainConfig) -> None:
+    """Files the run needs exist, before any work starts."""
+    weights = cfg.model.teacher_weights
+    if weights is not None and not os.path.isfile(weights):
+        raise ConfigError(f"model.teacher_weights: {weights} does not exist; pass --teacher-weights PATH (the "
+                          f"ImageNet-22k Swin-B checkpoint swin_base_patch4_window7_224_22k.pth, or a timm one), "
+                          f"or model.teacher_weights=null for a random teacher (testing only)")
+
+
 def train(config: Union[None, str, TrainConfig] = None, **overrides: Any) -> TrainResult:
     """Run GFM pretraining from Python; returns the output directory and the final metrics.
 
@@ -728,6 +745,7 @@ def train(config: Union[None, str, TrainConfig] = None, **overrides: Any) -> Tra
             ``**{"run.max_steps": 10}``.
     """
     cfg = build_config(config, _kwarg_overrides(overrides))
+    check_paths(cfg)
     return run(cfg)
 
 
@@ -754,12 +772,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.overrides)
     try:
         cfg = build_config(args.config, overrides)
+        check_paths(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except _user_errors() as exc:  # a message naming the problem and the fix; no traceback needed
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     if result.metrics.get("interrupted"):
         return 128 + signal.SIGTERM
     return 0

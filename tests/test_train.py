@@ -162,6 +162,22 @@ def test_python_api_is_the_training_function():
     assert gfm_fast.train is gfm_fast.training.train
 
 
+def test_cli_names_a_missing_teacher_file_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--teacher-weights", str(tmp_path / "none.pth")],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "model.teacher_weights" in proc.stderr and "--teacher-weights" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_reports_missing_shards_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--data", str(tmp_path / "nowhere"), "--output-dir",
+                           str(tmp_path / "run"), *TEST_MODEL], capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "error: FileNotFoundError" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)
