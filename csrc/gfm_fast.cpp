@@ -1,6 +1,7 @@
 // gfm_fast._C: the schemas of the fused GFM ops (torch.ops.gfm_fast.*) and the build flags.
 //
-// Kernels register per device in csrc/cpu/<op>_kernel.cpp and csrc/cuda/<op>_kernel.cu. Autograd
+// Kernels register per device in csrc/cpu/<op>_kernel.cpp and csrc/cuda/<op>_kernel.cu (device-agnostic
+// ones once, as CompositeExplicitAutograd, in csrc/<op>_backward.cpp). Autograd
 // lives in the Python Functions (gfm_fast/ops/<op>.py), fake kernels in gfm_fast/ops/_cpp_impl.py.
 #include <torch/extension.h>
 #include <torch/library.h>

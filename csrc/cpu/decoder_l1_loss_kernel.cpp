@@ -28,7 +28,6 @@ namespace {
 using cpu::acc_type;
 
 constexpr const char* kForward = "decoder_l1_loss";
-constexpr const char* kBackward = "_decoder_l1_loss_backward";
 // Target logits slice size (elements): ~2 MiB of fp32, each thread's half in its L2 between the GEMM
 // that writes it, the L1 pass and the GEMMs that read it back. Fewer, larger slices mean fewer
 // parallel regions (each one a barrier of all threads).
@@ -151,20 +150,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
   return {at::scalar_tensor(abs_sum * inv_count, options), g_features, g_weight, g_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_backward_cpu(const at::Tensor& grad_loss,
-                                                                            const at::Tensor& g_features,
-                                                                            const at::Tensor& g_weight,
-                                                                            const at::Tensor& g_bias) {
-  check_scalar_grad(kBackward, grad_loss, g_features);
-  const at::Tensor scale = grad_loss.reshape({}).to(g_features.scalar_type());
-  return {g_features * scale, g_weight * scale, g_bias * scale};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gfm_fast, CPU, m) {
   m.impl("decoder_l1_loss", &decoder_l1_loss_cpu);
-  m.impl("_decoder_l1_loss_backward", &decoder_l1_loss_backward_cpu);
 }
 
 }  // namespace gfm_fast

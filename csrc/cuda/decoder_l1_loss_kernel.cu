@@ -21,7 +21,6 @@ namespace {
 using cuda::acc_type;
 
 constexpr int kThreads = 256;
-constexpr const char* kBackward = "_decoder_l1_loss_backward";
 
 // Per element e = r * O + o of the (n, O) logits: |logits - pixel| summed per thread block into
 // block_sums[blockIdx.x]; when write_sign, logits[e] <- sign(logits - pixel) (0 where equal).
@@ -86,21 +85,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cuda(
   return {loss, g_features, g_weight, g_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_backward_cuda(const at::Tensor& grad_loss,
-                                                                             const at::Tensor& g_features,
-                                                                             const at::Tensor& g_weight,
-                                                                             const at::Tensor& g_bias) {
-  check_scalar_grad(kBackward, grad_loss, g_features);
-  // grad_loss stays on the device: no host sync in the backward.
-  const at::Tensor scale = grad_loss.reshape({}).to(g_features.scalar_type());
-  return {g_features * scale, g_weight * scale, g_bias * scale};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gfm_fast, CUDA, m) {
   m.impl("decoder_l1_loss", &decoder_l1_loss_cuda);
-  m.impl("_decoder_l1_loss_backward", &decoder_l1_loss_backward_cuda);
 }
 
 }  // namespace gfm_fast
