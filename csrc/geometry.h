@@ -54,6 +54,31 @@ inline PatchGeometry check_patch_embed_inputs(const char* op, const at::Tensor& 
   return g;
 }
 
+// Forward arguments beyond check_patch_embed_inputs: the LayerNorm bias and the mask token (D,).
+inline PatchGeometry check_patch_embed_forward_inputs(const char* op, const at::Tensor& images,
+                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                      const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                                                      const at::Tensor& mask, const at::Tensor& mask_token,
+                                                      int64_t patch_size) {
+  const PatchGeometry g = check_patch_embed_inputs(op, images, weight, bias, norm_weight, mask, patch_size);
+  check_input(op, "norm_bias", norm_bias, images, 1);
+  check_shape(op, "norm_bias", norm_bias, {g.dim});
+  check_input(op, "mask_token", mask_token, images, 1);
+  check_shape(op, "mask_token", mask_token, {g.dim});
+  return g;
+}
+
+// Backward arguments beyond check_patch_embed_inputs: grad_out (B, L, D).
+inline PatchGeometry check_patch_embed_backward_inputs(const char* op, const at::Tensor& grad_out,
+                                                       const at::Tensor& images, const at::Tensor& weight,
+                                                       const at::Tensor& bias, const at::Tensor& norm_weight,
+                                                       const at::Tensor& mask, int64_t patch_size) {
+  const PatchGeometry g = check_patch_embed_inputs(op, images, weight, bias, norm_weight, mask, patch_size);
+  check_input(op, "grad_out", grad_out, images, 3);
+  check_shape(op, "grad_out", grad_out, {g.batch, g.tokens(), g.dim});
+  return g;
+}
+
 // ---- decoder_l1_loss
 
 struct DecoderGeometry {

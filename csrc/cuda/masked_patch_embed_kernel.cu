@@ -184,11 +184,8 @@ at::Tensor to_acc(const at::Tensor& t) { return t.to(t.scalar_type() == at::kDou
 at::Tensor masked_patch_embed_cuda(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
                                    const at::Tensor& norm_weight, const at::Tensor& norm_bias, const at::Tensor& mask,
                                    const at::Tensor& mask_token, int64_t patch_size, double eps) {
-  const PatchGeometry g = check_patch_embed_inputs(kForward, images, weight, bias, norm_weight, mask, patch_size);
-  check_input(kForward, "norm_bias", norm_bias, images, 1);
-  check_shape(kForward, "norm_bias", norm_bias, {g.dim});
-  check_input(kForward, "mask_token", mask_token, images, 1);
-  check_shape(kForward, "mask_token", mask_token, {g.dim});
+  const PatchGeometry g = check_patch_embed_forward_inputs(kForward, images, weight, bias, norm_weight, norm_bias,
+                                                           mask, mask_token, patch_size);
   cuda::check_cuda(kForward, images);
   const c10::cuda::CUDAGuard guard(images.device());
   at::Tensor out = at::empty({g.batch, g.tokens(), g.dim}, images.options());
@@ -213,9 +210,8 @@ at::Tensor masked_patch_embed_cuda(const at::Tensor& images, const at::Tensor& w
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_patch_embed_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& norm_weight, const at::Tensor& mask, int64_t patch_size, double eps) {
-  const PatchGeometry g = check_patch_embed_inputs(kBackward, images, weight, bias, norm_weight, mask, patch_size);
-  check_input(kBackward, "grad_out", grad_out, images, 3);
-  check_shape(kBackward, "grad_out", grad_out, {g.batch, g.tokens(), g.dim});
+  const PatchGeometry g =
+      check_patch_embed_backward_inputs(kBackward, grad_out, images, weight, bias, norm_weight, mask, patch_size);
   cuda::check_cuda(kBackward, images);
   const c10::cuda::CUDAGuard guard(images.device());
   const auto dtype = images.scalar_type();
