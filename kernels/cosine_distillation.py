@@ -11,6 +11,12 @@ norm's own derivative ``s / |s|`` (0 at ``s = 0``) still flows while the clamped
 
     d cos / d s = t / (n_s n_t) - (s.t) / (n_s^2 n_t) * s / |s|,   n_s = max(|s|, eps), n_t = max(|t|, eps)
 
+Norms far below eps (rows of magnitude 1e-20, say): the backward never forms the product
+n_s^2 n_t |s| (below fp32's range, 0 / 0 or x / 0 there) but divides in an order whose partial
+results stay bounded: |s.t| / |s| <= |t|, so (s.t / |s|) / n_t <= 1, and n_s >= eps. fp32 norms use
+the IEEE square root (``tl.sqrt`` is sqrt.approx.ftz on NVIDIA GPUs, which flushes a subnormal sum
+of squares to 0 where torch's norm does not).
+
 These are row kernels (one program per row, the whole row in a few vector loads), so they use
 Liger's ``calculate_settings`` heuristic for the warp count instead of autotuning.
 """
@@ -26,6 +32,15 @@ from gfm_fast.kernels._common import acc_dtype, acc_torch_dtype
 
 MAX_BLOCK_D = 4096  # columns per vector load; longer rows loop over chunks
 NUM_STATS = 3  # per-row statistics saved for backward: s.t, |s|, |t|
+
+
+@triton.jit
+def _norm(sum_sq, ACC_DTYPE: tl.constexpr):
+    """sqrt rounded like torch's norm: IEEE for fp32 (no flush of subnormal sums); fp64 sqrt is IEEE."""
+    if ACC_DTYPE == tl.float32:
+        return tl.sqrt_rn(sum_sq)
+    else:
+        return tl.sqrt(sum_sq)
 
 
 @triton.jit
@@ -49,8 +64,8 @@ def _cosine_distillation_fwd_kernel(
         s_sq += s * s
         t_sq += t * t
     dot_sum = tl.sum(dot, axis=0)
-    s_norm = tl.sqrt(tl.sum(s_sq, axis=0))
-    t_norm = tl.sqrt(tl.sum(t_sq, axis=0))
+    s_norm = _norm(tl.sum(s_sq, axis=0), ACC_DTYPE)
+    t_norm = _norm(tl.sum(t_sq, axis=0), ACC_DTYPE)
     cos = dot_sum / (tl.maximum(s_norm, eps) * tl.maximum(t_norm, eps))
     # Per-row cosines; the launcher reduces them to -mean_b cos in a fixed order (deterministic).
     tl.store(cos_ptr + row, cos)
@@ -76,9 +91,10 @@ def _cosine_distillation_bwd_kernel(
     s_clamped = tl.maximum(s_norm, eps)
     t_clamped = tl.maximum(t_norm, eps)
     t_coef = scale / (s_clamped * t_clamped)
-    # torch's vector_norm backward gives 0 at a zero vector, hence the guard on s_norm.
+    # torch's vector_norm backward gives 0 at a zero vector, hence the guard on s_norm. Divide step by
+    # step (module docstring): the product of the four norms underflows fp32 for tiny rows.
     safe_norm = tl.where(s_norm > 0, s_norm, 1.0)
-    s_coef = tl.where(s_norm > 0, scale * dot / (s_clamped * s_clamped * t_clamped * safe_norm), 0.0)
+    s_coef = tl.where(s_norm > 0, scale * ((dot / safe_norm) / t_clamped) / (s_clamped * s_clamped), 0.0)
     s_row, t_row, g_row = s_ptr + row * D, t_ptr + row * D, g_ptr + row * D
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)

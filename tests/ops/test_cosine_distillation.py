@@ -69,6 +69,25 @@ def test_zero_and_tiny_norms_match_torch(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scales", [(1e-9, 1e-9), (1e-20, 1.0), (1e-20, 1e-20), (1e-22, 1e-22), (1e-30, 1e-30)],
+                         ids=lambda s: f"s{s[0]:g}-t{s[1]:g}")
+def test_tiny_magnitudes_match_torch(backend, device, dtype, scales):
+    """Whole batches far below eps (norms down to fp32's subnormal range): finite and equal to torch.
+    Such gradients are tiny, so they are compared at their own scale (assert_close's error is
+    relative to max(1, max|expected|), which would accept anything this small)."""
+    student, teacher = _make_inputs(4, 37, torch.float64, "cpu")
+    student, teacher = (student * scales[0]).to(device, dtype), (teacher * scales[1]).to(device, dtype)
+    grad_loss = random_scalar_grad(dtype, device)
+    loss, grad = _fast(student, teacher, grad_loss, backend)
+    expected, expected_grad = _reference(student, teacher, grad_loss, dtype)
+    assert_close("loss", loss, expected, dtype)
+    scale = expected_grad.abs().max().item()
+    assert scale > 0
+    assert_close("g_student / max|expected|", grad / scale, expected_grad / scale, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_teacher_gets_no_gradient(backend, device):
     student, teacher = _make_inputs(2, 16, torch.float32, device)
     student.requires_grad_()
