@@ -75,8 +75,9 @@ class DecoderL1Residuals(NamedTuple):
 
 @triton.jit
 def _decoder_l1_loss_compact_kernel(mask_ptr, order_ptr, count_ptr, inv_norm_ptr, n_blocks, pixels_per_block,
-                                    chans, eps, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                                    chans, EPS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Single program: order = masked block indices (ascending) then the others; count; 1/normaliser."""
+    eps = tl.full((), EPS, ACC_DTYPE)  # exact in fp64 (a runtime float argument would be fp32 on the GPU)
     n_masked = tl.zeros((), tl.int32)
     n_kept = tl.zeros((), tl.int32)
     for start in range(0, n_blocks, BLOCK):
@@ -283,7 +284,7 @@ def decoder_l1_loss_forward(features: torch.Tensor, weight: torch.Tensor, bias: 
     order = torch.empty(n_rows, dtype=torch.int32, device=device)
     count = torch.empty(1, dtype=torch.int32, device=device)
     inv_norm = torch.empty(1, dtype=acc_torch, device=device)
-    _decoder_l1_loss_compact_kernel[(1,)](mask, order, count, inv_norm, n_rows, stride * stride, chans, eps,
+    _decoder_l1_loss_compact_kernel[(1,)](mask, order, count, inv_norm, n_rows, stride * stride, chans, EPS=eps,
                                           BLOCK=COMPACT_BLOCK, ACC_DTYPE=acc_dtype(features.dtype))
     block_n = min(FWD_BLOCK_N, max(MIN_DOT_DIM, triton.next_power_of_2(out_chans)))
     n_col_tiles = triton.cdiv(out_chans, block_n)

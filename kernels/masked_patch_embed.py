@@ -105,10 +105,11 @@ def _conv_rows(img_ptr, w_ptr, b_ptr, patch_offset, load_rows, cols, D, K, H, W,
 @triton.jit
 def _masked_patch_embed_fwd_kernel(
     img_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, mask_ptr, tok_ptr, out_ptr, mean_ptr, rstd_ptr,
-    n_tokens, tokens_per_image, grid_w, mask_h, mask_w, cell_h, cell_w, C, H, W, D, K, eps,
-    PATCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    n_tokens, tokens_per_image, grid_w, mask_h, mask_w, cell_h, cell_w, C, H, W, D, K,
+    EPS: tl.constexpr, PATCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    eps = tl.full((), EPS, ACC_DTYPE)  # exact in fp64 (a runtime float argument would be fp32 on the GPU)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_tokens
     cols = tl.arange(0, BLOCK_D)
@@ -280,7 +281,7 @@ def masked_patch_embed_forward(images: torch.Tensor, weight: torch.Tensor, bias:
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]),)  # noqa: E731
     _masked_patch_embed_fwd_kernel[grid](
         images, weight, bias, norm_weight, norm_bias, mask, mask_token, out, mean, rstd, **geometry, D=dim, K=k,
-        eps=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k, dim), ACC_DTYPE=acc_dtype(images.dtype),
+        EPS=eps, PATCH=patch_size, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(k, dim), ACC_DTYPE=acc_dtype(images.dtype),
         DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     return out, mean, rstd
 

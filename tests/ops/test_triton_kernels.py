@@ -9,6 +9,7 @@ without a GPU, so GPU-only compile errors surface here instead of on the first G
 """
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -235,6 +236,15 @@ def test_decoder_compaction_lists_masked_blocks_first():
     assert residuals.inv_norm.item() == pytest.approx(expected_inv, rel=1e-6)
 
 
+def test_decoder_normaliser_is_exact_in_float64():
+    """1 / ((count*s*s + eps) * C) to the last bit in fp64: eps must not pass through fp32 on the way."""
+    features, weight, bias, images, mask = _decoder_inputs(1, 16, 1, 2, 4, 3, torch.float64)
+    mask[0, 0, 0], mask[0, 0, 1] = 1.0, 0.0
+    _, residuals = dec_kernels.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
+    assert residuals.inv_norm.dtype == torch.float64
+    assert residuals.inv_norm.item() == 1.0 / ((1 * 16 + 1e-5) * 3)
+
+
 # --------------------------------------------------------------------------- cosine_distillation
 
 def _cosine_inputs(batch, dim, dtype, special=True):
@@ -341,6 +351,30 @@ def test_cosine_launcher_rejects_bad_inputs():
         impl.cosine_distillation_backward(torch.tensor(1.0), (), 1e-8)
 
 
+# --------------------------------------------------------------------------- GPU-only semantics
+
+def _kernel_parameters():
+    """(kernel name, parameter name, annotation) of every @triton.jit function (JIT or interpreted)."""
+    for module in (cos_kernels, dec_kernels, embed_kernels):
+        for name, obj in vars(module).items():
+            jitted = obj.fn if isinstance(obj, triton.runtime.Autotuner) else obj
+            if type(jitted).__name__ not in ("JITFunction", "InterpretedFunction"):
+                continue
+            for param in inspect.signature(jitted.fn).parameters.values():
+                yield f"{module.__name__}.{name}", param.name, str(param.annotation)
+
+
+def test_eps_is_a_constexpr_in_every_kernel():
+    """On a GPU a Python float kernel argument arrives as fp32, so a runtime eps makes fp64 results
+    inexact; the interpreter keeps the Python float, so the fp64 value tests only see this on a GPU."""
+    kernels = []
+    for kernel, param, annotation in _kernel_parameters():
+        if param.lower() == "eps":
+            assert annotation.endswith("constexpr"), f"{kernel}: eps is a runtime (fp32 on the GPU) argument"
+            kernels.append(kernel)
+    assert len(kernels) == 4, kernels  # cosine forward and backward, embed forward, decoder compaction
+
+
 # --------------------------------------------------------------------------- GPU compilation
 
 COMPILE_SCRIPT = textwrap.dedent(r'''
@@ -386,16 +420,16 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
         emb = dict(img_ptr=p, w_ptr=p, b_ptr=p, nw_ptr=p, nb_ptr=p, tok_ptr=p, out_ptr=p, gout_ptr=p,
                    mask_ptr="*fp32", mean_ptr=acc_p, rstd_ptr=acc_p, gw_part_ptr=acc_p, gvec_part_ptr=acc_p,
                    n_tokens=128 * 2304, tokens_per_image=2304, grid_w=48, mask_h=6, mask_w=6, cell_h=8, cell_w=8,
-                   C=3, H=192, W=192, D=128, K=48, eps=1e-5)
+                   C=3, H=192, W=192, D=128, K=48)
         emb_const = dict(PATCH=4, BLOCK_D=128, BLOCK_K=64, **gemm)
-        compile_for_h100(pe._masked_patch_embed_fwd_kernel, emb, emb_const)
+        compile_for_h100(pe._masked_patch_embed_fwd_kernel, emb, dict(EPS=1e-5, **emb_const))
         compile_for_h100(pe._masked_patch_embed_bwd_kernel, emb, emb_const)
         dec = dict(f_ptr=p, w_ptr=p, b_ptr=p, img_ptr=p, g_f_ptr=p, g_w_ptr=p, g_b_ptr=p, grad_loss_ptr=p,
                    loss_ptr=p, order_ptr="*i32", count_ptr="*i32", row_loss_ptr=acc_p, inv_norm_ptr=acc_p,
                    mask_ptr="*fp32", sign_ptr="*fp64" if name == "fp64" else "*i8", n_rows=128 * 36, D=1024,
                    O=3072, C=3, grid_h=6, grid_w=6, H=192, W=192, n_col_tiles=24, n_blocks=128 * 36,
-                   pixels_per_block=1024, chans=3, eps=1e-5)
-        compile_for_h100(dl._decoder_l1_loss_compact_kernel, dec, dict(BLOCK=1024, ACC_DTYPE=acc))
+                   pixels_per_block=1024, chans=3)
+        compile_for_h100(dl._decoder_l1_loss_compact_kernel, dec, dict(EPS=1e-5, BLOCK=1024, ACC_DTYPE=acc))
         compile_for_h100(dl._decoder_l1_loss_finish_kernel, dec, dict(BLOCK=1024, ACC_DTYPE=acc))
         compile_for_h100(dl._decoder_l1_loss_fwd_kernel, dec, dict(STRIDE=32, BLOCK_N=128, STORE_SIGN=True, **gemm))
         compile_for_h100(dl._decoder_l1_loss_bwd_input_kernel, dec, gemm)
