@@ -1,19 +1,86 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU should run, in one go (see DEVELOPERS' guide: GPU work comes
-# first): the CUDA test cases, then the benchmarks, with results named after the card.
-#   bash benchmarks/gpu_session.sh            # after scripts/install.sh (builds the CUDA ops)
-# Writes benchmarks/results/<card>_{ops_bf16,ops_fp32,throughput}.json and prints the tables.
-set -euo pipefail
+# What a session with a GPU runs (DEVELOPERS' guide: GPU work comes first), in phases:
+#   bash benchmarks/gpu_session.sh [setup] [test] [bench] [train]      (no phase: all four)
+# Works on a GPU box with .venv (scripts/install.sh), or on the lent device machine, which has
+# python3 with torch/triton/timm but no package index: there, first run scripts/device_wheels.sh
+# here and carry .whl, e.g.  run(command="bash benchmarks/gpu_session.sh setup test", carry=[".whl"]).
+# Each phase writes into $OUT when set (the device tool brings that folder back), else into
+# benchmarks/results: <card>_ops_{bf16,fp32}_b128.json, <card>_throughput.json, <card>_train.json
+# and one log per phase. Every call on a fresh machine needs `setup` first (it builds the CUDA ops).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-. .venv/bin/activate
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'"
-card=$(python -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")
-echo "card: $card"
-python -c "import gfm_fast.ops as o; b = o.available_backends(); print(b); assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not built: FORCE_CUDA=1 bash scripts/install.sh'"
-# GPU test cases (tests/ops parametrize device; the model/feature tests pick CUDA when present).
-TRITON_INTERPRET=0 python -m pytest tests/ops tests/models tests/test_features.py -q -ra -x -k "cuda or gpu" || status=$?
-mkdir -p benchmarks/results
-python benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "benchmarks/results/${card}_ops_bf16_b128.json"
-python benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "benchmarks/results/${card}_ops_fp32_b128.json"
-python benchmarks/throughput.py --device cuda --out "benchmarks/results/${card}_throughput.json"
-exit "${status:-0}"
+RESULTS=${OUT:-benchmarks/results}
+mkdir -p "$RESULTS"
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(setup test bench train)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+if [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+else
+    PY=${PYTHON:-python3}
+    if [ -d .whl ]; then  # the device machine: our missing dependencies, as carried wheels
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gfm_site .whl/*.whl \
+            || { echo "installing .whl failed"; exit 1; }
+        export PYTHONPATH=/tmp/gfm_site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/gfm_site/bin:$PATH
+    fi
+fi
+
+card() { "$PY" -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '_', n.lower()).strip('_'))"; }
+
+setup() {
+    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, torch.cuda.get_device_name())" || return 1
+    local arch
+    arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    # Offline, against the torch already there; builds gfm_fast._C with its CUDA kernels for this card.
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FORCE_CUDA=1 \
+        MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+    "$PY" -c "import gfm_fast.ops as o; b = o.available_backends(); print(b)
+assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
+}
+
+test() {
+    # The GPU cases of the op tests, then the model/feature tests (they pick CUDA when present).
+    "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider
+    local ops=$?
+    "$PY" -m pytest tests/models tests/test_features.py -q -ra -x -p no:cacheprovider
+    return $(( ops || $? ))
+}
+
+bench() {
+    local c
+    c=$(card)
+    "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "$RESULTS/${c}_ops_bf16_b128.json" &&
+    "$PY" benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "$RESULTS/${c}_ops_fp32_b128.json" &&
+    "$PY" benchmarks/throughput.py --device cuda --only step --out "$RESULTS/${c}_throughput.json"
+}
+
+train() {
+    # A short bf16 pretraining run on the GPU through the real entry point (one process, NCCL).
+    local c dir
+    c=$(card)
+    dir=$(mktemp -d)
+    local args=(--config configs/tiny.yaml --output-dir "$dir" run.device=${TRAIN_DEVICE:-cuda}
+                run.precision=${TRAIN_PRECISION:-bf16} data.batch_size=16 data.samples_per_epoch=640
+                data.num_workers=4 run.ckpt_every=20 run.preview_every=20)
+    "$PY" gfm_fast/train.py "${args[@]}" --max-steps 40 && "$PY" gfm_fast/train.py "${args[@]}" --max-steps 60 &&
+    cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
+}
+
+status=0
+for phase in "${phases[@]}"; do
+    case "$phase" in
+        setup|test|bench|train) ;;
+        *) echo "unknown phase $phase (setup, test, bench, train)"; exit 2 ;;
+    esac
+    echo "=== $phase ==="
+    start=$SECONDS
+    "$phase" 2>&1 | tee "$RESULTS/gpu_session_${phase}.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $phase: exit $rc in $((SECONDS - start)) s ==="
+    if [ "$rc" -ne 0 ]; then
+        status=$rc
+        [ "$phase" = setup ] && exit "$rc"  # nothing else can run without the build
+    fi
+done
+exit "$status"
