@@ -495,7 +495,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 group["lr"] = lr
             result = _train_step(engine, teacher, stream, masks, compute_dtype, cfg.optim.grad_accum, device)
             if result is None:
-                _count_bad_step(engine, stats, step, cfg.run.max_bad_steps, logger)
+                _count_bad_step(stats, step, cfg.run.max_bad_steps, logger)
                 continue
             stats["bad_in_row"] = 0
             step += 1
@@ -575,20 +575,24 @@ class _StepResult:
 
 def _train_step(engine, teacher, stream: _BatchStream, masks: Callable[[int], Any], compute_dtype, grad_accum: int,
                 device) -> Optional[_StepResult]:
-    """One optimizer step over ``grad_accum`` micro-batches; None when a loss was non-finite."""
+    """One optimizer step over ``grad_accum`` micro-batches; None (nothing applied, the partial
+    gradients discarded) when a loss was non-finite."""
     import torch
 
     sums, wait = torch.zeros(3, device=device), 0.0
-    for _ in range(grad_accum):
+    for i in range(grad_accum):
+        # The optimizer runs after this step's last micro-batch, whatever DeepSpeed's own
+        # micro-step counter says (a skipped step leaves that counter mid-accumulation).
+        engine.set_gradient_accumulation_boundary(i == grad_accum - 1)
         images = stream.next()
         wait += stream.wait
         mask = masks(images.shape[0])
         z_t = teacher(images)
         out = engine(images.to(compute_dtype), mask, z_t)
-        # Non-finite loss: every rank skips the rest of this step together (ZeRO collectives
-        # stay in step). TODO(#6): with grad_accum > 1, a skip after some micro-batches drops
-        # their gradients (zero_grad) but DeepSpeed has counted them towards the next boundary.
+        # Non-finite loss: every rank skips the whole step together (ZeRO collectives stay in
+        # step), dropping what its earlier micro-batches accumulated.
         if _all_reduce_flag(not bool(torch.isfinite(out.loss.detach().float())), device):
+            _discard_gradients(engine)
             return None
         engine.backward(out.loss)
         engine.step()
@@ -596,10 +600,44 @@ def _train_step(engine, teacher, stream: _BatchStream, masks: Callable[[int], An
     return _StepResult(sums, grad_accum, wait, images, mask, z_t)
 
 
-def _count_bad_step(engine, stats: Dict[str, int], step: int, max_bad_steps: int, logger) -> None:
+def _discard_gradients(engine) -> None:
+    """Drop every gradient accumulated since the last optimizer step, so the next step starts clean.
+
+    Where DeepSpeed keeps them between micro-batches (checked against deepspeed==0.19.8):
+    - ZeRO-0, and ZeRO-1 until its boundary reduction: ``param.grad``, cleared by ``engine.zero_grad()``.
+    - ZeRO-3: a flat buffer of reduced gradient partitions that each backward *adds* to while the
+      optimizer's ``micro_step_id`` > 0 (stage3.py ``partition_grads``); the optimizer's
+      ``zero_grad()`` resets it to 0, so the next step's first micro-batch overwrites the buffer.
+    - ZeRO-2 reduces every micro-batch and sums the owned partition in ``all_grad_tensors``
+      (stage_1_and_2.py ``independent_gradient_partition_epilogue``); only the optimizer's
+      ``step()`` clears that: see ``_reset_zero12_accumulation``.
+    """
+    engine.zero_grad()
+    if engine.zero_optimization():
+        engine.optimizer.zero_grad(set_to_none=True)
+        if engine.zero_optimization_stage() in (1, 2):
+            _reset_zero12_accumulation(engine.optimizer)
+
+
+def _reset_zero12_accumulation(optimizer) -> None:
+    """Forget the gradient partitions a ZeRO-1/2 optimizer summed over this step's micro-batches.
+
+    DeepSpeed internals, because no public call does this: what ``DeepSpeedZeroOptimizer.step()``
+    and its overflow branch reset (deepspeed==0.19.8, runtime/zero/stage_1_and_2.py). Recheck on
+    a DeepSpeed upgrade; test_non_finite_second_micro_batch_skips_the_whole_step fails if it goes
+    stale. CPU offload keeps more state, but ``deepspeed_config`` never enables it.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    for group in set(optimizer.all_grad_tensors) | set(optimizer.averaged_gradients):
+        optimizer.all_grad_tensors[group] = None
+        optimizer.averaged_gradients[group] = None
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+
+
+def _count_bad_step(stats: Dict[str, int], step: int, max_bad_steps: int, logger) -> None:
     stats["bad_steps"] += 1
     stats["bad_in_row"] += 1
-    engine.zero_grad()
     logger.message(f"step {step}: non-finite loss, step skipped "
                    f"({stats['bad_in_row']} in a row, {stats['bad_steps']} in total)")
     if stats["bad_in_row"] >= max_bad_steps:

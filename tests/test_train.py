@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError, train
@@ -140,6 +141,77 @@ def test_non_finite_losses_are_skipped_then_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "make_loader", lambda *a, **k: NaNEvery(real(*a, **k)))
     with pytest.raises(TrainingError, match="3 consecutive non-finite losses"):
         _run(tmp_path, "run.max_steps=5", "run.max_bad_steps=3")
+
+
+class _BatchPlan:
+    """Wraps the loader: counts the batches served and turns the chosen ones (0-based) into NaN images."""
+
+    def __init__(self, loader, nan_batches):
+        self.loader, self.nan_batches, self.served = loader, set(nan_batches), 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for images in self.loader:
+            if self.served in self.nan_batches:
+                images = torch.full_like(images, float("nan"))
+            self.served += 1
+            yield images
+
+
+def _run_with_nan_batches(tmp_path, monkeypatch, nan_batches, *extra):
+    """Run with NaN at the given loader batches; returns the batch count served at each optimizer update."""
+    import gfm_fast.data as data
+
+    real, plans, updates = data.make_loader, [], []
+
+    def plan_loader(*args, **kwargs):
+        plans.append(_BatchPlan(real(*args, **kwargs), nan_batches))
+        return plans[-1]
+
+    def record_update(optimizer, args, kwargs):
+        # The inner torch optimizer; ZeRO steps it once per param group, so updates are
+        # told apart by AdamW's own step count, not by the number of calls.
+        count = max(int(state["step"]) for state in optimizer.state.values())
+        updates.append((count, plans[-1].served))
+
+    monkeypatch.setattr(data, "make_loader", plan_loader)
+    handle = register_optimizer_step_post_hook(record_update)
+    try:
+        _run(tmp_path, *extra)
+    finally:
+        handle.remove()
+        monkeypatch.setattr(data, "make_loader", real)
+    return dict(updates)  # AdamW step -> batches served when it was taken
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatch, stage):
+    """grad_accum=2, NaN in the 2nd micro-batch of the 2nd step (loader batch 3): the step is skipped as a
+    whole, the gradients of its 1st micro-batch (batch 2) are discarded, and the optimizer runs after
+    exactly 2 micro-batches again. The reference has batches 2 and 3 both NaN: each is caught at
+    micro-batch 0, before any backward, so nothing is accumulated there; every other batch and every
+    mask (drawn per micro-batch, NaN or not) is the same in both runs."""
+    extra = ("run.max_steps=3", "data.batch_size=2", "optim.grad_accum=2", "optim.base_lr=2e-3",
+             f"run.zero_stage={stage}")
+    late = _run_with_nan_batches(tmp_path / "late", monkeypatch, {3}, *extra)
+    early = _run_with_nan_batches(tmp_path / "early", monkeypatch, {2, 3}, *extra)
+    # One update per good step, each right after the step's 2nd micro-batch: batches 0-1, 4-5, 6-7.
+    assert late == early == {1: 2, 2: 6, 3: 8}, (late, early)
+    late_losses, early_losses = _losses(tmp_path / "late"), _losses(tmp_path / "early")
+    assert sorted(late_losses) == [1, 2, 3]
+    for step in late_losses:
+        assert late_losses[step] == pytest.approx(early_losses[step], rel=1e-6, abs=1e-7), step
+    bad = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["train/bad_steps"]
+           for name in ("late", "early")}
+    assert bad == {"late": 1, "early": 2}
+    # The 3rd update (batches 6-7) is in the exported weights only; no trace of batch 2 anywhere.
+    late_model = gfm_fast.load_model(tmp_path / "late").state_dict()
+    early_model = gfm_fast.load_model(tmp_path / "early").state_dict()
+    assert late_model.keys() == early_model.keys()
+    for name, value in late_model.items():
+        torch.testing.assert_close(value, early_model[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
