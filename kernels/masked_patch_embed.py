@@ -185,7 +185,8 @@ def _masked_patch_embed_bwd_kernel(
                      out_dtype=ACC_DTYPE)
     ks = k_start + tl.arange(0, BLOCK_K)
     # Partials: g_weight (P, D, K); the vectors (P, 4, D). Every program writes its whole slice.
-    tl.store(gw_part_ptr + pid * D * K + cols[:, None] * K + ks[None, :], g_w,
+    # P * D * K can pass 2^31 for wide embeddings of many-band patches (one partial per SM): int64.
+    tl.store(gw_part_ptr + pid.to(tl.int64) * D * K + cols[:, None] * K + ks[None, :], g_w,
              mask=col_ok[:, None] & (ks < K)[None, :])
     if pid_k == 0:
         vec_base = gvec_part_ptr + pid * 4 * D
