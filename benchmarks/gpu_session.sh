@@ -40,10 +40,10 @@ assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 }
 
 test() {
-    # The GPU cases of the op tests, then the model/feature tests (they pick CUDA when present).
+    # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
     "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider
     local ops=$?
-    "$PY" -m pytest tests/models tests/test_features.py -q -ra -x -p no:cacheprovider
+    "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py -q -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
 }
 

@@ -1,0 +1,123 @@
+"""The model, teacher, masks and feature extraction on a GPU, against the same computation on CPU.
+
+The op tests (tests/ops) hold each fused kernel equal to its reference; these check that the
+pieces still agree once assembled on the device: fused backends inside the pretrainer, the bf16
+teacher, device-side masks and extract_features. They skip without CUDA.
+GFM_TEST_DEVICE=cpu runs the same checks with the CPU as the "device", to exercise the tests
+themselves on a machine without a GPU.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+from gfm_fast import extract_features
+from gfm_fast.masking import generate_block_mask
+from model_helpers import TINY_BLOCKS, TINY_IMG, random_block_mask, tiny_pretrainer
+
+DEVICE = torch.device(os.environ.get("GFM_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (set GFM_TEST_DEVICE=cpu to dry-run on CPU)")
+FP32_TOL = dict(rtol=2e-4, atol=2e-5)  # TF32 off; reduction order differs between devices/backends
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The fp32 comparisons measure our code, not cuBLAS's TF32 rounding."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _pair(backend):
+    """A reference-backend pretrainer on CPU and a copy with ``backend`` ops on DEVICE, same weights."""
+    torch.manual_seed(0)
+    ref = tiny_pretrainer(teacher_dtype="fp32")
+    fast = tiny_pretrainer(ops_backend=backend, teacher_dtype="fp32")
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast.to(DEVICE)
+
+
+def _batch(batch=3):
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(batch, 3, TINY_IMG, TINY_IMG, generator=gen), random_block_mask(batch, count=9)
+
+
+def _grads(model, loss):
+    named = [(n, p) for n, p in model.student.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    return {n: g.detach().cpu() for (n, _), g in zip(named, grads)}
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "triton", "reference"])
+def test_pretrainer_on_device_equals_cpu_reference(backend):
+    if DEVICE.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    ref, fast = _pair(backend)
+    x, mask = _batch()
+    want = ref(x, mask)
+    got = fast(x.to(DEVICE), mask.to(DEVICE))
+    for name in ("loss", "loss_rec", "loss_feat"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), **FP32_TOL, msg=name)
+    want_grads, got_grads = _grads(ref, want.loss), _grads(fast, got.loss)
+    for name, g in want_grads.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(got_grads[name] / scale, g / scale, rtol=0, atol=1e-3, msg=name)
+
+
+def test_bf16_student_tracks_fp32():
+    """Training casts the student to bf16 (DeepSpeed bf16): the fused ops there stay near fp32."""
+    ref, fast = _pair("auto")
+    x, mask = _batch()
+    want = ref(x, mask)
+    got = fast.to(torch.bfloat16)(x.to(DEVICE, torch.bfloat16), mask.to(DEVICE))
+    torch.testing.assert_close(got.loss_rec.float().cpu(), want.loss_rec, rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(got.loss_feat.float().cpu(), want.loss_feat, rtol=3e-2, atol=3e-3)
+    got.loss.float().backward()
+    for name, p in fast.student.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
+
+
+def test_teacher_on_device_in_its_default_dtype_matches_fp32_cpu():
+    torch.manual_seed(0)
+    model = tiny_pretrainer()  # teacher dtype auto: bf16 on CUDA
+    x, _ = _batch()
+    want = model.teacher(x)
+    got = model.to(DEVICE).teacher(x.to(DEVICE))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    cos = torch.nn.functional.cosine_similarity(got.cpu(), want, dim=1)
+    assert (cos > 0.995).all(), cos
+
+
+def test_masks_are_drawn_on_the_device():
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    mask = generate_block_mask(16, TINY_IMG, ratio=0.6, generator=gen).blocks
+    assert mask.device.type == DEVICE.type and mask.shape == (16, TINY_BLOCKS, TINY_BLOCKS)
+    expected = -(-6 * TINY_BLOCKS * TINY_BLOCKS // 10)  # ceil(0.6 * blocks)
+    assert (mask.flatten(1).sum(1) == expected).all()
+    again = generate_block_mask(16, TINY_IMG, ratio=0.6, generator=torch.Generator(device=DEVICE).manual_seed(5))
+    assert torch.equal(mask, again.blocks)
+
+
+def test_pretrainer_draws_its_own_masks_on_the_device():
+    _, fast = _pair("auto")
+    x, _ = _batch()
+    out = fast(x.to(DEVICE), generator=torch.Generator(device=DEVICE).manual_seed(1))
+    assert out.mask.device.type == DEVICE.type and torch.isfinite(out.loss)
+
+
+def test_extract_features_on_device_equals_cpu():
+    torch.manual_seed(0)
+    model = tiny_pretrainer()
+    x, _ = _batch(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = extract_features(model, x, device="cpu", batch_size=2)
+        got = extract_features(model, x, device=DEVICE, batch_size=2)
+        maps = extract_features(model, x, device=DEVICE, batch_size=4, stages=[0, 3])
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and got.shape == want.shape
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert (cos > 0.995).all(), cos  # bf16 on CUDA
+    assert maps[0].shape[-1] == TINY_IMG // 4 and maps[3].shape[-1] == TINY_IMG // 32
