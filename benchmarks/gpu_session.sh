@@ -34,8 +34,10 @@ setup() {
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     # Offline, against the torch already there; builds gfm_fast._C with its CUDA kernels for this card.
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FORCE_CUDA=1 \
-        MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
-    "$PY" -c "import gfm_fast.ops as o; b = o.available_backends(); print(b)
+        MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e . || return 1
+    # --use-pep517: an old pip would otherwise fall back to `setup.py develop`, which cannot map
+    # kernels/ to gfm_fast.kernels.
+    "$PY" -c "import gfm_fast.kernels, gfm_fast.ops as o; b = o.available_backends(); print(b)
 assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 }
 
