@@ -54,7 +54,7 @@ bench() {
     c=$(card)
     "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "$RESULTS/${c}_ops_bf16_b128.json" &&
     "$PY" benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "$RESULTS/${c}_ops_fp32_b128.json" &&
-    "$PY" benchmarks/throughput.py --device cuda --only step --out "$RESULTS/${c}_throughput.json"
+    "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/${c}_throughput.json"
 }
 
 train() {

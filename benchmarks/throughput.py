@@ -46,19 +46,25 @@ def _model_config(size: str, backend: str):
 
 def bench_step(device: torch.device, size: str, batch: int, backends: List[str], dtype: torch.dtype,
                warmup: int, runs: int) -> List[Dict]:
-    """Full training step (teacher + student fwd/bwd + AdamW step) per ops backend."""
+    """Full training step (teacher + student fwd/bwd + AdamW step) per ops backend; a backend named
+    ``<name>+compile`` also runs the student and teacher through torch.compile (run.compile)."""
     import warnings
 
     from gfm_fast.masking import generate_block_mask
     from gfm_fast.models.pretrainer import GFMPretrainer, param_groups
 
+    from gfm_fast.training import compile_in_place
+
     records = []
     for backend in backends:
+        ops_backend, _, variant = backend.partition("+")
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random teacher
-            model = GFMPretrainer(_model_config(size, backend)).to(device)
+            model = GFMPretrainer(_model_config(size, ops_backend)).to(device)
         student, teacher = model.student.to(dtype), model.teacher
+        if variant == "compile":
+            compile_in_place(student, teacher)
         opt = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4,
                                 **({"fused": True} if device.type == "cuda" else {}))
         images = torch.randn(batch, 3, 192, 192, device=device)
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (recorded)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="step: also time torch.compile'd student+teacher")
     parser.add_argument("--out", help="write the JSON records here (default: print only)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
         records += [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
                                                               warmup=args.warmup, runs=args.runs)]
     if "step" in sections:
-        backends = ["reference", "auto"]
+        backends = ["reference", "auto"] + (["auto+compile"] if args.compile else [])
         dtype = torch.bfloat16 if gpu else torch.float32
         records += bench_step(device, args.model or ("base" if gpu else "tiny"), args.batch or (128 if gpu else 8),
                               backends, dtype, args.warmup, args.runs)

@@ -405,6 +405,23 @@ def _all_reduce_flag(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def set_math_modes(cfg: TrainConfig, device) -> None:
+    """Process-wide math settings: TF32 tensor cores for fp32 matmuls and convolutions on CUDA."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+
+
+def compile_in_place(*modules) -> None:
+    """torch.compile each module in place (``nn.Module.compile``): parameter names, state dicts and
+    the module DeepSpeed wraps stay the same, so checkpoints are interchangeable with eager runs.
+    The fused ops are torch.library ops with fake kernels, so they sit in the graph as single nodes."""
+    for module in modules:
+        module.compile()
+
+
 def export_model(student, path: Path, zero_stage: int, rank: int) -> None:
     """Write the student encoder as safetensors + config (gathered from ZeRO-3 partitions)."""
     import deepspeed
@@ -453,6 +470,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     pretrainer = GFMPretrainer(cfg.model)
     teacher = pretrainer.teacher.to(device)
     student = pretrainer.student
+    set_math_modes(cfg, device)
+    if cfg.run.compile:
+        compile_in_place(student, teacher)
     # torch's AdamW (no DeepSpeed op to compile); its fused multi-tensor kernel on GPU.
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=schedule.lr(0),
                                   betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")

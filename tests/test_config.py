@@ -41,6 +41,12 @@ def test_bad_overrides_name_the_key(override, match):
         load_config(overrides=[override])
 
 
+def test_compile_with_zero3_is_refused():
+    with pytest.raises(ConfigError, match="run.compile: supports ZeRO stages 0-2 only"):
+        load_config(overrides=["run.compile=true", "run.zero_stage=3"])
+    assert load_config(overrides=["run.compile=true", "run.zero_stage=2"]).run.compile is True
+
+
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  max_steps: 3\n  learning_rate: 1\n")

@@ -214,6 +214,21 @@ def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatc
         torch.testing.assert_close(value, early_model[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_compiled_run_trains_like_eager_and_shares_checkpoints(tmp_path):
+    """run.compile: same losses as eager (inductor reorders float sums), and its checkpoint resumes
+    in an eager run (same parameter names)."""
+    same_schedule = "optim.schedule_steps=3"
+    _run(tmp_path / "eager", "run.max_steps=3", same_schedule)
+    torch._dynamo.utils.counters.clear()
+    _run(tmp_path / "compiled", "run.max_steps=2", "run.compile=true", same_schedule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # student and teacher really compiled
+    _run(tmp_path / "compiled", "run.max_steps=3", same_schedule)  # eager, from the compiled run's checkpoint
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5), step
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     _run(tmp_path, "run.max_steps=1")
     with pytest.raises(TrainingError, match="model.student"):

@@ -8,7 +8,6 @@ loaded lazily, so ``import gfm_fast`` works on a CPU box without either.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -32,13 +31,19 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not built, or wrong device)."""
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERRORS: Dict[str, str] = {}
+
+
 def _import_error(module: str) -> str:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a failed extension load
-        return f"{type(exc).__name__}: {exc}"
-    return ""
+    """Why ``module`` cannot be imported ("" when it can), memoised in a plain dict: torch.compile
+    traces this on every op call and reads a dict directly (an lru_cache wrapper it would bypass)."""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(module)
+            _IMPORT_ERRORS[module] = ""
+        except Exception as exc:  # ImportError, or a failed extension load
+            _IMPORT_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+    return _IMPORT_ERRORS[module]
 
 
 def cpp_available(device_type: str = "cpu") -> bool:
