@@ -66,6 +66,18 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), runs)
 
 
+COPY_BUFFER_BYTES = 1 << 30  # large enough to leave every cache behind
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = COPY_BUFFER_BYTES, runs: int = 10) -> float:
+    """The device's achievable memory bandwidth in bytes/s: a device-to-device copy, counting the
+    bytes read and written. The yardstick of the bandwidth-bound ops' "fraction of bandwidth"."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device=device, warmup=2, runs=runs)
+    return 2 * nbytes / (timing.median_ms / 1e3)
+
+
 def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     """Peak bytes allocated by torch during ``fn()`` above what was live before it."""
     if device.type == "cuda":

@@ -5,8 +5,9 @@
 # python3 with torch/triton/timm but no package index: there, first run scripts/device_wheels.sh
 # here and carry .whl, e.g.  run(command="bash benchmarks/gpu_session.sh setup test", carry=[".whl"]).
 # Each phase writes into $OUT when set (the device tool brings that folder back), else into
-# benchmarks/results: <card>_ops_{bf16,fp32}_b128.json, <card>_throughput.json, <card>_train.json
-# and one log per phase. Every call on a fresh machine needs `setup` first (it builds the CUDA ops).
+# benchmarks/results: <card>_ops_{bf16,fp32}_b128.json, <card>_ops_cosine_bf16_b65536.json,
+# <card>_throughput.json, <card>_train_metrics.jsonl and gpu_session.log.
+# Every call on a fresh machine needs `setup` first (it builds the CUDA ops).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-benchmarks/results}
@@ -54,6 +55,9 @@ bench() {
     c=$(card)
     "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "$RESULTS/${c}_ops_bf16_b128.json" &&
     "$PY" benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "$RESULTS/${c}_ops_fp32_b128.json" &&
+    # At GFM's batch the cosine op moves 0.5 MB (launch-bound); 64k rows measure its bandwidth.
+    "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 65536 --ops cosine_distillation \
+        --out "$RESULTS/${c}_ops_cosine_bf16_b65536.json" &&
     "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/${c}_throughput.json"
 }
 
@@ -77,7 +81,7 @@ for phase in "${phases[@]}"; do
     esac
     echo "=== $phase ==="
     start=$SECONDS
-    "$phase" 2>&1 | tee "$RESULTS/gpu_session_${phase}.log"
+    "$phase" 2>&1 | tee -a "$RESULTS/gpu_session.log"  # one log: the device tool brings back 8 files at most
     rc=${PIPESTATUS[0]}
     echo "=== $phase: exit $rc in $((SECONDS - start)) s ==="
     if [ "$rc" -ne 0 ]; then

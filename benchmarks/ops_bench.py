@@ -20,7 +20,10 @@ interleaved (one sample per backend per round) so that load on a shared machine 
 Each record: op (case), backend, mode, shape, dtype, median/p20/p80 ms, images/s, peak bytes
 allocated by torch during the timed call (CPU: allocator records; CUDA: allocator peak),
 grad_bytes (the parameter/input gradients the call must produce, part of peak_bytes), speedup vs
-reference, and the environment (device, versions, threads, git sha).
+reference, and the environment (device, versions, threads, git sha). For the bandwidth-bound ops
+(masked_patch_embed, cosine_distillation) also min_bytes, the bytes any implementation must move
+(see ``_min_bytes``), achieved_GBps = min_bytes / time and, on CUDA, bandwidth_fraction: that
+over the card's device-to-device copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import _quantile, environment, peak_memory_bytes, time_fn  # noqa: E402
+from _timing import _quantile, copy_bandwidth, environment, peak_memory_bytes, time_fn  # noqa: E402
 from _timing import print_table as print_records  # noqa: E402
 
 OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
@@ -113,6 +116,7 @@ class Case:
     leaves: List[torch.Tensor]  # tensors that receive gradients
     run: Callable[[str], torch.Tensor]  # backend -> output
     grad_output: Optional[torch.Tensor]  # None for scalar losses
+    min_bytes: Optional[Dict[str, int]] = None  # mode -> bytes that must move; None: compute-bound op
 
 
 def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:
@@ -123,7 +127,7 @@ def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, see
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(device, dtype)  # noqa: E731
     mask = generate_block_mask(batch, IMG, block_size=BLOCK, ratio=RATIO, generator=gen).blocks.to(device)
-    images = rand(batch, CHANS, IMG, IMG)
+    images = rand(batch, CHANS, IMG, IMG) if op != "cosine_distillation" else None  # large-batch cosine runs
     if op == "masked_patch_embed":
         k = CHANS * PATCH * PATCH
         leaves = [rand(EMBED, CHANS, PATCH, PATCH, scale=k ** -0.5), rand(EMBED, scale=0.1), 1 + rand(EMBED, scale=0.1),
@@ -171,7 +175,31 @@ def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, see
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     for leaf in leaves:
         leaf.requires_grad_()
-    return Case(op, batch, shape, leaves, run, grad_output)
+    return Case(op, batch, shape, leaves, run, grad_output, _min_bytes(op, batch, dtype, mask))
+
+
+def _min_bytes(op: str, batch: int, dtype: torch.dtype, mask: torch.Tensor) -> Optional[Dict[str, int]]:
+    """Bytes each mode must move at the least (inputs read once, outputs written once):
+    - masked_patch_embed forward: the pixels of unmasked patches (masked tokens become the mask
+      token without reading theirs), all tokens written, the mask; backward: the tokens' gradient,
+      the unmasked pixels again (weight gradient), the parameter gradients written.
+    - cosine_distillation forward: z_s and z_t; backward: both again, grad z_s written.
+    - decoder_l1_loss: None; its three GEMMs bound it, not memory (see its gemm_floor).
+    'full' is forward + backward: in training the backward runs long after the forward."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if op == "masked_patch_embed":
+        unmasked = 1.0 - mask.float().mean().item()
+        pixels = int(unmasked * batch * CHANS * IMG * IMG) * elt
+        tokens = batch * (IMG // PATCH) ** 2 * EMBED * elt
+        params = (EMBED * CHANS * PATCH * PATCH + 4 * EMBED) * elt  # conv weight, bias, norm w/b, mask token
+        forward = pixels + tokens + params + mask.numel()
+        backward = tokens + pixels + params + mask.numel()
+    elif op == "cosine_distillation":
+        rows = batch * FEAT_DIM * elt
+        forward, backward = 2 * rows, 3 * rows
+    else:
+        return None
+    return {"forward": forward, "backward": backward, "full": forward + backward}
 
 
 def _mode_fns(case: Case, backend: str, mode: str):
@@ -205,7 +233,7 @@ def _available_backends(op: str, device: torch.device) -> List[str]:
 
 
 def bench_case(case: Case, backends: Sequence[str], mode: str, device: torch.device, warmup: int,
-               runs: int) -> List[Dict]:
+               runs: int, bandwidth: Optional[float] = None) -> List[Dict]:
     """Interleaved timing of one op x mode over backends; then each backend's peak memory."""
     fns = {b: _mode_fns(case, b, mode) for b in backends}
     for setup, fn in fns.values():  # warm-up: compile, autotune, allocator
@@ -231,6 +259,10 @@ def bench_case(case: Case, backends: Sequence[str], mode: str, device: torch.dev
         r["peak_vs_reference"] = (r["peak_bytes"] / ref["peak_bytes"]) if ref["peak_bytes"] else None
         extra, ref_extra = r["peak_bytes"] - r["grad_bytes"], ref["peak_bytes"] - ref["grad_bytes"]
         r["extra_peak_vs_reference"] = (extra / ref_extra) if ref_extra > 0 else None
+        if case.min_bytes is not None:
+            r["min_bytes"] = case.min_bytes[mode]
+            r["achieved_GBps"] = r["min_bytes"] / (r["median_ms"] / 1e3) / 1e9
+            r["bandwidth_fraction"] = r["achieved_GBps"] * 1e9 / bandwidth if bandwidth else None
     return records
 
 
@@ -250,6 +282,9 @@ def run_ops(device="cpu", backends: Optional[Sequence[str]] = None, dtype: torch
     """
     device = torch.device(device)
     env = environment(device)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    if bandwidth:
+        env = {**env, "copy_bandwidth_GBps": bandwidth / 1e9}
     records = []
     for op in ops:
         chosen = _available_backends(op, device)
@@ -257,7 +292,7 @@ def run_ops(device="cpu", backends: Optional[Sequence[str]] = None, dtype: torch
             chosen = ["reference"] + [b for b in chosen if b in backends and b != "reference"]
         case = make_case(op, batch, dtype, device, seed)
         for mode in modes:
-            for record in bench_case(case, chosen, mode, device, warmup, runs):
+            for record in bench_case(case, chosen, mode, device, warmup, runs, bandwidth):
                 records.append({**record, "dtype": str(dtype).replace("torch.", ""), **env})
     return records
 
@@ -278,7 +313,19 @@ def machine() -> Dict[str, object]:
 
 def print_table(records: List[Dict]) -> None:
     print_records(records, ["case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
-                            "images_per_s", "peak_MiB", "speedup", "extra_peak_vs_reference"])
+                            "images_per_s", "peak_MiB", "speedup", "extra_peak_vs_reference", "achieved_GBps",
+                            "bandwidth_fraction"])
+
+
+def fastest_fused_backends(records: List[Dict]) -> Dict[str, str]:
+    """Per op, the fused backend with the lowest 'full' (forward + backward) median: what
+    gfm_fast/ops/_backend.py GPU_PREFERENCE should say for this device."""
+    best: Dict[str, Dict] = {}
+    for r in records:
+        if r["mode"] == "full" and r["backend"] in ("cpp", "triton"):
+            if r["case"] not in best or r["median_ms"] < best[r["case"]]["median_ms"]:
+                best[r["case"]] = r
+    return {op: r["backend"] for op, r in best.items()}
 
 
 def main(argv=None) -> int:
@@ -300,11 +347,13 @@ def main(argv=None) -> int:
     records = run_ops(args.device, args.backends, dtype, args.batch, args.ops, args.modes, warmup=args.warmup,
                       runs=args.runs)
     print_table(records)
+    fastest = fastest_fused_backends(records)
+    print(f"fastest fused backend per op (forward + backward): {fastest}")
     out = Path(args.out or Path(__file__).parent / "results" / f"{torch.device(args.device).type}_ops_{args.dtype}_b{args.batch}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device(args.device))
     out.write_text(json.dumps({"environment": env, "machine": machine(), "command": " ".join(sys.argv),
-                               "notes": NOTES, "records": records}, indent=1))
+                               "notes": NOTES, "fastest_fused": fastest, "records": records}, indent=1))
     print(f"wrote {out}")
     return 0
 
