@@ -44,7 +44,8 @@ assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 
 test() {
     # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
-    "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider
+    # Several workers: most of the time is Triton compiling each autotune config, one process each.
+    "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-8}"
     local ops=$?
     "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py -q -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
