@@ -48,6 +48,9 @@ MODES = ("forward", "backward", "full")
 IMG, PATCH, EMBED, BLOCK, RATIO = 192, 4, 128, 32, 0.6  # GFM at 192 px: 4-px patches, 32-px mask blocks
 STAGE4_DIM, FEAT_DIM, CHANS = 1024, 1024, 3  # r (B, 6, 6, 1024); z_s, z_t (B, 1024)
 BASELINES = {"masked_patch_embed": ["torch_gemm_where"], "decoder_l1_loss": ["torch_masked_blocks", "gemm_floor"]}
+# torch.compile of the reference chain: the GPU target's second yardstick (default on CUDA only:
+# inductor's CPU compile of it takes minutes on a small machine; --backends selects it anywhere).
+GPU_BASELINES = {"decoder_l1_loss": ["reference_compiled"]}
 NOTES = {
     "decoder_l1_loss/cpp": "computes the gradients in the forward (fused-linear-loss idiom) and only scales them in "
                            "the backward: compare the 'full' mode",
@@ -148,7 +151,7 @@ def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, see
         leaves = [rand(batch, grid, grid, STAGE4_DIM), rand(out_chans, STAGE4_DIM, scale=STAGE4_DIM ** -0.5),
                   rand(out_chans, scale=0.1)]
         impl = {"reference": reference.decoder_l1_loss, "torch_masked_blocks": torch_masked_blocks,
-                "gemm_floor": gemm_floor}
+                "gemm_floor": gemm_floor, "reference_compiled": torch.compile(reference.decoder_l1_loss)}
 
         def run(backend):
             # r comes out of timm's NHWC stage: the ops see an NHWC tensor as NCHW.
@@ -227,7 +230,7 @@ def _mode_fns(case: Case, backend: str, mode: str):
 def _available_backends(op: str, device: torch.device) -> List[str]:
     from gfm_fast.ops import available_backends
 
-    found = ["reference"] + BASELINES.get(op, [])
+    found = ["reference"] + BASELINES.get(op, []) + (GPU_BASELINES.get(op, []) if device.type == "cuda" else [])
     available = available_backends()
     return found + [b for b in ("cpp", "triton") if available[b][device.type]]
 
@@ -289,7 +292,8 @@ def run_ops(device="cpu", backends: Optional[Sequence[str]] = None, dtype: torch
     for op in ops:
         chosen = _available_backends(op, device)
         if backends is not None:
-            chosen = ["reference"] + [b for b in chosen if b in backends and b != "reference"]
+            selectable = chosen + [b for b in GPU_BASELINES.get(op, []) if b not in chosen]
+            chosen = ["reference"] + [b for b in selectable if b in backends and b != "reference"]
         case = make_case(op, batch, dtype, device, seed)
         for mode in modes:
             for record in bench_case(case, chosen, mode, device, warmup, runs, bandwidth):
