@@ -650,8 +650,10 @@ def _reset_zero12_accumulation(optimizer) -> None:
     a DeepSpeed upgrade; test_non_finite_second_micro_batch_skips_the_whole_step fails if it goes
     stale. CPU offload keeps more state, but ``deepspeed_config`` never enables it.
     """
-    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):  # e.g. BF16_Optimizer: its zero_grad() cleared all
+        return
     for group in set(optimizer.all_grad_tensors) | set(optimizer.averaged_gradients):
         optimizer.all_grad_tensors[group] = None
         optimizer.averaged_gradients[group] = None
