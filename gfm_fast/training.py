@@ -149,8 +149,8 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
         if device_type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp16" if device_type == "cuda" else "fp32"
-    if precision in ("bf16", "fp16") and device_type == "cpu":
-        raise ConfigError(f"run.precision={precision} needs a GPU; use run.precision=fp32 (or auto) on CPU")
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("run.precision=fp16 needs a GPU; use run.precision=fp32, bf16 or auto on CPU")
     return precision
 
 

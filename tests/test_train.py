@@ -214,6 +214,20 @@ def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatc
         torch.testing.assert_close(value, early_model[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_bf16_run_tracks_fp32(tmp_path, stage):
+    """DeepSpeed's bf16 path (bf16 student, fp32 master weights, our ops in bf16) on CPU: the
+    losses follow the fp32 run's to bf16 rounding, and the export loads as a float32 encoder."""
+    _run(tmp_path / "fp32", "run.max_steps=4", "optim.grad_accum=2")
+    _run(tmp_path / "bf16", "run.max_steps=4", "optim.grad_accum=2", "run.precision=bf16", f"run.zero_stage={stage}")
+    fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    assert sorted(bf16) == [1, 2, 3, 4] and any(bf16[s] != fp32[s] for s in fp32)  # really ran in bf16
+    for step, loss in fp32.items():
+        assert bf16[step] == pytest.approx(loss, abs=0.03), step
+    encoder = gfm_fast.load_model(tmp_path / "bf16")
+    assert next(encoder.parameters()).dtype == torch.float32
+
+
 def test_compiled_run_trains_like_eager_and_shares_checkpoints(tmp_path):
     """run.compile: the losses of eager (inductor reorders float sums), and its checkpoint resumes in
     an eager run (same parameter names)."""

@@ -6,7 +6,8 @@ import pytest
 
 from gfm_fast.config import ConfigError, load_config
 from gfm_fast.training import (COMPLETE_MARKER, Checkpoints, TrainingError, check_same_architecture,
-                            deepspeed_config, lr_at, make_schedule, resolve_config_path, resolve_resume)
+                            deepspeed_config, lr_at, make_schedule, resolve_config_path, resolve_precision,
+                            resolve_resume)
 
 
 def test_lr_warmup_then_cosine():
@@ -44,6 +45,15 @@ def test_deepspeed_config_carries_recipe():
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_clipping"] == 5.0 and ds["bf16"] == {"enabled": True}
     assert "bf16" not in deepspeed_config(cfg, "fp32") and "fp16" not in deepspeed_config(cfg, "fp32")
+
+
+def test_precision_per_device():
+    def resolved(precision, device):
+        return resolve_precision(load_config(overrides=[f"run.precision={precision}"]), device)
+
+    assert resolved("auto", "cpu") == "fp32" and resolved("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="run.precision=fp16 needs a GPU"):
+        resolved("fp16", "cpu")
 
 
 def test_shipped_configs_load_and_validate():
