@@ -29,20 +29,20 @@ fi
 
 card() { "$PY" -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '_', n.lower()).strip('_'))"; }
 
-setup() {
+phase_setup() {
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, torch.cuda.get_device_name())" || return 1
     local arch
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     # Offline, against the torch already there; builds gfm_fast._C with its CUDA kernels for this card.
-    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FORCE_CUDA=1 \
-        MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e . || return 1
     # --use-pep517: an old pip would otherwise fall back to `setup.py develop`, which cannot map
     # kernels/ to gfm_fast.kernels.
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FORCE_CUDA=1 \
+        MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e . || return 1
     "$PY" -c "import gfm_fast.kernels, gfm_fast.ops as o; b = o.available_backends(); print(b)
 assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 }
 
-test() {
+phase_test() {
     # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
     # Several workers: most of the time is Triton compiling each autotune config, one process each.
     "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-8}"
@@ -51,7 +51,7 @@ test() {
     return $(( ops || $? ))
 }
 
-bench() {
+phase_bench() {
     local c
     c=$(card)
     "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "$RESULTS/${c}_ops_bf16_b128.json" &&
@@ -62,14 +62,15 @@ bench() {
     "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/${c}_throughput.json"
 }
 
-train() {
-    # A short bf16 pretraining run on the GPU through the real entry point (one process, NCCL).
+phase_train() {
+    # A short bf16 pretraining run on the GPU through the real entry point (one process, NCCL),
+    # stopped at 40 and resumed to 60 (one 60-step schedule).
     local c dir
     c=$(card)
     dir=$(mktemp -d)
     local args=(--config configs/tiny.yaml --output-dir "$dir" run.device=${TRAIN_DEVICE:-cuda}
                 run.precision=${TRAIN_PRECISION:-bf16} data.batch_size=16 data.samples_per_epoch=640
-                data.num_workers=4 run.ckpt_every=20 run.preview_every=20)
+                optim.schedule_steps=60 data.num_workers=4 run.ckpt_every=20 run.preview_every=20)
     "$PY" gfm_fast/train.py "${args[@]}" --max-steps 40 && "$PY" gfm_fast/train.py "${args[@]}" --max-steps 60 &&
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
 }
@@ -82,7 +83,7 @@ for phase in "${phases[@]}"; do
     esac
     echo "=== $phase ==="
     start=$SECONDS
-    "$phase" 2>&1 | tee -a "$RESULTS/gpu_session.log"  # one log: the device tool brings back 8 files at most
+    "phase_$phase" 2>&1 | tee -a "$RESULTS/gpu_session.log"  # one log: the device tool brings back 8 files at most
     rc=${PIPESTATUS[0]}
     echo "=== $phase: exit $rc in $((SECONDS - start)) s ==="
     if [ "$rc" -ne 0 ]; then
