@@ -11,3 +11,16 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """On GPUs, fp32 matmuls and convolutions at full fp32 precision (no TF32 in cuBLAS/cuDNN), so an
+    fp32 tolerance measures our kernels, not the reference's TF32 rounding."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -17,18 +17,10 @@ from gfm_fast.masking import generate_block_mask
 from model_helpers import TINY_BLOCKS, TINY_IMG, random_block_mask, tiny_pretrainer
 
 DEVICE = torch.device(os.environ.get("GFM_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (set GFM_TEST_DEVICE=cpu to dry-run on CPU)")
+pytestmark = [pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (set GFM_TEST_DEVICE=cpu to dry-run on CPU)"),
+              pytest.mark.usefixtures("no_tf32")]  # the fp32 comparisons measure our code, not TF32
 FP32_TOL = dict(rtol=2e-4, atol=2e-5)  # TF32 off; reduction order differs between devices/backends
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """The fp32 comparisons measure our code, not cuBLAS's TF32 rounding."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _pair(backend):

@@ -1,15 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32_reference():
-    """On GPUs the fp32 reference runs at fp32 precision too (no TF32 in cuBLAS/cuDNN), so the fp32
-    tolerance measures the kernels, not the reference's TF32 rounding."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _exact_fp32_reference(no_tf32):
+    """Every op test compares against an fp32 reference without TF32 (see tests/conftest.py)."""
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
