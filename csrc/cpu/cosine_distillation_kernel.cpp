@@ -22,8 +22,6 @@ using cpu::acc_type;
 constexpr const char* kForward = "cosine_distillation";
 constexpr const char* kBackward = "_cosine_distillation_backward";
 
-at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
 template <typename scalar_t>
 GFM_ALWAYS_INLINE void row_dots(const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t D,
                                 acc_type<scalar_t>* stats) {
@@ -76,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cpu(const at::Tensor& stu
                                                            double eps, bool needs_grad) {
   check_cosine_inputs(kForward, student, teacher);
   const int64_t B = student.size(0), D = student.size(1);
-  at::Tensor stats = at::empty({B, kCosineStats}, student.options().dtype(stats_dtype(student.scalar_type())));
+  const auto stats_options = student.options().dtype(cosine_stats_dtype(student.scalar_type()));
+  at::Tensor stats = at::empty({B, kCosineStats}, stats_options);
   double cos_sum = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -98,14 +97,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cpu(const at::Tensor& stu
 
 at::Tensor cosine_distillation_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                             const at::Tensor& teacher, const at::Tensor& row_stats, double eps) {
-  check_cosine_inputs(kBackward, student, teacher);
-  check_scalar_grad(kBackward, grad_loss, student);
+  check_cosine_backward_inputs(kBackward, grad_loss, student, teacher, row_stats);
   const int64_t B = student.size(0);
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kCosineStats &&
-                  row_stats.scalar_type() == stats_dtype(student.scalar_type()) && row_stats.is_contiguous(),
-              kBackward, ": row_stats must be the (", B, ", ", kCosineStats, ") ", stats_dtype(student.scalar_type()),
-              " tensor returned by cosine_distillation with needs_grad=True, got ", row_stats.sizes(), " ",
-              row_stats.scalar_type());
   at::Tensor g_student = at::empty_like(student);
   // d loss / d cos_b = -grad_loss / B for every row.
   const double coef = -grad_loss.item<double>() / static_cast<double>(B);

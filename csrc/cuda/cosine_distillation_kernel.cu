@@ -70,15 +70,13 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ grad_loss, c
   }
 }
 
-at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> cosine_distillation_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                             double eps, bool needs_grad) {
   check_cosine_inputs(kForward, student, teacher);
   cuda::check_cuda(kForward, student);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), D = student.size(1);
-  const auto acc_options = student.options().dtype(stats_dtype(student.scalar_type()));
+  const auto acc_options = student.options().dtype(cosine_stats_dtype(student.scalar_type()));
   at::Tensor stats = at::empty({B, kCosineStats}, acc_options);
   at::Tensor cosines = at::empty({B}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_cuda", [&] {
@@ -94,17 +92,10 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cuda(const at::Tensor& st
 
 at::Tensor cosine_distillation_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
                                              const at::Tensor& teacher, const at::Tensor& row_stats, double eps) {
-  check_cosine_inputs(kBackward, student, teacher);
-  check_scalar_grad(kBackward, grad_loss, student);
+  check_cosine_backward_inputs(kBackward, grad_loss, student, teacher, row_stats);
   cuda::check_cuda(kBackward, student);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), D = student.size(1);
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kCosineStats &&
-                  row_stats.scalar_type() == stats_dtype(student.scalar_type()) && row_stats.is_contiguous() &&
-                  row_stats.device() == student.device(),
-              kBackward, ": row_stats must be the (", B, ", ", kCosineStats, ") ", stats_dtype(student.scalar_type()),
-              " tensor returned by cosine_distillation with needs_grad=True, got ", row_stats.sizes(), " ",
-              row_stats.scalar_type());
   const at::Tensor grad = grad_loss.reshape({1}).to(student.scalar_type()).contiguous();
   at::Tensor g_student = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_backward_cuda",
