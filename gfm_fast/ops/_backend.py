@@ -32,14 +32,16 @@ class BackendUnavailableError(RuntimeError):
 
 
 _IMPORT_ERRORS: Dict[str, str] = {}
+_MODULES: Dict[str, ModuleType] = {}
 
 
 def _import_error(module: str) -> str:
-    """Why ``module`` cannot be imported ("" when it can), memoised in a plain dict: torch.compile
-    traces this on every op call and reads a dict directly (an lru_cache wrapper it would bypass)."""
+    """Why ``module`` cannot be imported ("" when it can; the module is then in ``_MODULES``).
+    Memoised in plain dicts: torch.compile traces this on every op call and reads a dict directly,
+    but cannot trace ``importlib`` (or an lru_cache wrapper) without a graph break."""
     if module not in _IMPORT_ERRORS:
         try:
-            importlib.import_module(module)
+            _MODULES[module] = importlib.import_module(module)
             _IMPORT_ERRORS[module] = ""
         except Exception as exc:  # ImportError, or a failed extension load
             _IMPORT_ERRORS[module] = f"{type(exc).__name__}: {exc}"
@@ -112,10 +114,16 @@ def _check_can_serve(op: str, backend: str, device: torch.device) -> None:
                                       f"({_import_error('gfm_fast.ops._triton_impl')}); install triton")
 
 
+_IMPL_MODULES = {"cpp": "gfm_fast.ops._cpp_impl", "triton": "gfm_fast.ops._triton_impl"}
+
+
 def implementation(backend: str) -> ModuleType:
-    """The module implementing ``<op>_forward`` / ``<op>_backward`` for a fast backend."""
-    if backend == "cpp":
-        return importlib.import_module("gfm_fast.ops._cpp_impl")
-    if backend == "triton":
-        return importlib.import_module("gfm_fast.ops._triton_impl")
-    raise ValueError(f"backend {backend!r} has no fused implementation module")
+    """The module implementing ``<op>_forward`` / ``<op>_backward`` for a fast backend (already
+    checked by ``resolve``, so importing it succeeds)."""
+    if backend not in _IMPL_MODULES:
+        raise ValueError(f"backend {backend!r} has no fused implementation module")
+    module = _IMPL_MODULES[backend]
+    error = _import_error(module)
+    if error:
+        raise BackendUnavailableError(f"backend {backend!r} cannot be loaded: {error}")
+    return _MODULES[module]

@@ -53,8 +53,9 @@ def decoder_l1_loss_backward(grad_loss, saved: Tensors, stride: int) -> Tensors:
         raise RuntimeError("decoder_l1_loss: backward called on a forward run without gradients (needs_grad=False)")
     g_features, g_weight, g_bias = saved
     # The usual case (the loss feeds a sum) needs no extra pass and no copy. On CUDA the check
-    # would cost a device sync, so there the kernels always scale.
-    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+    # would cost a device sync, and under torch.compile it is data-dependent control flow (a graph
+    # break), so there the kernels always scale.
+    if grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
         return g_features, g_weight, g_bias
     return tuple(_ops._decoder_l1_loss_backward(grad_loss, g_features, g_weight, g_bias))
 

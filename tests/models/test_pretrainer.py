@@ -204,3 +204,22 @@ def test_fused_window_attention_matches_the_explicit_softmax_path():
     torch.testing.assert_close(out_f.loss, out_e.loss, rtol=1e-5, atol=1e-6)
     for (name, p_f), p_e in zip(fused.student.named_parameters(), explicit.student.parameters()):
         torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not cpp_ready(), reason="C++ CPU backend not built")
+def test_student_compiles_as_one_graph():
+    """run.compile: the student (Swin, fused ops, losses) traces with no graph break (fullgraph),
+    so every fused op is one node of the compiled graph, and the compiled step equals eager."""
+    torch.manual_seed(0)
+    model = tiny_pretrainer(ops_backend="cpp")
+    ops.available_backends()  # what compile_in_place does: dynamo cannot trace the backends' import
+    x, mask = images(), random_block_mask(2)
+    z_t = model.teacher(x)
+    want = model.student(x, mask, z_t)
+    want_grads = torch.autograd.grad(want.loss, list(model.student.parameters()))
+    compiled = torch.compile(model.student, backend="aot_eager", fullgraph=True, dynamic=False)
+    got = compiled(x, mask, z_t)
+    got_grads = torch.autograd.grad(got.loss, list(model.student.parameters()))
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for (name, _), g, w in zip(model.student.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)

@@ -209,20 +209,23 @@ def test_opcheck_cpp_ops(needs_grad):
                               (torch.tensor(0.5), g_features, g_weight, g_bias))
 
 
-def test_torch_compile_cpp():
-    pytest.importorskip("gfm_fast.ops._cpp_impl", reason="gfm_fast._C is not built")
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_torch_compile_fullgraph(backend, device):
+    """The op is one opaque node under torch.compile (fullgraph), the backward scales by a
+    grad_loss != 1 there too, and loss and gradients equal the eager ones."""
     case = CASES[1]
-    features, _, _, images, mask = _make_inputs(case, torch.float32, "cpu")
-    module = DecoderL1Loss(case.dim, case.chans, case.stride, backend="cpp")
-    compiled = torch.compile(module, backend="aot_eager")
+    features, _, _, images, mask = _make_inputs(case, torch.float32, device)
+    module = DecoderL1Loss(case.dim, case.chans, case.stride, backend=backend).to(device)
+    grad_loss = random_scalar_grad(torch.float32, device)
     expected = module(features, images, mask)
-    expected.backward()
-    expected_grad = module.conv.weight.grad.clone()
+    expected.backward(grad_loss)
+    expected_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
     module.zero_grad()
-    loss = compiled(features, images, mask)
-    loss.backward()
+    loss = torch.compile(module, backend="aot_eager", fullgraph=True)(features, images, mask)
+    loss.backward(grad_loss)
     assert_close("compiled loss", loss, expected, torch.float32, tolerance=1e-6)
-    assert_close("compiled g_weight", module.conv.weight.grad, expected_grad, torch.float32, tolerance=1e-6)
+    for name, param in module.named_parameters():
+        assert_close(f"compiled g_{name}", param.grad, expected_grads[name], torch.float32, tolerance=1e-6)
 
 
 # ---------------------------------------------------------------- errors

@@ -218,20 +218,27 @@ def test_opcheck_cpp_ops():
                           (grad_out, images, weight, bias, norm_weight, mask, patch, eps))
 
 
-def test_torch_compile_cpp():
-    pytest.importorskip("gfm_fast.ops._cpp_impl", reason="gfm_fast._C is not built")
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_torch_compile_fullgraph(backend, device):
+    """The op is one opaque node under torch.compile (fullgraph: no graph break in the launcher's
+    Python), and the compiled forward and backward equal the eager ones."""
     case = CASES[1]
-    images, params, mask = _make_inputs(case, torch.float32, "cpu")
-    module = MaskedPatchEmbed(case.chans, case.dim, case.patch, backend="cpp")
-    compiled = torch.compile(module, backend="aot_eager")
+    images, params, mask = _make_inputs(case, torch.float32, device)
+    module = MaskedPatchEmbed(case.chans, case.dim, case.patch, backend=backend).to(device)
+    with torch.no_grad():
+        for name, param in (("proj.weight", "weight"), ("proj.bias", "bias"), ("norm.weight", "norm_weight"),
+                            ("norm.bias", "norm_bias"), ("mask_token", "mask_token")):
+            module.get_parameter(name).copy_(params[param])
+    grad_out = torch.randn(case.batch, case.grid[0] * case.grid[1], case.dim, device=device)
     expected = module(images, mask)
-    expected.sum().backward()
-    expected_grad = module.proj.weight.grad.clone()
+    expected.backward(grad_out)
+    expected_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
     module.zero_grad()
-    out = compiled(images, mask)
-    out.sum().backward()
+    out = torch.compile(module, backend="aot_eager", fullgraph=True)(images, mask)
+    out.backward(grad_out)
     assert_close("compiled tokens", out, expected, torch.float32, tolerance=1e-6)
-    assert_close("compiled g_weight", module.proj.weight.grad, expected_grad, torch.float32, tolerance=1e-6)
+    for name, param in module.named_parameters():
+        assert_close(f"compiled g_{name}", param.grad, expected_grads[name], torch.float32, tolerance=1e-6)
 
 
 # ---------------------------------------------------------------- errors

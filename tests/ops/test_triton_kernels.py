@@ -289,6 +289,52 @@ def test_cosine_distillation_without_grad_saves_nothing():
     assert_close("loss", loss, cosine_reference(student, teacher), torch.float32)
 
 
+# --------------------------------------------------------------------------- torch.library custom ops
+
+def _custom_op_cases():
+    """(op, args) for every launch wrapped as a torch.ops.gfm_fast_triton op, tiny inputs."""
+    images, params, mask = _embed_inputs(2, 3, 8, 12, 4, 16, 2, 3, torch.float32)
+    embed_args = (images, params["weight"], params["bias"], params["norm_weight"], params["norm_bias"], mask,
+                  params["mask_token"], 4, 1e-5)
+    _, mean, rstd = torch.ops.gfm_fast_triton.masked_patch_embed_fwd(*embed_args)
+    grad_out = torch.randn(2, 6, 16, device=DEVICE)
+    # All blocks masked: the sign rows of unmasked blocks are never written (nor read), and opcheck
+    # compares every output of two launches.
+    features, weight, bias, dec_images, dec_mask = _decoder_inputs(2, 16, 2, 2, 4, 1, torch.float32, "all")
+    dec_args = (features, weight, bias, dec_images, dec_mask, 4, True)
+    _, *residuals = torch.ops.gfm_fast_triton.decoder_l1_loss_fwd(*dec_args)
+    student, teacher = _cosine_inputs(3, 16, torch.float32, special=False)
+    _, stats = torch.ops.gfm_fast_triton.cosine_distillation_fwd(student, teacher, 1e-8, True)
+    half = torch.tensor(0.5, device=DEVICE)
+    ops = torch.ops.gfm_fast_triton
+    cases = {
+        "masked_patch_embed_fwd": (ops.masked_patch_embed_fwd, embed_args),
+        "masked_patch_embed_bwd": (ops.masked_patch_embed_bwd, (grad_out, images, params["weight"], params["bias"],
+                                                                 params["norm_weight"], mask, mean, rstd, 4)),
+        "decoder_l1_loss_fwd": (ops.decoder_l1_loss_fwd, dec_args),
+        "decoder_l1_loss_fwd-no-grad": (ops.decoder_l1_loss_fwd, dec_args[:-1] + (False,)),
+        "decoder_l1_loss_bwd": (ops.decoder_l1_loss_bwd, (half, features, weight, *residuals)),
+        "cosine_distillation_fwd": (ops.cosine_distillation_fwd, (student, teacher, 1e-8, True)),
+        "cosine_distillation_fwd-no-stats": (ops.cosine_distillation_fwd, (student, teacher, 1e-8, False)),
+        "cosine_distillation_bwd": (ops.cosine_distillation_bwd, (half, student, teacher, stats, 1e-8)),
+    }
+    assert sorted(cases) == sorted(CUSTOM_OP_CASES)
+    return cases
+
+
+CUSTOM_OP_CASES = ["masked_patch_embed_fwd", "masked_patch_embed_bwd", "decoder_l1_loss_fwd",
+                   "decoder_l1_loss_fwd-no-grad", "decoder_l1_loss_bwd", "cosine_distillation_fwd",
+                   "cosine_distillation_fwd-no-stats", "cosine_distillation_bwd"]
+
+
+@pytest.mark.parametrize("name", CUSTOM_OP_CASES)
+def test_custom_op_registration(name):
+    """torch.library.opcheck: schema, fake (shape-only) kernel against the real launch, and tracing
+    with dynamic shapes: what torch.compile relies on to keep each launch one opaque node."""
+    op, args = _custom_op_cases()[name]
+    torch.library.opcheck(op, args)
+
+
 # --------------------------------------------------------------------------- launcher validation
 
 def test_masked_patch_embed_launcher_rejects_bad_inputs():
