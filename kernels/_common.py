@@ -1,10 +1,13 @@
 """Helpers shared by the Triton kernel launchers (kernels/<op>.py): dtype settings and input checks."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
-from typing import Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
+import triton
 import triton.language as tl
 
 # The interpreter (TRITON_INTERPRET=1, CPU) runs tl.dot through numpy, which cannot multiply
@@ -50,3 +53,63 @@ def check_tensors(reference_name: str, reference: torch.Tensor, **tensors: torch
         if name != "mask" and tensor.dtype != reference.dtype:
             raise ValueError(f"{name} with shape {tuple(tensor.shape)} has dtype {tensor.dtype}, {reference_name} have "
                              f"{reference.dtype}; cast all inputs to one dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune pruning: pipelined tl.dot operands must fit the device's shared memory
+# --------------------------------------------------------------------------------------------
+
+StageBytes = Callable[[Dict[str, object], Dict[str, object]], int]
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device_index: int) -> int:
+    """Bytes of shared memory one program may use on CUDA device ``device_index`` (opt-in maximum)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def configs_within(configs: List[triton.Config], stage_bytes: Callable[[triton.Config], int],
+                   limit: int) -> List[triton.Config]:
+    """The configs whose ``num_stages`` copies of one pipeline stage fit in ``limit`` bytes.
+
+    Conservative: on sm_90, tensor-core (wgmma) dots stage ``num_stages`` copies, the others one
+    fewer (measured from compiled kernels' shared-memory sizes).
+
+    A config that is too deep gets as many stages as fit (a copy; duplicates dropped); one whose
+    single stage is too big is dropped. If nothing fits, the config with the smallest stage, at
+    one stage, is kept, so that Triton reports the real OutOfResources rather than an empty list.
+    """
+    kept, seen = [], set()
+    for config in configs:
+        stages = min(config.num_stages, limit // max(1, stage_bytes(config)))
+        if stages < 1:
+            continue
+        if stages != config.num_stages:
+            config = copy.copy(config)
+            config.num_stages = stages
+        signature = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+        if signature not in seen:
+            seen.add(signature)
+            kept.append(config)
+    if not kept:
+        smallest = copy.copy(min(configs, key=stage_bytes))
+        smallest.num_stages = 1
+        kept.append(smallest)
+    return kept
+
+
+def prune_to_shared_memory(stage_bytes: StageBytes, device_arg: str):
+    """An autotune ``early_config_prune``: :func:`configs_within` the shared memory of the device
+    that holds argument ``device_arg``. ``stage_bytes(config_kwargs, args)`` gives the bytes one
+    pipeline stage of a config stages (its tl.dot operand tiles, at the dot's operand width);
+    ``args`` holds the launch's arguments by name, constexprs included.
+
+    Without it, deep pipelines of fp64 tiles (8 bytes an element) exceed shared memory in every
+    config, and the autotuner has nothing left to launch."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        limit = shared_memory_limit(args[device_arg].device.index)
+        return configs_within(configs, lambda config: stage_bytes(config.kwargs, args), limit)
+
+    return prune

@@ -25,44 +25,66 @@ Gradients follow torch: d|x|/dx = sign(x), which is 0 at x == 0.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from gfm_fast.kernels._common import (INTERPRET, MIN_DOT_DIM, acc_dtype, acc_torch_dtype, check_tensors,
-                                      dot_settings)
+                                      dot_settings, prune_to_shared_memory)
 
 # Pixel columns per forward tile. Not autotuned: the per-row loss partials are laid out by column
 # tile, and a fixed layout lets every autotune candidate overwrite exactly the same slots.
-FWD_BLOCK_N = 32 if INTERPRET else 128
+GPU_FWD_BLOCK_N = 128
+FWD_BLOCK_N = 32 if INTERPRET else GPU_FWD_BLOCK_N
 COMPACT_BLOCK = 1024  # mask entries per step of the single-program compaction
 FINISH_BLOCK = 1024  # partial sums per step of the single-program final reduction
 
 
-def _configs(gpu_configs, interpret_config):
+def gpu_configs(specs) -> List[triton.Config]:
+    return [triton.Config(kwargs, num_warps=w, num_stages=s) for kwargs, w, s in specs]
+
+
+def _configs(gpu_specs, interpret_config):
     """Autotune candidates; the interpreter gets one small config (no benchmarking, tiny tiles)."""
     if INTERPRET:
         return [triton.Config(interpret_config, num_warps=4)]
-    return [triton.Config(kwargs, num_warps=w, num_stages=s) for kwargs, w, s in gpu_configs]
+    return gpu_configs(gpu_specs)
 
 
-_FWD_CONFIGS = _configs(
-    [({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 4),
-     ({"BLOCK_M": 128, "BLOCK_K": 32}, 8, 4), ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 4),
-     ({"BLOCK_M": 64, "BLOCK_K": 32}, 4, 5), ({"BLOCK_M": 64, "BLOCK_K": 64}, 8, 3)],
-    {"BLOCK_M": 16, "BLOCK_K": 16})
-_BWD_INPUT_CONFIGS = _configs(
-    [({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_O": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_O": 32}, 4, 4),
-     ({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_O": 64}, 4, 4), ({"BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_O": 64}, 4, 4),
-     ({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_O": 64}, 4, 5), ({"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_O": 64}, 8, 3)],
-    {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_O": 32})
-_BWD_WEIGHT_CONFIGS = _configs(
-    [({"BLOCK_O": 128, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3), ({"BLOCK_O": 128, "BLOCK_D": 128, "BLOCK_R": 32}, 4, 4),
-     ({"BLOCK_O": 64, "BLOCK_D": 128, "BLOCK_R": 64}, 4, 4), ({"BLOCK_O": 128, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 4),
-     ({"BLOCK_O": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 5), ({"BLOCK_O": 256, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3)],
-    {"BLOCK_O": 32, "BLOCK_D": 16, "BLOCK_R": 16})
+# (tile sizes, num_warps, num_stages) candidates on a GPU; prune_to_shared_memory trims the stages
+# (or drops the config) where the pipelined operand tiles would not fit, e.g. fp64 on any card.
+FWD_GPU_SPECS = [
+    ({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 4),
+    ({"BLOCK_M": 128, "BLOCK_K": 32}, 8, 4), ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_K": 32}, 4, 5), ({"BLOCK_M": 64, "BLOCK_K": 64}, 8, 3)]
+BWD_INPUT_GPU_SPECS = [
+    ({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_O": 64}, 8, 3), ({"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_O": 32}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_O": 64}, 4, 4), ({"BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_O": 64}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_O": 64}, 4, 5), ({"BLOCK_M": 128, "BLOCK_D": 256, "BLOCK_O": 64}, 8, 3)]
+BWD_WEIGHT_GPU_SPECS = [
+    ({"BLOCK_O": 128, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3), ({"BLOCK_O": 128, "BLOCK_D": 128, "BLOCK_R": 32}, 4, 4),
+    ({"BLOCK_O": 64, "BLOCK_D": 128, "BLOCK_R": 64}, 4, 4), ({"BLOCK_O": 128, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 4),
+    ({"BLOCK_O": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 5), ({"BLOCK_O": 256, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3)]
+
+_FWD_CONFIGS = _configs(FWD_GPU_SPECS, {"BLOCK_M": 16, "BLOCK_K": 16})
+_BWD_INPUT_CONFIGS = _configs(BWD_INPUT_GPU_SPECS, {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_O": 32})
+_BWD_WEIGHT_CONFIGS = _configs(BWD_WEIGHT_GPU_SPECS, {"BLOCK_O": 32, "BLOCK_D": 16, "BLOCK_R": 16})
+
+
+# Bytes of one pipeline stage: the tl.dot operand tiles one K step stages in shared memory, at the
+# dot's operand width (the features' dtype; int8 signs are widened before they are staged).
+def fwd_stage_bytes(tiles, args) -> int:
+    return (tiles["BLOCK_M"] + args["BLOCK_N"]) * tiles["BLOCK_K"] * args["f_ptr"].element_size()
+
+
+def bwd_input_stage_bytes(tiles, args) -> int:
+    return tiles["BLOCK_O"] * (tiles["BLOCK_M"] + tiles["BLOCK_D"]) * args["w_ptr"].element_size()
+
+
+def bwd_weight_stage_bytes(tiles, args) -> int:
+    return tiles["BLOCK_R"] * (tiles["BLOCK_O"] + tiles["BLOCK_D"]) * args["f_ptr"].element_size()
 
 
 class DecoderL1Residuals(NamedTuple):
@@ -98,7 +120,8 @@ def _decoder_l1_loss_compact_kernel(mask_ptr, order_ptr, count_ptr, inv_norm_ptr
     tl.store(inv_norm_ptr, 1.0 / norm)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["n_rows", "O", "D"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["n_rows", "O", "D"],
+                 prune_configs_by={"early_config_prune": prune_to_shared_memory(fwd_stage_bytes, "f_ptr")})
 @triton.jit
 def _decoder_l1_loss_fwd_kernel(
     f_ptr, w_ptr, b_ptr, img_ptr, order_ptr, count_ptr, row_loss_ptr, sign_ptr,
@@ -157,7 +180,8 @@ def _decoder_l1_loss_finish_kernel(row_loss_ptr, count_ptr, inv_norm_ptr, loss_p
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
-@triton.autotune(configs=_BWD_INPUT_CONFIGS, key=["n_rows", "O", "D"])
+@triton.autotune(configs=_BWD_INPUT_CONFIGS, key=["n_rows", "O", "D"],
+                 prune_configs_by={"early_config_prune": prune_to_shared_memory(bwd_input_stage_bytes, "w_ptr")})
 @triton.jit
 def _decoder_l1_loss_bwd_input_kernel(
     sign_ptr, w_ptr, order_ptr, count_ptr, grad_loss_ptr, inv_norm_ptr, g_f_ptr,
@@ -189,7 +213,8 @@ def _decoder_l1_loss_bwd_input_kernel(
              mask=row_exists[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_BWD_WEIGHT_CONFIGS, key=["n_rows", "O", "D"])
+@triton.autotune(configs=_BWD_WEIGHT_CONFIGS, key=["n_rows", "O", "D"],
+                 prune_configs_by={"early_config_prune": prune_to_shared_memory(bwd_weight_stage_bytes, "f_ptr")})
 @triton.jit
 def _decoder_l1_loss_bwd_weight_kernel(
     sign_ptr, f_ptr, order_ptr, count_ptr, grad_loss_ptr, inv_norm_ptr, g_w_ptr, g_b_ptr,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from gfm_fast.kernels._common import (INTERPRET, MIN_DOT_DIM, acc_dtype, acc_torch_dtype, check_tensors,
-                                      dot_settings)
+                                      dot_settings, prune_to_shared_memory)
 
 MAX_BLOCK_K = 64  # patch elements per tl.dot step; K = 48 for RGB at p = 4 fits in one step
 NUM_VECTOR_GRADS = 4  # per-program partials: g_bias, g_norm_weight, g_norm_bias, g_mask_token
@@ -31,27 +31,42 @@ INTERPRET_PROGRAMS = 2  # persistent backward programs under the interpreter (ke
 MAX_WEIGHT_TILE = 8192  # fp32 elements of the backward's g_weight accumulator: 32 registers/thread at 8 warps
 
 
-def _fwd_configs():
-    if INTERPRET:  # one config: autotuning in the interpreter would only cost time
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+def gpu_fwd_configs():
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
             for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 
 
-def _bwd_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+def gpu_bwd_configs():
     # 8 warps: the (D, BLOCK_K) g_weight accumulator plus four (D,) ones spill with 4 (ptxas, sm_90).
     return [triton.Config({"BLOCK_M": bm}, num_warps=8, num_stages=s) for bm in (16, 32, 64) for s in (2, 3)]
 
 
-def _prune_by_registers(max_tile: int):
-    """Drop configs whose (BLOCK_M, BLOCK_D) fp32 tiles would spill registers."""
+def _configs(gpu_configs):
+    if INTERPRET:  # one config: autotuning in the interpreter would only cost time
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return gpu_configs()
+
+
+def fwd_stage_bytes(tiles, args) -> int:
+    """One K step's tl.dot operands: a (BLOCK_M, BLOCK_K) patch tile and a (BLOCK_K, BLOCK_D) weight tile."""
+    return (tiles["BLOCK_M"] + args["BLOCK_D"]) * args["BLOCK_K"] * args["img_ptr"].element_size()
+
+
+def bwd_stage_bytes(tiles, args) -> int:
+    """The forward's operands plus the patch tile of the g_weight product."""
+    return (2 * tiles["BLOCK_M"] + args["BLOCK_D"]) * args["BLOCK_K"] * args["img_ptr"].element_size()
+
+
+def _prune(max_tile: int, stage_bytes):
+    """Drop configs whose (BLOCK_M, BLOCK_D) fp32 tiles would spill registers (keeping the smallest
+    BLOCK_M if none fits), then fit the rest to shared memory (wide fp64 rows need fewer stages)."""
+    fit_shared_memory = prune_to_shared_memory(stage_bytes, "img_ptr")
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_d <= max_tile]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+        return fit_shared_memory(kept, named_args, **kwargs)
 
     return prune
 
@@ -100,8 +115,8 @@ def _conv_rows(img_ptr, w_ptr, b_ptr, patch_offset, load_rows, cols, D, K, H, W,
     return acc + bias[None, :]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "K"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers(16384)})
+@triton.autotune(configs=_configs(gpu_fwd_configs), key=["D", "K"],
+                 prune_configs_by={"early_config_prune": _prune(16384, fwd_stage_bytes)})
 @triton.jit
 def _masked_patch_embed_fwd_kernel(
     img_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, mask_ptr, tok_ptr, out_ptr, mean_ptr, rstd_ptr,
@@ -135,8 +150,8 @@ def _masked_patch_embed_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["D", "K"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers(8192)})
+@triton.autotune(configs=_configs(gpu_bwd_configs), key=["D", "K"],
+                 prune_configs_by={"early_config_prune": _prune(8192, bwd_stage_bytes)})
 @triton.jit
 def _masked_patch_embed_bwd_kernel(
     img_ptr, w_ptr, b_ptr, nw_ptr, mask_ptr, mean_ptr, rstd_ptr, gout_ptr, gw_part_ptr, gvec_part_ptr,

@@ -425,6 +425,57 @@ def test_eps_is_a_constexpr_in_every_kernel():
     assert len(kernels) == 4, kernels  # cosine forward and backward, embed forward, decoder compaction
 
 
+# --------------------------------------------------------------------------- autotune pruning
+
+def _stage_bytes_by_block(config):
+    return config.kwargs["BLOCK"] * 1000
+
+
+def test_configs_within_trims_stages_to_fit_shared_memory():
+    from gfm_fast.kernels._common import configs_within
+
+    configs = [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=3),  # 192 kB: fits as it is
+               triton.Config({"BLOCK": 128}, num_warps=8, num_stages=4),  # 512 kB: 1 stage fits
+               triton.Config({"BLOCK": 128}, num_warps=8, num_stages=2),  # trimmed to a duplicate of the above
+               triton.Config({"BLOCK": 512}, num_warps=8, num_stages=1)]  # one stage is too big: dropped
+    kept = configs_within(configs, _stage_bytes_by_block, limit=200_000)
+    assert [(c.kwargs["BLOCK"], c.num_warps, c.num_stages) for c in kept] == [(64, 4, 3), (128, 8, 1)]
+    assert configs[1].num_stages == 4  # the autotuner's own list is not modified
+
+
+def test_configs_within_keeps_the_smallest_config_when_nothing_fits():
+    from gfm_fast.kernels._common import configs_within
+
+    configs = [triton.Config({"BLOCK": 256}, num_stages=3), triton.Config({"BLOCK": 128}, num_stages=2)]
+    kept = configs_within(configs, _stage_bytes_by_block, limit=1000)
+    assert [(c.kwargs["BLOCK"], c.num_stages) for c in kept] == [(128, 1)]
+
+
+def test_decoder_fp64_configs_fit_an_a100_and_an_h100():
+    """Every decoder kernel keeps candidates in fp64 and bf16 on the cards' shared memory, and what
+    it keeps fits (the sm_90 compile test below checks the estimate against ptxas's numbers)."""
+    from gfm_fast.kernels._common import configs_within
+
+    class Arg:
+        def __init__(self, itemsize):
+            self.itemsize = itemsize
+
+        def element_size(self):
+            return self.itemsize
+
+    for limit in (166_912, 232_448):  # A100, H100 (bytes per program)
+        for itemsize in (2, 8):
+            args = dict(f_ptr=Arg(itemsize), w_ptr=Arg(itemsize), BLOCK_N=dec_kernels.GPU_FWD_BLOCK_N)
+            for specs, stage_bytes in [(dec_kernels.FWD_GPU_SPECS, dec_kernels.fwd_stage_bytes),
+                                       (dec_kernels.BWD_INPUT_GPU_SPECS, dec_kernels.bwd_input_stage_bytes),
+                                       (dec_kernels.BWD_WEIGHT_GPU_SPECS, dec_kernels.bwd_weight_stage_bytes)]:
+                size = lambda c: stage_bytes(c.kwargs, args)  # noqa: E731
+                kept = configs_within(dec_kernels.gpu_configs(specs), size, limit)
+                assert kept and all(c.num_stages * size(c) <= limit for c in kept), (limit, itemsize, specs)
+                if itemsize == 2:
+                    assert len(kept) == len(specs)  # bf16 (training) keeps every candidate
+
+
 # --------------------------------------------------------------------------- GPU compilation
 
 COMPILE_SCRIPT = textwrap.dedent(r'''
@@ -435,28 +486,57 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
     from triton.compiler import ASTSource
     from gfm_fast.kernels import cosine_distillation as cd, decoder_l1_loss as dl, masked_patch_embed as pe
 
+    from gfm_fast.kernels import _common
+
+    H100_SHARED_MEMORY = 232448  # bytes a program may opt into on sm_90
+    _common.shared_memory_limit = lambda device_index: H100_SHARED_MEMORY  # no GPU to ask
+
+    class FakeTensor:
+        """What an autotune prune reads of a pointer argument: its element size and device."""
+        class device:
+            index = 0
+
+        def __init__(self, type_name):
+            self.itemsize = {"fp64": 8, "fp32": 4, "i32": 4, "fp16": 2, "bf16": 2, "i8": 1}[type_name.lstrip("*")]
+
+        def element_size(self):
+            return self.itemsize
+
+    def launch_configs(kernel, values, constexprs):
+        """Every config a launch could pick: the autotuner's prune (registers, shared memory) applied
+        as on an H100."""
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            args = {name: FakeTensor(v) if isinstance(v, str) else v for name, v in values.items()}
+            configs = kernel.early_config_prune(configs, args, **constexprs)
+        assert configs, kernel.fn.__name__
+        return configs
+
     def compile_for_h100(kernel, values, constexprs):
-        """Compile like a real launch: pointers 16-byte aligned, ints divisible by 16 marked so."""
-        config = kernel.configs[0] if isinstance(kernel, triton.runtime.Autotuner) else None
-        fn = kernel.fn if config else kernel
-        constexprs = {**constexprs, **(config.kwargs if config else {})}
-        signature, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            value = values.get(name)
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif isinstance(value, str):
-                signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-                if value % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
-        assert compiled.asm["cubin"], fn.__name__
+        """Compile like a real launch: pointers 16-byte aligned, ints divisible by 16 marked so; an
+        autotuned kernel in each of its :func:`launch_configs`, each of which must fit shared memory."""
+        autotuned = isinstance(kernel, triton.runtime.Autotuner)
+        for config in launch_configs(kernel, values, constexprs) if autotuned else [None]:
+            fn = kernel.fn if autotuned else kernel
+            all_constexprs = {**constexprs, **(config.kwargs if config else {})}
+            signature, attrs = {}, {}
+            for i, name in enumerate(fn.arg_names):
+                value = values.get(name)
+                if name in all_constexprs:
+                    signature[name] = "constexpr"
+                elif isinstance(value, str):
+                    signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+                elif isinstance(value, float):
+                    signature[name] = "fp32"
+                else:
+                    signature[name] = "i32"
+                    if value % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=all_constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options=options)
+            assert compiled.asm["cubin"], fn.__name__
+            assert compiled.metadata.shared <= H100_SHARED_MEMORY, (fn.__name__, config, compiled.metadata.shared)
 
     for name in sys.argv[1:]:
         p = "*" + name
@@ -471,9 +551,10 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
                    mask_ptr="*fp32", mean_ptr=acc_p, rstd_ptr=acc_p, gw_part_ptr=acc_p, gvec_part_ptr=acc_p,
                    n_tokens=128 * 2304, tokens_per_image=2304, grid_w=48, mask_h=6, mask_w=6, cell_h=8, cell_w=8,
                    C=3, H=192, W=192, D=128, K=48)
-        emb_const = dict(PATCH=4, BLOCK_D=128, BLOCK_K=64, **gemm)
-        compile_for_h100(pe._masked_patch_embed_fwd_kernel, emb, dict(EPS=1e-5, **emb_const))
-        compile_for_h100(pe._masked_patch_embed_bwd_kernel, emb, emb_const)
+        for dim in (128, 1024):  # GFM's embed width, and the widest the op tests sweep
+            emb_const = dict(PATCH=4, BLOCK_D=pe._block_d(dim), BLOCK_K=pe._block_k(48, dim), **gemm)
+            compile_for_h100(pe._masked_patch_embed_fwd_kernel, {**emb, "D": dim}, dict(EPS=1e-5, **emb_const))
+            compile_for_h100(pe._masked_patch_embed_bwd_kernel, {**emb, "D": dim}, emb_const)
         dec = dict(f_ptr=p, w_ptr=p, b_ptr=p, img_ptr=p, g_f_ptr=p, g_w_ptr=p, g_b_ptr=p, grad_loss_ptr=p,
                    loss_ptr=p, order_ptr="*i32", count_ptr="*i32", row_loss_ptr=acc_p, inv_norm_ptr=acc_p,
                    mask_ptr="*fp32", sign_ptr="*fp64" if name == "fp64" else "*i8", n_rows=128 * 36, D=1024,
