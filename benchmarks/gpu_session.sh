@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # What a session with a GPU runs (DEVELOPERS' guide: GPU work comes first), in phases:
-#   bash benchmarks/gpu_session.sh [setup] [test] [bench] [train]      (no phase: all four)
+#   bash benchmarks/gpu_session.sh [setup] [bench] [test] [step] [train] [bench32]   (none: all, in this order)
+#   setup   builds gfm_fast._C with its CUDA kernels for this card (every fresh machine needs it first)
+#   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
+#   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
+#   step    the whole training step (Swin-B student + teacher), eager and torch.compile
+#   train   a short bf16 pretraining run through the real entry point, stopped and resumed
+#   bench32 the fused ops in fp32
 # Works on a GPU box with .venv (scripts/install.sh), or on the lent device machine, which has
 # python3 with torch/triton/timm but no package index: there, first run scripts/device_wheels.sh
-# here and carry .whl, e.g.  run(command="bash benchmarks/gpu_session.sh setup test", carry=[".whl"]).
+# here and carry .whl. The device budget (15 min a session, a machine start included) fits one
+# call, with GPU_SESSION_SECONDS as the deadline every phase shares (a phase still running at the
+# deadline is stopped, and the ones after it are skipped):
+#   run(command="GPU_SESSION_SECONDS=540 bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Each phase writes into $OUT when set (the device tool brings that folder back), else into
 # benchmarks/results: <card>_ops_{bf16,fp32}_b128.json, <card>_ops_cosine_bf16_b65536.json,
-# <card>_throughput.json, <card>_train_metrics.jsonl and gpu_session.log.
-# Every call on a fresh machine needs `setup` first (it builds the CUDA ops).
+# <card>_throughput.json, <card>_train_metrics.jsonl and gpu_session.log (8 files at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(setup test bench train)
+[ ${#phases[@]} -eq 0 ] && phases=(setup bench test step train bench32)
+DEADLINE=${GPU_SESSION_SECONDS:-}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 if [ -x .venv/bin/python ]; then
@@ -55,11 +64,17 @@ phase_bench() {
     local c
     c=$(card)
     "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 --out "$RESULTS/${c}_ops_bf16_b128.json" &&
-    "$PY" benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "$RESULTS/${c}_ops_fp32_b128.json" &&
     # At GFM's batch the cosine op moves 0.5 MB (launch-bound); 64k rows measure its bandwidth.
     "$PY" benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 65536 --ops cosine_distillation \
-        --out "$RESULTS/${c}_ops_cosine_bf16_b65536.json" &&
-    "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/${c}_throughput.json"
+        --out "$RESULTS/${c}_ops_cosine_bf16_b65536.json"
+}
+
+phase_bench32() {
+    "$PY" benchmarks/ops_bench.py --device cuda --dtype float32 --batch 128 --out "$RESULTS/$(card)_ops_fp32_b128.json"
+}
+
+phase_step() {
+    "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/$(card)_throughput.json"
 }
 
 phase_train() {
@@ -75,17 +90,33 @@ phase_train() {
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
 }
 
+export PY RESULTS
+export -f card phase_setup phase_bench phase_bench32 phase_test phase_step phase_train
+
 status=0
 for phase in "${phases[@]}"; do
     case "$phase" in
-        setup|test|bench|train) ;;
-        *) echo "unknown phase $phase (setup, test, bench, train)"; exit 2 ;;
+        setup|bench|test|step|train|bench32) ;;
+        *) echo "unknown phase $phase (setup, bench, test, step, train, bench32)"; exit 2 ;;
     esac
+done
+for phase in "${phases[@]}"; do
+    limit=()
+    if [ -n "$DEADLINE" ]; then
+        left=$((DEADLINE - SECONDS))
+        if [ "$left" -le 10 ]; then
+            echo "=== $phase: skipped, the ${DEADLINE} s deadline has passed ===" | tee -a "$RESULTS/gpu_session.log"
+            status=124
+            continue
+        fi
+        limit=(timeout --kill-after=10 "$left")
+    fi
     echo "=== $phase ==="
     start=$SECONDS
-    "phase_$phase" 2>&1 | tee -a "$RESULTS/gpu_session.log"  # one log: the device tool brings back 8 files at most
+    # A child bash runs the phase, so that `timeout` can stop it (and its children) at the deadline.
+    "${limit[@]}" bash -c "phase_$phase" 2>&1 | tee -a "$RESULTS/gpu_session.log"  # one log: 8 files come back at most
     rc=${PIPESTATUS[0]}
-    echo "=== $phase: exit $rc in $((SECONDS - start)) s ==="
+    echo "=== $phase: exit $rc in $((SECONDS - start)) s ===" | tee -a "$RESULTS/gpu_session.log"
     if [ "$rc" -ne 0 ]; then
         status=$rc
         [ "$phase" = setup ] && exit "$rc"  # nothing else can run without the build

@@ -2,7 +2,7 @@
 # Fetch, here, the wheels that a lent GPU machine lacks (it has python3 3.12 with torch, triton,
 # timm, numpy, pytest... but no package index): webdataset, simplejpeg, deepspeed and their needs.
 # They go to .whl/ (git-ignored), which benchmarks/gpu_session.sh installs when the device tool
-# carries it:  run(command="bash benchmarks/gpu_session.sh all", carry=[".whl"])
+# carries it:  run(command="GPU_SESSION_SECONDS=540 bash benchmarks/gpu_session.sh", carry=[".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}   # the device image's python3
