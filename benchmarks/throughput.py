@@ -46,8 +46,10 @@ def _model_config(size: str, backend: str):
 
 def bench_step(device: torch.device, size: str, batch: int, backends: List[str], dtype: torch.dtype,
                warmup: int, runs: int) -> List[Dict]:
-    """Full training step (teacher + student fwd/bwd + AdamW step) per ops backend; a backend named
-    ``<name>+compile`` also runs the student and teacher through torch.compile (run.compile)."""
+    """Full training step (teacher + student fwd/bwd + AdamW step) per ops backend, the student in
+    ``dtype``. A backend named ``<name>+compile`` also runs the student and teacher through
+    torch.compile (run.compile); ``<name>+mixed`` keeps the student fp32 and runs its forward under
+    autocast(bf16) (run.precision=bf16-mixed)."""
     import warnings
 
     from gfm_fast.masking import generate_block_mask
@@ -62,7 +64,9 @@ def bench_step(device: torch.device, size: str, batch: int, backends: List[str],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random teacher
             model = GFMPretrainer(_model_config(size, ops_backend)).to(device)
-        student, teacher = model.student.to(dtype), model.teacher
+        mixed = variant == "mixed"
+        student_dtype = torch.float32 if mixed else dtype
+        student, teacher = model.student.to(student_dtype), model.teacher
         if variant == "compile":
             compile_in_place(student, teacher)
         opt = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4,
@@ -73,7 +77,8 @@ def bench_step(device: torch.device, size: str, batch: int, backends: List[str],
         def step():
             mask = generate_block_mask(batch, 192, generator=gen, device=device).blocks
             z_t = teacher(images)
-            out = student(images.to(dtype), mask, z_t)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+                out = student(images.to(student_dtype), mask, z_t)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -84,7 +89,7 @@ def bench_step(device: torch.device, size: str, batch: int, backends: List[str],
         timing = time_fn(step, device=device, warmup=warmup, runs=runs)
         peak = peak_memory_bytes(step, device=device) if device.type == "cuda" else None
         records.append({"section": "step", "case": f"train_step_{size}", "backend": backend, "batch": batch,
-                        "dtype": str(dtype).replace("torch.", ""), **timing.as_dict(),
+                        "dtype": "bf16-mixed" if mixed else str(dtype).replace("torch.", ""), **timing.as_dict(),
                         "images_per_s": batch / (timing.median_ms / 1e3), "peak_bytes": peak})
         if backend == backends[0]:
             t_teacher = time_fn(teacher_only, device=device, warmup=warmup, runs=runs)
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="step: also time torch.compile'd student+teacher")
+    parser.add_argument("--mixed", action="store_true",
+                        help="step: also time run.precision=bf16-mixed (fp32 student, autocast forward; on by default on GPU)")
     parser.add_argument("--out", help="write the JSON records here (default: print only)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
         records += [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
                                                               warmup=args.warmup, runs=args.runs)]
     if "step" in sections:
-        backends = ["reference", "auto"] + (["auto+compile"] if args.compile else [])
+        backends = (["reference", "auto"] + (["auto+compile"] if args.compile else [])
+                    + (["auto+mixed"] if args.mixed or gpu else []))
         dtype = torch.bfloat16 if gpu else torch.float32
         records += bench_step(device, args.model or ("base" if gpu else "tiny"), args.batch or (128 if gpu else 8),
                               backends, dtype, args.warmup, args.runs)

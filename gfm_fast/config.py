@@ -171,6 +171,9 @@ class OptimConfig:
         _require(self.schedule_steps >= 0, f"{prefix}.schedule_steps", "must be >= 0")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed", "fp16")
+
+
 @dataclass
 class RunConfig:
     """Where and how long to run, precision, ZeRO stage, logging and checkpoints."""
@@ -179,7 +182,10 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 0  # 0: epochs * steps_per_epoch
     zero_stage: int = 0
-    precision: str = "auto"  # auto: bf16 on CUDA when supported, fp32 on CPU
+    # auto: bf16 on CUDA when supported, fp32 on CPU. bf16: DeepSpeed's bf16 (bf16 weights and
+    # gradients, fp32 master weights in the optimizer). bf16-mixed: fp32 weights and gradients,
+    # forward under torch.autocast(bf16) (the AMP recipe GFM was trained with, in bf16).
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     preview_every: int = 200
@@ -194,8 +200,7 @@ class RunConfig:
     def validate(self, prefix: str = "run") -> None:
         _require(self.max_steps >= 0, f"{prefix}.max_steps", "must be >= 0")
         _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "must be 0, 1, 2 or 3")
-        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), f"{prefix}.precision",
-                 "must be one of auto, fp32, bf16, fp16")
+        _require(self.precision in PRECISIONS, f"{prefix}.precision", f"must be one of {', '.join(PRECISIONS)}")
         _require(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", "must be auto, cpu or cuda")
         for key in ("log_every", "preview_every", "ckpt_every", "keep_last", "max_bad_steps"):
             _require(getattr(self, key) > 0, f"{prefix}.{key}", "must be positive")

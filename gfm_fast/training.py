@@ -150,7 +150,9 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
             return "bf16"
         return "fp16" if device_type == "cuda" else "fp32"
     if precision == "fp16" and device_type == "cpu":
-        raise ConfigError("run.precision=fp16 needs a GPU; use run.precision=fp32, bf16 or auto on CPU")
+        raise ConfigError("run.precision=fp16 needs a GPU; use run.precision=fp32, bf16, bf16-mixed or auto on CPU")
+    if precision.startswith("bf16") and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"run.precision={precision}: this GPU has no bf16 support; use run.precision=fp16 or fp32")
     return precision
 
 
@@ -169,6 +171,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
+    elif precision == "bf16-mixed":  # DeepSpeed's engine runs the forward under torch.autocast
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds
@@ -485,6 +489,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                                   betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))
+    # The images enter in the weights' dtype; bf16-mixed keeps fp32 weights and lets autocast pick per op.
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     mask_generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + rank)
 

@@ -214,16 +214,33 @@ def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatc
         torch.testing.assert_close(value, early_model[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_bf16_run_tracks_fp32(tmp_path, stage):
-    """DeepSpeed's bf16 path (bf16 student, fp32 master weights, our ops in bf16) on CPU: the
-    losses follow the fp32 run's to bf16 rounding, and the export loads as a float32 encoder."""
+def _trained_weight_dtypes(run_dir):
+    """The dtypes of the student weights DeepSpeed trains, as its checkpoint holds them (ZeRO 0-2)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    (states,) = Path(run_dir).glob("checkpoints/*/mp_rank_00_model_states.pt")
+    with torch.serialization.safe_globals([ZeroStageEnum]):
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    return {value.dtype for value in module.values() if value.is_floating_point()}
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("bf16", 1), ("bf16", 3), ("bf16-mixed", 0),
+                                             ("bf16-mixed", 2), ("bf16-mixed", 3)])
+def test_bf16_runs_track_fp32(tmp_path, precision, stage):
+    """On CPU, DeepSpeed's bf16 path (bf16 weights and gradients, fp32 master weights, our ops in
+    bf16) and bf16-mixed (fp32 weights and gradients, the forward under autocast): the losses follow
+    the fp32 run's to bf16 rounding, the weights are held in the dtype each mode promises, and the
+    export loads as a float32 encoder."""
     _run(tmp_path / "fp32", "run.max_steps=4", "optim.grad_accum=2")
-    _run(tmp_path / "bf16", "run.max_steps=4", "optim.grad_accum=2", "run.precision=bf16", f"run.zero_stage={stage}")
+    _run(tmp_path / "bf16", "run.max_steps=4", "optim.grad_accum=2", f"run.precision={precision}",
+         f"run.zero_stage={stage}")
     fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2, 3, 4] and any(bf16[s] != fp32[s] for s in fp32)  # really ran in bf16
     for step, loss in fp32.items():
         assert bf16[step] == pytest.approx(loss, abs=0.03), step
+    if stage < 3:  # ZeRO-3 checkpoints hold partitions, not the module
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert _trained_weight_dtypes(tmp_path / "bf16") == {want}
     encoder = gfm_fast.load_model(tmp_path / "bf16")
     assert next(encoder.parameters()).dtype == torch.float32
 

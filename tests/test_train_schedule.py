@@ -45,6 +45,8 @@ def test_deepspeed_config_carries_recipe():
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_clipping"] == 5.0 and ds["bf16"] == {"enabled": True}
     assert "bf16" not in deepspeed_config(cfg, "fp32") and "fp16" not in deepspeed_config(cfg, "fp32")
+    mixed = deepspeed_config(cfg, "bf16-mixed")  # fp32 weights, autocast forward: no bf16 section
+    assert mixed["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in mixed
 
 
 def test_precision_per_device():
@@ -52,6 +54,9 @@ def test_precision_per_device():
         return resolve_precision(load_config(overrides=[f"run.precision={precision}"]), device)
 
     assert resolved("auto", "cpu") == "fp32" and resolved("bf16", "cpu") == "bf16"
+    assert resolved("bf16-mixed", "cpu") == "bf16-mixed"
+    with pytest.raises(ConfigError, match="run.precision.*must be one of auto, fp32, bf16, bf16-mixed, fp16"):
+        resolved("amp", "cpu")
     with pytest.raises(ConfigError, match="run.precision=fp16 needs a GPU"):
         resolved("fp16", "cpu")
 

@@ -1,7 +1,7 @@
 """Input validation shared by the fused ops' Python entry points (one check, one message)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -40,3 +40,23 @@ def mask_for_kernels(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     if mask.is_complex():
         raise TypeError(f"mask must be boolean, integer or real floating point, got {mask.dtype}")
     return mask.to(torch.float32).contiguous()
+
+
+def autocast_dtype(device: torch.device, *, loss: bool = False) -> Optional[torch.dtype]:
+    """The dtype a fused op computes in under ``torch.autocast`` on ``device``; None outside it.
+
+    Autocast runs convolutions in its low-precision dtype and losses such as cosine_similarity in
+    float32; the fused ops follow the same rule (``loss=True`` for the latter), accumulating in
+    fp32 inside their kernels either way.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.float32 if loss else torch.get_autocast_dtype(device.type)
+
+
+def cast_floats(dtype: Optional[torch.dtype], *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``tensors`` with the floating-point ones cast to ``dtype`` (differentiably); None: unchanged.
+    Anything else passes through untouched for the validation that follows to name it."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 from gfm_fast.losses import COS_EPS, check_feature_pair
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import check_same
+from gfm_fast.ops._common import autocast_dtype, cast_floats, check_same
 
 OP = "cosine_distillation"
 
@@ -30,7 +30,10 @@ class CosineDistillationFunction(torch.autograd.Function):
 
 
 def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """-mean_b cos(student[b], teacher[b]) over (B, D); teacher detached (cast to the student's dtype), eps 1e-8."""
+    """-mean_b cos(student[b], teacher[b]) over (B, D); teacher detached (cast to the student's dtype), eps 1e-8.
+    Under ``torch.autocast`` both are computed in float32, as autocast runs cosine_similarity."""
+    if isinstance(student, torch.Tensor):
+        (student,) = cast_floats(autocast_dtype(student.device, loss=True), student)
     if isinstance(teacher, torch.Tensor):  # anything else gets check_same's TypeError below
         teacher = teacher.detach()
         if isinstance(student, torch.Tensor) and teacher.is_floating_point():

@@ -8,7 +8,8 @@ from torch.autograd.function import once_differentiable
 from gfm_fast.losses import check_mask
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import check_no_grad, check_same, check_shape, mask_for_kernels
+from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_no_grad, check_same, check_shape,
+                                   mask_for_kernels)
 
 OP = "decoder_l1_loss"
 
@@ -48,8 +49,11 @@ def decoder_l1_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         backend: auto | reference | cpp | triton.
 
     Returns:
-        Scalar loss in the features' dtype.
+        Scalar loss in the features' dtype. Under ``torch.autocast`` the floating inputs are cast to
+        the autocast dtype first, as autocast does for a convolution.
     """
+    if isinstance(features, torch.Tensor):
+        features, weight, bias, images = cast_floats(autocast_dtype(features.device), features, weight, bias, images)
     _validate(features, weight, bias, images, mask, stride)
     backend = resolve(OP, backend, features.device)
     if backend == "reference":

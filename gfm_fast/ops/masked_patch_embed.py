@@ -8,7 +8,8 @@ from torch.autograd.function import once_differentiable
 from gfm_fast.losses import check_mask
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import check_no_grad, check_same, check_shape, mask_for_kernels
+from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_no_grad, check_same, check_shape,
+                                   mask_for_kernels)
 
 OP = "masked_patch_embed"
 
@@ -51,7 +52,13 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.T
             (e.g. 32-px blocks); upsampled on the fly.
         mask_token: (D,) or (1, 1, D); replaces masked tokens after the LayerNorm.
         backend: auto | reference | cpp | triton.
+
+    Under ``torch.autocast`` the floating inputs (not the mask) are cast to the autocast dtype first,
+    as autocast does for a convolution; the LayerNorm statistics are fp32 inside the kernels.
     """
+    if isinstance(images, torch.Tensor):
+        images, weight, bias, norm_weight, norm_bias, mask_token = cast_floats(
+            autocast_dtype(images.device), images, weight, bias, norm_weight, norm_bias, mask_token)
     _validate(images, weight, bias, norm_weight, norm_bias, mask, mask_token, patch_size)
     backend = resolve(OP, backend, images.device)
     if backend == "reference":
