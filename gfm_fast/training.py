@@ -304,6 +304,33 @@ def check_same_architecture(saved: Dict[str, Any], current: Dict[str, Any], wher
                             "\nuse the config it was trained with, or --resume none to start afresh")
 
 
+def _weights_dtype(ds_config: Dict[str, Any]) -> str:
+    """The dtype DeepSpeed holds the trained weights in; it fixes the optimizer state's layout
+    (fp32 and bf16-mixed share one: fp32 weights and a plain torch optimizer)."""
+    for dtype in ("bf16", "fp16"):
+        if ds_config.get(dtype, {}).get("enabled"):
+            return dtype
+    return "fp32"
+
+
+def check_same_optimizer_layout(saved: Dict[str, Any], current: Dict[str, Any], where: Path) -> None:
+    """DeepSpeed cannot load optimizer state written under another ZeRO stage or weight dtype (it
+    fails deep inside with a missing file or key): name the difference and the fix instead."""
+    stages = [(saved.get("zero_optimization") or {}).get("stage", 0),
+              (current.get("zero_optimization") or {}).get("stage", 0)]
+    dtypes = [_weights_dtype(saved), _weights_dtype(current)]
+    diffs = []
+    if stages[0] != stages[1]:
+        diffs.append(f"ZeRO stage: checkpoint {stages[0]} vs config {stages[1]} (use run.zero_stage={stages[0]})")
+    if dtypes[0] != dtypes[1]:
+        same = {"fp32": "fp32 or bf16-mixed", "bf16": "bf16", "fp16": "fp16"}[dtypes[0]]
+        diffs.append(f"weights: checkpoint {dtypes[0]} vs config {dtypes[1]} (use run.precision={same})")
+    if diffs:
+        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load:\n  "
+                            + "\n  ".join(diffs) + "\nresume with the checkpoint's settings, or start a new run "
+                            "(--resume none or another --output-dir)")
+
+
 # --------------------------------------------------------------------------------------------
 # Logging: progress bar, TensorBoard, previews
 # --------------------------------------------------------------------------------------------
@@ -487,8 +514,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     # torch's AdamW (no DeepSpeed op to compile); its fused multi-tensor kernel on GPU.
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=schedule.lr(0),
                                   betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
-    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, precision))
+    ds_config = deepspeed_config(cfg, precision)
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     # The images enter in the weights' dtype; bf16-mixed keeps fp32 weights and lets autocast pick per op.
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     mask_generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + rank)
@@ -497,7 +524,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     step, epoch = 0, 0
     resume_from = resolve_resume(cfg.run.resume, checkpoints)
     if resume_from is not None:
-        step, epoch = _restore(engine, resume_from, cfg, loader, mask_generator)
+        step, epoch = _restore(engine, resume_from, cfg, ds_config, loader, mask_generator)
     loader.set_epoch(epoch)
 
     logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
@@ -719,13 +746,14 @@ def _gather_from_ranks(value: Any) -> List[Any]:
     return values
 
 
-def _restore(engine, path: Path, cfg: TrainConfig, loader, mask_generator):
+def _restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], loader, mask_generator):
     import torch
 
     saved_cfg = _saved_config(path)
     if saved_cfg is not None:
         check_same_architecture(saved_cfg.get("model", {}), to_dict(cfg)["model"], path)
     check_tensors_only(path)
+    check_same_optimizer_layout(_saved_deepspeed_config(path), ds_config, path)
     load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or state is None:
         raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
@@ -767,6 +795,20 @@ def check_tensors_only(path: Path) -> None:
         except (RuntimeError, EOFError, OSError) as exc:
             raise TrainingError(f"checkpoint file {file} is unreadable or truncated ({exc}); resume from an "
                                 f"earlier checkpoint (--resume PATH) or --resume none") from None
+
+
+def _saved_deepspeed_config(path: Path) -> Dict[str, Any]:
+    """The DeepSpeed config a checkpoint was written with (in its model-states file; call after
+    :func:`check_tensors_only`, which vets the files for the safe load)."""
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    states = sorted(path.glob("*model_states.pt"))
+    if not states:
+        raise TrainingError(f"checkpoint {path} has no DeepSpeed model-states file; resume from another "
+                            f"checkpoint (--resume PATH) or --resume none")
+    with torch.serialization.safe_globals([ZeroStageEnum]):
+        return torch.load(states[0], map_location="cpu", weights_only=True, mmap=True).get("ds_config") or {}
 
 
 def _saved_config(path: Path) -> Optional[Dict[str, Any]]:

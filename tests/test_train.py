@@ -262,6 +262,17 @@ def test_compiled_run_trains_like_eager_and_shares_checkpoints(tmp_path):
         assert compiled[step] == pytest.approx(eager[step], rel=2e-3), step
 
 
+def test_resume_under_another_zero_stage_or_weight_dtype_is_refused_by_name(tmp_path):
+    _run(tmp_path, "run.max_steps=1")
+    with pytest.raises(TrainingError, match=r"ZeRO stage: checkpoint 0 vs config 1 \(use run.zero_stage=0\)"):
+        _run(tmp_path, "run.max_steps=2", "run.zero_stage=1")
+    with pytest.raises(TrainingError, match=r"weights: checkpoint fp32 vs config bf16 \(use run.precision=fp32 or "
+                                            r"bf16-mixed\)"):
+        _run(tmp_path, "run.max_steps=2", "run.precision=bf16")
+    _run(tmp_path, "run.max_steps=2", "run.precision=bf16-mixed")  # fp32 weights either way: resumes
+    assert sorted(_losses(tmp_path)) == [1, 2]
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     _run(tmp_path, "run.max_steps=1")
     with pytest.raises(TrainingError, match="model.student"):
