@@ -13,6 +13,23 @@ import triton.language as tl
 # The interpreter (TRITON_INTERPRET=1, CPU) runs tl.dot through numpy, which cannot multiply
 # bf16 (stored as uint16): there, dot operands are upcast to fp32, which is exact for the products.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_interpreter_numpy() -> None:
+    """Triton's interpreter before 3.7 turns loop bounds into Python ints in a way numpy 2.4 made an
+    error (triton-lang/triton#9171): every kernel with a runtime loop bound fails. Say so at import."""
+    import numpy
+
+    def version(module):
+        return tuple(int(part) for part in module.__version__.split(".")[:2] if part.isdigit())
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        raise ImportError(f"the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                          f"{numpy.__version__} (triton-lang/triton#9171); install 'numpy<2.4' or triton>=3.7")
+
+
+if INTERPRET:
+    _check_interpreter_numpy()
 MIN_DOT_DIM = 16  # tl.dot needs every tile dimension >= 16
 
 

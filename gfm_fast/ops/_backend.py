@@ -109,9 +109,10 @@ def _check_can_serve(op: str, backend: str, device: torch.device) -> None:
         raise BackendUnavailableError(
             f"{op}: backend='triton' needs a CUDA tensor (got a CPU tensor); use backend='cpp' or 'auto' on CPU, "
             f"or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
-    if _import_error("gfm_fast.ops._triton_impl"):
-        raise BackendUnavailableError(f"{op}: Triton kernels are unavailable "
-                                      f"({_import_error('gfm_fast.ops._triton_impl')}); install triton")
+    error = _import_error("gfm_fast.ops._triton_impl")
+    if error:
+        fix = "; install triton" if "No module named 'triton'" in error else ""
+        raise BackendUnavailableError(f"{op}: Triton kernels are unavailable ({error}){fix}")
 
 
 _IMPL_MODULES = {"cpp": "gfm_fast.ops._cpp_impl", "triton": "gfm_fast.ops._triton_impl"}

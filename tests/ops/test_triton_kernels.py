@@ -425,6 +425,27 @@ def test_eps_is_a_constexpr_in_every_kernel():
     assert len(kernels) == 4, kernels  # cosine forward and backward, embed forward, decoder compaction
 
 
+# --------------------------------------------------------------------------- interpreter guard
+
+@pytest.mark.parametrize("triton_version,numpy_version,broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0", "2.5.1", False)])
+def test_interpreter_refuses_the_numpy_it_cannot_run_with(monkeypatch, triton_version, numpy_version, broken):
+    """Triton < 3.7's interpreter fails every kernel with a runtime loop bound under numpy >= 2.4;
+    importing the kernels names the pair and the fix instead."""
+    import numpy
+
+    from gfm_fast.kernels import _common
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if broken:
+        with pytest.raises(ImportError, match=r"Triton 3.6.0 interpreter .* numpy 2.4.6 .*install 'numpy<2.4' or "
+                                              r"triton>=3.7"):
+            _common._check_interpreter_numpy()
+    else:
+        _common._check_interpreter_numpy()
+
+
 # --------------------------------------------------------------------------- autotune pruning
 
 def _stage_bytes_by_block(config):
