@@ -752,8 +752,8 @@ def _restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], lo
     saved_cfg = _saved_config(path)
     if saved_cfg is not None:
         check_same_architecture(saved_cfg.get("model", {}), to_dict(cfg)["model"], path)
-    check_tensors_only(path)
-    check_same_optimizer_layout(_saved_deepspeed_config(path), ds_config, path)
+    saved_ds_config = check_tensors_only(path)
+    check_same_optimizer_layout(saved_ds_config, ds_config, path)
     load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or state is None:
         raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
@@ -769,8 +769,9 @@ def _restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], lo
     return int(state["gfm_step"]), int(state["gfm_epoch"])
 
 
-def check_tensors_only(path: Path) -> None:
-    """Refuse a checkpoint whose files hold anything but tensors and plain data.
+def check_tensors_only(path: Path) -> Dict[str, Any]:
+    """Refuse a checkpoint whose files hold anything but tensors and plain data; return the
+    DeepSpeed config it was written with (recorded in its model-states file, read in the same pass).
 
     DeepSpeed unpickles its files without ``weights_only``; reading each one with
     ``weights_only=True`` first (memory-mapped, so cheap) means no code from a tampered file runs.
@@ -784,10 +785,11 @@ def check_tensors_only(path: Path) -> None:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     deepspeed_records = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    ds_config = None
     for file in sorted(path.glob("*.pt")):
         try:
             with torch.serialization.safe_globals(deepspeed_records):
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                contents = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
             raise TrainingError(f"checkpoint file {file} holds objects other than tensors and plain data; refusing "
                                 f"to unpickle it ({str(exc).splitlines()[0]}). Resume from a checkpoint written by "
@@ -795,20 +797,12 @@ def check_tensors_only(path: Path) -> None:
         except (RuntimeError, EOFError, OSError) as exc:
             raise TrainingError(f"checkpoint file {file} is unreadable or truncated ({exc}); resume from an "
                                 f"earlier checkpoint (--resume PATH) or --resume none") from None
-
-
-def _saved_deepspeed_config(path: Path) -> Dict[str, Any]:
-    """The DeepSpeed config a checkpoint was written with (in its model-states file; call after
-    :func:`check_tensors_only`, which vets the files for the safe load)."""
-    import torch
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    states = sorted(path.glob("*model_states.pt"))
-    if not states:
+        if ds_config is None and file.name.endswith("model_states.pt"):
+            ds_config = contents.get("ds_config") or {}
+    if ds_config is None:
         raise TrainingError(f"checkpoint {path} has no DeepSpeed model-states file; resume from another "
                             f"checkpoint (--resume PATH) or --resume none")
-    with torch.serialization.safe_globals([ZeroStageEnum]):
-        return torch.load(states[0], map_location="cpu", weights_only=True, mmap=True).get("ds_config") or {}
+    return ds_config
 
 
 def _saved_config(path: Path) -> Optional[Dict[str, Any]]:

@@ -30,6 +30,7 @@ def _check_interpreter_numpy() -> None:
 
 if INTERPRET:
     _check_interpreter_numpy()
+
 MIN_DOT_DIM = 16  # tl.dot needs every tile dimension >= 16
 
 
