@@ -6,10 +6,12 @@ Peak memory is the CUDA allocator's peak on GPU, and the peak of torch's CPU all
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -78,6 +80,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BUFFER_BYTES, runs: 
     return 2 * nbytes / (timing.median_ms / 1e3)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto writes "profiler_start/stop" lines (and, on a CUDA build with no GPU, a
+    gpuGetDeviceCount ERROR) straight to fd 2 on every profiler session, whatever its log level:
+    dozens of lines that bury the table. Python-level errors still reach stderr after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     """Peak bytes allocated by torch during ``fn()`` above what was live before it."""
     if device.type == "cuda":
@@ -89,7 +107,7 @@ def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # The raw allocator records: prof.events() folds allocations made inside an op into that op
     # and only lists the rest as "[memory]", so it cannot give a peak.

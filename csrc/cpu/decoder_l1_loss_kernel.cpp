@@ -65,6 +65,23 @@ GFM_ALWAYS_INLINE acc_t l1_run(scalar_t* __restrict logits, const scalar_t* __re
   return sum;
 }
 
+// Turns the n gradient rows compacted at the front of `dense` (total_rows x dim) into the dense
+// layout: compacted row r moves to row rows[r], every other row becomes 0. The masked gradients are
+// computed straight into the front of g_features, so no separate (n, D) buffer exists. rows is
+// increasing, so rows[r] >= r: walking from the last row down, a move or a zero fill only touches
+// rows above every row not yet moved.
+template <typename scalar_t>
+void spread_rows_in_place(scalar_t* dense, int64_t total_rows, int64_t dim, const int64_t* rows, int64_t n) {
+  int64_t filled_from = total_rows;  // rows [filled_from, total_rows) hold their final values
+  for (int64_t r = n - 1; r >= 0; --r) {
+    const int64_t dst = rows[r];
+    std::fill(dense + (dst + 1) * dim, dense + filled_from * dim, scalar_t(0));
+    if (dst != r) std::copy(dense + r * dim, dense + (r + 1) * dim, dense + dst * dim);  // dst > r: disjoint
+    filled_from = dst;
+  }
+  std::fill(dense, dense + filled_from * dim, scalar_t(0));
+}
+
 // L1 pass over one logits slice (n masked rows x channels [o0, o0 + width)), both multiples of
 // stride: returns sum |logits - image| and, when write_sign, turns the slice into signs and adds
 // their column sums (for g_bias) to the caller's per-thread partials.
@@ -112,11 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
   const int64_t n = rows.numel(), D = g.dim, O = g.out_chans;
   // loss = sum |x - recon| over masked pixel-channels / (sum(M) + eps) / C, sum(M) = n * s * s.
   const double inv_count = 1.0 / (static_cast<double>(n * g.stride * g.stride) + kRecEps) / g.chans;
-  at::Tensor g_features = needs_grad ? at::zeros({g.batch, g.grid_h, g.grid_w, D}, options) : at::empty({0}, options);
+  at::Tensor g_features = needs_grad ? at::empty({g.batch, g.grid_h, g.grid_w, D}, options) : at::empty({0}, options);
   at::Tensor g_weight = needs_grad ? at::empty({O, D}, options) : at::empty({0}, options);
   at::Tensor g_bias = needs_grad ? at::zeros({O}, options) : at::empty({0}, options);
   if (n == 0) {  // nothing masked: loss 0 (0 / eps), gradients 0
-    if (needs_grad) g_weight.zero_();
+    if (needs_grad) {
+      g_features.zero_();
+      g_weight.zero_();
+    }
     return {at::zeros({}, options), g_features, g_weight, g_bias};
   }
 
@@ -126,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
     const at::Tensor feats = features.view({g.blocks(), D}).index_select(0, rows);  // (n, D)
     const int64_t width = slice_width(g, n, features.scalar_type());
     at::Tensor slice_buffer = at::empty({n * width}, options);
-    at::Tensor g_feats = needs_grad ? at::empty({n, D}, options) : at::Tensor();
+    // The masked rows' feature gradients, compacted at the front of g_features until the end.
+    at::Tensor g_feats = needs_grad ? g_features.view({g.blocks(), D}).narrow(0, 0, n) : at::Tensor();
     std::unique_ptr<cpu::ThreadPartials<acc_t>> sign_sums;
     if (needs_grad) sign_sums = std::make_unique<cpu::ThreadPartials<acc_t>>(O);
     for (int64_t o0 = 0; o0 < O; o0 += width) {
@@ -143,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cpu(
       at::addmm_out(g_feats, g_feats, slice, w_slice, /*beta=*/o0 == 0 ? 0 : 1, /*alpha=*/inv_count);
     }
     if (needs_grad) {
-      g_features.view({g.blocks(), D}).index_copy_(0, rows, g_feats);
+      spread_rows_in_place(g_features.data_ptr<scalar_t>(), g.blocks(), D, rows.data_ptr<int64_t>(), n);
       g_bias.copy_(sign_sums->reduce().mul_(inv_count));
     }
   });
