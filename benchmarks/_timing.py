@@ -120,13 +120,20 @@ def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     return int(peak)
 
 
-def environment(device: torch.device) -> Dict[str, object]:
-    """What produced a number: device, versions, threads, git sha."""
+def _git(*args: str) -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
-        sha = ""
+        return ""
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """What produced a number: device, versions, threads, git sha (``+dirty`` when the working tree
+    had uncommitted changes outside benchmarks/results, so the sha alone does not name the code that ran)."""
+    sha = _git("rev-parse", "--short", "HEAD")
+    if sha and _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"):
+        sha += "+dirty"
     info: Dict[str, object] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
