@@ -4,9 +4,10 @@
 // its C*p*p patch straight from the NCHW image into shared memory, projects it with the transposed
 // weight (lanes own output channels d = lane, lane + 32, ...: coalesced weight reads), normalises with
 // warp reductions and writes its row. The backward recomputes the projection of the unmasked
-// tokens, accumulates g_norm_weight, g_norm_bias, g_bias and g_mask_token in shared memory per
-// block (block partials are summed afterwards, in a fixed order), writes dL/dx per token, and gets
-// g_weight from one batched cuBLAS GEMM of dL/dx with the image patches.
+// tokens, accumulates g_norm_weight, g_norm_bias, g_bias and g_mask_token per warp in shared memory
+// (each lane owns its channels, so no atomics), adds the warps' sums and then the blocks' in a fixed
+// order (bitwise deterministic on a given GPU), writes dL/dx per token, and gets g_weight from one
+// batched cuBLAS GEMM of dL/dx with the image patches.
 #include <torch/library.h>
 
 #include <tuple>
@@ -21,7 +22,7 @@ using cuda::acc_type;
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = kWarpsPerBlock * cuda::kWarpSize;
-constexpr int kSums = 4;  // backward block partials: g_norm_weight, g_norm_bias, g_bias, g_mask_token
+constexpr int kSums = 4;  // backward partial sums: g_norm_weight, g_norm_bias, g_bias, g_mask_token
 constexpr const char* kForward = "masked_patch_embed";
 constexpr const char* kBackward = "_masked_patch_embed_backward";
 
@@ -119,14 +120,17 @@ __global__ void embed_backward_kernel(const scalar_t* __restrict__ grad_out, con
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   const int lane = threadIdx.x % cuda::kWarpSize, warp = threadIdx.x / cuda::kWarpSize;
   const int64_t K = g.kdim, D = g.dim, num_tokens = g.batch * g.tokens();
-  acc_t* sums = reinterpret_cast<acc_t*>(smem_bytes);  // (kSums, D)
+  // Per-warp sums (kWarpsPerBlock, kSums, D): lane l only touches channels d = l, l + 32, ..., so
+  // plain adds replace shared-memory atomics, whose order (and fp rounding) varies run to run.
+  acc_t* all_sums = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* sums = all_sums + warp * kSums * D;
   acc_t* s_norm_weight = sums;
   acc_t* s_norm_bias = sums + D;
   acc_t* s_bias = sums + 2 * D;
   acc_t* s_token = sums + 3 * D;
-  acc_t* patch = sums + kSums * D + warp * (K + D);
+  acc_t* patch = all_sums + kWarpsPerBlock * kSums * D + warp * (K + D);
   acc_t* x = patch + K;
-  for (int64_t i = threadIdx.x; i < kSums * D; i += blockDim.x) sums[i] = 0;
+  for (int64_t i = threadIdx.x; i < kWarpsPerBlock * kSums * D; i += blockDim.x) all_sums[i] = 0;
   __syncthreads();
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < num_tokens;
        t += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
@@ -135,7 +139,7 @@ __global__ void embed_backward_kernel(const scalar_t* __restrict__ grad_out, con
     acc_t* gx = grad_x + t * D;
     if (tok.masked) {  // only mask_token sees this token's gradient
       for (int64_t d = lane; d < D; d += cuda::kWarpSize) {
-        atomicAdd(s_token + d, static_cast<acc_t>(grad[d]));
+        s_token[d] += static_cast<acc_t>(grad[d]);
         gx[d] = 0;
       }
       continue;
@@ -147,8 +151,8 @@ __global__ void embed_backward_kernel(const scalar_t* __restrict__ grad_out, con
       const acc_t xhat = (x[d] - mean) * rstd, gy = static_cast<acc_t>(grad[d]);
       const acc_t g_xhat = gy * norm_weight[d];
       x[d] = xhat;
-      atomicAdd(s_norm_weight + d, gy * xhat);
-      atomicAdd(s_norm_bias + d, gy);
+      s_norm_weight[d] += gy * xhat;
+      s_norm_bias[d] += gy;
       dot_xhat += g_xhat * xhat;
       dot_one += g_xhat;
     }
@@ -157,13 +161,17 @@ __global__ void embed_backward_kernel(const scalar_t* __restrict__ grad_out, con
     for (int64_t d = lane; d < D; d += cuda::kWarpSize) {
       const acc_t value = rstd * (static_cast<acc_t>(grad[d]) * norm_weight[d] - c_one - x[d] * c_xhat);
       gx[d] = value;
-      atomicAdd(s_bias + d, value);
+      s_bias[d] += value;
     }
     __syncwarp();  // the next token rewrites patch
   }
   __syncthreads();
   acc_t* partial = block_partials + static_cast<int64_t>(blockIdx.x) * kSums * D;
-  for (int64_t i = threadIdx.x; i < kSums * D; i += blockDim.x) partial[i] = sums[i];
+  for (int64_t i = threadIdx.x; i < kSums * D; i += blockDim.x) {
+    acc_t total = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) total += all_sums[w * kSums * D + i];
+    partial[i] = total;
+  }
 }
 
 // Dynamic shared memory of a launch; raises the kernel's limit above the 48 KiB default when needed.
@@ -225,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_pa
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "masked_patch_embed_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const size_t smem = prepare_shared_memory(embed_backward_kernel<scalar_t>,
-                                              (kSums * D + kWarpsPerBlock * (g.kdim + D)) * sizeof(acc_t), kBackward);
+                                              kWarpsPerBlock * (kSums * D + g.kdim + D) * sizeof(acc_t), kBackward);
     embed_backward_kernel<scalar_t><<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         grad_out.data_ptr<scalar_t>(), images.data_ptr<scalar_t>(), wt.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
         nw.data_ptr<acc_t>(), mask.data_ptr<float>(), g, static_cast<acc_t>(eps), grad_x.data_ptr<acc_t>(),

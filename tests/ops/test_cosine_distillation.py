@@ -10,7 +10,8 @@ import torch
 from gfm_fast import losses, ops
 from gfm_fast.ops.cosine_distillation import CosineDistillation, CosineDistillationFunction
 
-from .utils import assert_close, backend_device_params, random_scalar_grad, reference_dtype, skip_if_slow
+from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, random_scalar_grad,
+                    reference_dtype, skip_if_slow)
 
 SHAPES = [(1, 32), (2, 64), (2, 7), (5, 100), (16, 1024), (32, 1024), (3, 1000)]
 
@@ -85,6 +86,17 @@ def test_tiny_magnitudes_match_torch(backend, device, dtype, scales):
     scale = expected_grad.abs().max().item()
     assert scale > 0
     assert_close("g_student / max|expected|", grad / scale, expected_grad / scale, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_bitwise_deterministic(backend, device):
+    """The loss is a mean over the batch: the same inputs must give the same bits, run after run."""
+    batch, dim = (2, 64) if is_interpreted(backend, device) else (256, 1024)
+    student, teacher = _make_inputs(batch, dim, torch.float32, device)
+    grad_loss = random_scalar_grad(torch.float32, device)
+    (loss, grad), (loss_again, grad_again) = (_fast(student, teacher, grad_loss, backend) for _ in range(2))
+    assert_bitwise_equal("loss", loss, loss_again)
+    assert_bitwise_equal("g_student", grad, grad_again)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

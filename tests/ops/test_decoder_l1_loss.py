@@ -13,8 +13,8 @@ from gfm_fast import ops
 from gfm_fast.ops import reference
 from gfm_fast.ops.decoder_l1_loss import DecoderL1Loss, DecoderL1LossFunction
 
-from .utils import (assert_close, backend_device_params, make_mask, random_scalar_grad, reference_dtype,
-                    skip_if_slow)
+from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, make_mask,
+                    random_scalar_grad, reference_dtype, skip_if_slow)
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,20 @@ def test_nothing_masked_gives_zero_loss_and_gradients(backend, device):
     assert loss.item() == 0.0
     for grad in grads:
         assert grad is not None and not grad.any()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_bitwise_deterministic(backend, device):
+    """The loss and g_weight, g_bias sum over every masked block: the same inputs must give the
+    same bits, run after run."""
+    case = CASES[1] if is_interpreted(backend, device) else CASES[5]
+    features, weight, bias, images, mask = _make_inputs(case, torch.float32, device)
+    grad_loss = random_scalar_grad(torch.float32, device)
+    (loss, grads), (loss_again, grads_again) = (_fast(features, weight, bias, images, mask, case.stride, grad_loss,
+                                                      backend) for _ in range(2))
+    assert_bitwise_equal("loss", loss, loss_again)
+    for name, grad, grad_again in zip(("g_features", "g_weight", "g_bias"), grads, grads_again):
+        assert_bitwise_equal(name, grad, grad_again)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -12,8 +12,8 @@ from gfm_fast import ops
 from gfm_fast.ops import reference
 from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbed, MaskedPatchEmbedFunction
 
-from .utils import (assert_close, backend_device_params, make_mask, reference_dtype,
-                    skip_if_slow)
+from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, make_mask,
+                    reference_dtype, skip_if_slow)
 
 PARAM_NAMES = ("weight", "bias", "norm_weight", "norm_bias", "mask_token")
 
@@ -113,6 +113,20 @@ def test_matches_reference_fp32(backend, device, case):
 def test_matches_reference_other_dtypes(backend, device, dtype, case):
     _skip_if_slow(backend, device, case)
     _check_against_reference(case, dtype, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_bitwise_deterministic(backend, device):
+    """The parameter gradients sum over every token (per thread, per warp, per block): the same
+    inputs must give the same bits, run after run."""
+    case = CASES[1] if is_interpreted(backend, device) else CASES[5]
+    images, params, mask = _make_inputs(case, torch.float32, device)
+    grad_out = torch.randn(case.batch, case.grid[0] * case.grid[1], case.dim, device=device)
+    (out, grads), (out_again, grads_again) = (_fast(images, params, mask, case.patch, grad_out, backend)
+                                              for _ in range(2))
+    assert_bitwise_equal("tokens", out, out_again)
+    for name in PARAM_NAMES:
+        assert_bitwise_equal(f"g_{name}", grads[name], grads_again[name])
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -4,6 +4,7 @@
   cannot run (not built, no GPU, Triton on CPU without the interpreter).
 - ``skip_if_slow``: the Triton interpreter on CPU gets tiny cases only; big ones run on the GPU.
 - tolerances per dtype, and ``assert_close`` that says which tensor failed, where, and by how much.
+- ``assert_bitwise_equal``: run-to-run determinism checks.
 - ``make_mask``: 0/1 masks with all-masked, none-masked and mixed rows.
 """
 from __future__ import annotations
@@ -84,6 +85,14 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
                              f"{scale:.3g}) at {index}: got {actual[index].item():.8g}, expected "
                              f"{expected[index].item():.8g}; {int((error > tol * scale).sum())} of "
                              f"{error.numel()} entries off")
+
+
+def assert_bitwise_equal(name: str, first: torch.Tensor, second: torch.Tensor) -> None:
+    """Two runs on the same inputs agree to the bit (fixed-order reductions, no atomics)."""
+    if not torch.equal(first, second):
+        diff = (first.double() - second.double()).abs()
+        raise AssertionError(f"{name}: two runs on the same inputs differ, by up to {diff.max().item():.3e} in "
+                             f"{int((diff > 0).sum())} of {diff.numel()} entries: a reduction's order is not fixed")
 
 
 def make_mask(batch: int, height: int, width: int, kind: str = "random", *, device="cpu",
