@@ -168,7 +168,12 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # torch's AdamW: no DeepSpeed op needs compiling
     }
     if cfg.run.zero_stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+        # memory_efficient_linear (DeepSpeed's default) replaces torch.nn.functional.linear for the
+        # whole process and never puts it back: every later nn.Linear (a second run, feature
+        # extraction, torch.compile) would run DeepSpeed's autograd Function. ZeRO-3 gathers
+        # partitioned weights for torch's own linear through its module hooks, as for every layer.
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
+                                        "memory_efficient_linear": False})
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "bf16-mixed":  # DeepSpeed's engine runs the forward under torch.autocast
