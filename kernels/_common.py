@@ -44,16 +44,29 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """torch's choice for fp32 CUDA matmuls. torch >= 2.9 keeps it in ``fp32_precision`` ("none"
+    defers to ``torch.backends.fp32_precision``), and reading the legacy ``allow_tf32`` raises
+    once the new API was used; older torch has only ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def dot_settings(dtype: torch.dtype) -> Tuple[object, str]:
     """(operand dtype, input_precision) for tl.dot on inputs of ``dtype``.
 
     16-bit inputs go to the tensor cores as they are (fp32 accumulation); fp32 follows torch's
-    ``allow_tf32`` matmul flag, so it is IEEE unless the user opted into TF32.
+    fp32 matmul precision, so it is IEEE unless the user opted into TF32.
     """
     if dtype == torch.float64:
         return tl.float64, "ieee"
     if dtype == torch.float32:
-        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return tl.float32, "tf32" if fp32_matmul_uses_tf32() else "ieee"
     if INTERPRET:
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"

@@ -50,13 +50,14 @@ __global__ void cosine_forward_kernel(const scalar_t* __restrict__ student, cons
 // g = coef * (t / (clamp_s * clamp_t) - dot / (clamp_t * clamp_s^2 * norm_s) * s), coef = -grad_loss / B;
 // the second term is 0 at norm_s = 0 (torch's norm gradient there).
 template <typename scalar_t>
-__global__ void cosine_backward_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ student,
+__global__ void cosine_backward_kernel(const acc_type<scalar_t>* __restrict__ grad_loss,
+                                       const scalar_t* __restrict__ student,
                                        const scalar_t* __restrict__ teacher,
                                        const acc_type<scalar_t>* __restrict__ stats, int64_t B, int64_t D,
                                        acc_type<scalar_t> eps, scalar_t* __restrict__ g_student) {
   using acc_t = acc_type<scalar_t>;
   const int64_t row = blockIdx.x;
-  const acc_t coef = -static_cast<acc_t>(grad_loss[0]) / static_cast<acc_t>(B);
+  const acc_t coef = -grad_loss[0] / static_cast<acc_t>(B);
   const acc_t dot = stats[row * kCosineStats], norm_s = stats[row * kCosineStats + 1];
   const acc_t norm_t = stats[row * kCosineStats + 2];
   const acc_t clamp_s = cuda::max_of(norm_s, eps), clamp_t = cuda::max_of(norm_t, eps);
@@ -96,13 +97,14 @@ at::Tensor cosine_distillation_backward_cuda(const at::Tensor& grad_loss, const 
   cuda::check_cuda(kBackward, student);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), D = student.size(1);
-  const at::Tensor grad = grad_loss.reshape({1}).to(student.scalar_type()).contiguous();
+  // In the accumulation dtype, as the CPU kernel reads it: an fp32 grad_loss is not rounded to 16 bits.
+  const at::Tensor grad = grad_loss.reshape({1}).to(cosine_stats_dtype(student.scalar_type())).contiguous();
   at::Tensor g_student = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_backward_cuda",
                                   [&] {
     using acc_t = acc_type<scalar_t>;
     cosine_backward_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
+        grad.data_ptr<acc_t>(), student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
         row_stats.data_ptr<acc_t>(), B, D, static_cast<acc_t>(eps), g_student.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

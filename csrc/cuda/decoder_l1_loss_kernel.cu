@@ -78,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decoder_l1_loss_cuda(
   if (needs_grad) {
     // logits now holds sign(recon - x); d loss / d logits = sign * inv_count.
     at::addmm_out(g_weight, g_weight, logits.t(), feats, /*beta=*/0, /*alpha=*/inv_count);
-    const at::Tensor g_feats = at::mm(logits, weight).mul_(inv_count);  // (n, D)
+    at::Tensor g_feats = at::empty({n, D}, options);  // (n, D); the scale inside the GEMM: one rounding
+    at::addmm_out(g_feats, g_feats, logits, weight, /*beta=*/0, /*alpha=*/inv_count);
     g_features.view({g.blocks(), D}).index_copy_(0, rows, g_feats);
     g_bias.copy_(logits.sum(0, /*keepdim=*/false, acc_dtype).mul_(inv_count));
   }

@@ -446,6 +446,35 @@ def test_interpreter_refuses_the_numpy_it_cannot_run_with(monkeypatch, triton_ve
         _common._check_interpreter_numpy()
 
 
+# --------------------------------------------------------------------------- fp32 dot precision
+
+@pytest.fixture
+def restore_matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision, torch.backends.fp32_precision
+    yield
+    matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: allow_tf32 only")
+@pytest.mark.parametrize("setting,want", [
+    ({"allow_tf32": True}, "tf32"), ({"allow_tf32": False}, "ieee"),
+    ({"fp32_precision": "tf32"}, "tf32"), ({"fp32_precision": "ieee"}, "ieee"),
+    ({"backends": "tf32"}, "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision_set_either_way(restore_matmul_precision, setting, want):
+    """TF32 only where the user asked for it, through the legacy flag or torch >= 2.9's
+    fp32_precision (after which reading allow_tf32 raises instead of answering)."""
+    from gfm_fast.kernels._common import dot_settings
+
+    matmul = torch.backends.cuda.matmul
+    if "backends" in setting:  # the generic setting, inherited by matmul's "none"
+        torch.backends.fp32_precision, matmul.fp32_precision = setting["backends"], "none"
+    else:
+        for name, value in setting.items():
+            setattr(matmul, name, value)
+    assert dot_settings(torch.float32) == (triton.language.float32, want)
+
+
 # --------------------------------------------------------------------------- autotune pruning
 
 def _stage_bytes_by_block(config):
@@ -510,6 +539,10 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
     from gfm_fast.kernels import _common
 
     H100_SHARED_MEMORY = 232448  # bytes a program may opt into on sm_90
+    # Register spills (ptxas, per thread) any launch config of the patch embedding's forward may
+    # have: at D = 1024 its (BLOCK_M, D) fp32 row tile spills kilobytes unless the prune keeps
+    # BLOCK_M = 16 at 8 warps (about 100 B).
+    EMBED_FWD_SPILL_BUDGET = 512
     _common.shared_memory_limit = lambda device_index: H100_SHARED_MEMORY  # no GPU to ask
 
     class FakeTensor:
@@ -533,9 +566,26 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
         assert configs, kernel.fn.__name__
         return configs
 
-    def compile_for_h100(kernel, values, constexprs):
+    def spill_stores(ptx):
+        """Bytes of register spill stores per thread that ptxas reports for a kernel's PTX on sm_90a."""
+        import re, subprocess, tempfile
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            ptxas = get_ptxas(90).path
+        except TypeError:  # triton < 3.7 takes no arch
+            ptxas = get_ptxas().path
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                                 text=True, check=True).stderr
+        return max(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+    def compile_for_h100(kernel, values, constexprs, spill_budget=None):
         """Compile like a real launch: pointers 16-byte aligned, ints divisible by 16 marked so; an
-        autotuned kernel in each of its :func:`launch_configs`, each of which must fit shared memory."""
+        autotuned kernel in each of its :func:`launch_configs`, each of which must fit shared memory
+        (and, given a ``spill_budget``, spill at most that many bytes per thread)."""
         autotuned = isinstance(kernel, triton.runtime.Autotuner)
         for config in launch_configs(kernel, values, constexprs) if autotuned else [None]:
             fn = kernel.fn if autotuned else kernel
@@ -558,6 +608,9 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
                                       target=GPUTarget("cuda", 90, 32), options=options)
             assert compiled.asm["cubin"], fn.__name__
             assert compiled.metadata.shared <= H100_SHARED_MEMORY, (fn.__name__, config, compiled.metadata.shared)
+            if spill_budget is not None:
+                spilled = spill_stores(compiled.asm["ptx"])
+                assert spilled <= spill_budget, f"{fn.__name__} at D={values.get('D')}, {config}: {spilled} B spilled"
 
     for name in sys.argv[1:]:
         p = "*" + name
@@ -574,7 +627,8 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
                    C=3, H=192, W=192, D=128, K=48)
         for dim in (128, 1024):  # GFM's embed width, and the widest the op tests sweep
             emb_const = dict(PATCH=4, BLOCK_D=pe._block_d(dim), BLOCK_K=pe._block_k(48, dim), **gemm)
-            compile_for_h100(pe._masked_patch_embed_fwd_kernel, {**emb, "D": dim}, dict(EPS=1e-5, **emb_const))
+            compile_for_h100(pe._masked_patch_embed_fwd_kernel, {**emb, "D": dim}, dict(EPS=1e-5, **emb_const),
+                             spill_budget=EMBED_FWD_SPILL_BUDGET if dim == 1024 and name == "bf16" else None)
             compile_for_h100(pe._masked_patch_embed_bwd_kernel, {**emb, "D": dim}, emb_const)
         dec = dict(f_ptr=p, w_ptr=p, b_ptr=p, img_ptr=p, g_f_ptr=p, g_w_ptr=p, g_b_ptr=p, grad_loss_ptr=p,
                    loss_ptr=p, order_ptr="*i32", count_ptr="*i32", row_loss_ptr=acc_p, inv_norm_ptr=acc_p,
