@@ -111,8 +111,18 @@ def _check_can_serve(op: str, backend: str, device: torch.device) -> None:
             f"or set TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter")
     error = _import_error("gfm_fast.ops._triton_impl")
     if error:
-        fix = "; install triton" if "No module named 'triton'" in error else ""
-        raise BackendUnavailableError(f"{op}: Triton kernels are unavailable ({error}){fix}")
+        raise BackendUnavailableError(f"{op}: Triton kernels are unavailable ({error}){_triton_fix(error)}")
+
+
+def _triton_fix(error: str) -> str:
+    if "No module named 'triton'" in error:
+        return "; install triton"
+    if "No module named 'gfm_fast.kernels'" in error:
+        # kernels/ is mapped to gfm_fast.kernels by setup.py's package_dir, which a legacy
+        # `setup.py develop` (what pip < 25 runs for `pip install -e .` of a setup.py project) ignores.
+        return ("; gfm_fast was installed without its kernels/ package (an old pip's legacy editable install): "
+                "reinstall with `pip install --no-build-isolation --use-pep517 -e .`, or upgrade pip first")
+    return ""
 
 
 _IMPL_MODULES = {"cpp": "gfm_fast.ops._cpp_impl", "triton": "gfm_fast.ops._triton_impl"}

@@ -110,6 +110,19 @@ def test_cpp_without_extension_is_an_error(monkeypatch):
         ops.cosine_distillation(torch.randn(2, 8), torch.randn(2, 8), backend="cpp")
 
 
+@pytest.mark.parametrize("error,fix", [
+    ("ModuleNotFoundError: No module named 'gfm_fast.kernels'", r"--use-pep517 -e \."),
+    ("ModuleNotFoundError: No module named 'triton'", "install triton")])
+def test_missing_triton_kernels_name_the_fix(monkeypatch, error, fix):
+    """An old pip's legacy editable install leaves out gfm_fast.kernels (kernels/ via package_dir)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_import_error",
+                        lambda module: error if module == "gfm_fast.ops._triton_impl" else "")
+    assert ops.available_backends()["triton"] == {"cpu": False, "cuda": False}
+    with pytest.raises(ops.BackendUnavailableError, match=f"Triton kernels are unavailable .*{fix}"):
+        ops.cosine_distillation(torch.randn(2, 8), torch.randn(2, 8), backend="triton")
+
+
 def test_cpp_impl_import_names_the_fix(monkeypatch):
     """Importing the cpp implementation without the extension is an ImportError that says what to do."""
     monkeypatch.setitem(sys.modules, "gfm_fast._C", None)
