@@ -539,11 +539,11 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
     from gfm_fast.kernels import _common
 
     H100_SHARED_MEMORY = 232448  # bytes a program may opt into on sm_90
-    # Register spills (ptxas, per thread) any launch config of the patch embedding's forward may
-    # have: at D = 1024 its (BLOCK_M, D) fp32 row tile spills kilobytes unless the prune keeps
-    # BLOCK_M = 16 at 8 warps (about 100 B).
+    # Register spills (ptxas, bytes per thread) a launch config of the patch embedding may have. At
+    # D = 1024 the forward's (BLOCK_M, D) fp32 row tile spills 2.1 KB unless the prune keeps
+    # BLOCK_M = 16 at 8 warps (none).
     EMBED_FWD_SPILL_BUDGET = 512
-    EMBED_BWD_SPILL_BUDGET = 2048  # its candidates at D = 128 spill 420 B and 1.7 KB; BLOCK_M = 64 spilled 5.9 KB
+    EMBED_BWD_SPILL_BUDGET = 512  # at D = 128 its candidates spill 0 B (BLOCK_M 16, 32) to about 200 B (64)
     _common.shared_memory_limit = lambda device_index: H100_SHARED_MEMORY  # no GPU to ask
 
     class FakeTensor:
