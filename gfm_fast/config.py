@@ -191,7 +191,7 @@ class RunConfig:
     preview_every: int = 200
     ckpt_every: int = 500
     keep_last: int = 3
-    resume: str = "auto"  # auto | none | PATH
+    resume: Optional[str] = "auto"  # auto | none (null: the same) | PATH
     max_bad_steps: int = 10  # consecutive non-finite losses before stopping
     save_teacher: bool = False
     compile: bool = False  # torch.compile the student and the teacher (not with ZeRO-3)

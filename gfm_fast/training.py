@@ -282,9 +282,10 @@ class Checkpoints:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
 
-def resolve_resume(spec: str, checkpoints: Checkpoints) -> Optional[Path]:
-    """``auto``: newest complete checkpoint of this run (or none); ``none``; or an explicit path."""
-    if spec == "none":
+def resolve_resume(spec: Optional[str], checkpoints: Checkpoints) -> Optional[Path]:
+    """``auto``: newest complete checkpoint of this run (or none); ``none`` (or None: an override
+    ``run.resume=none`` parses as null); or an explicit path."""
+    if spec is None or spec == "none":
         return None
     if spec == "auto":
         return checkpoints.latest()
@@ -550,7 +551,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     masks = lambda n: generate_block_mask(n, cfg.model.student.img_size, block_size=cfg.model.mask_block,  # noqa: E731
                                           ratio=cfg.model.mask_ratio, generator=mask_generator, device=device).blocks
     speed = _Throughput(schedule.global_batch)
-    client_state = lambda: _client_state(cfg, step, stream.epoch, loader, mask_generator, stats)  # noqa: E731
+    # The loader's epoch, not the stream's: after an epoch's last batch the loader has already moved on.
+    client_state = lambda: _client_state(cfg, step, loader.epoch, loader, mask_generator, stats)  # noqa: E731
     export = lambda path: export_model(student, path, cfg.run.zero_stage, rank)  # noqa: E731
     try:
         while step < schedule.stop_step:
@@ -771,7 +773,7 @@ def _restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], lo
         torch.set_rng_state(state["gfm_torch_rng"][rank].clone())
     else:  # resumed at another world size: fresh, rank- and step-dependent mask stream
         mask_generator.manual_seed(cfg.run.seed * 100_003 + rank + 7919 * int(state["gfm_step"]))
-    return int(state["gfm_step"]), int(state["gfm_epoch"])
+    return int(state["gfm_step"]), loader.epoch  # the restored position's epoch (older checkpoints saved a stale one)
 
 
 def check_tensors_only(path: Path) -> Dict[str, Any]:

@@ -248,3 +248,33 @@ def test_bad_arguments(encoder):
         extract_features(encoder, 3.0)
     with pytest.raises(TypeError, match="expects a Swin encoder"):
         extract_features(torch.nn.Linear(2, 2), x)
+
+
+@pytest.mark.parametrize("size", [192, 224, 256])
+def test_windows_stay_local_at_sizes_the_window_does_not_tile(size):
+    """GFM's window 6 tiles 192 px but not 224 or 256 (56 and 64 tokens): a change in the top 4 px
+    reaches stage-0 token rows 0-8 (one window, then the shifted one) and nothing else. timm's own
+    order (shift, then pad) let the rows that wrapped from the top attend to the bottom rows."""
+    from gfm_fast.models.swin import build_student
+
+    torch.manual_seed(0)
+    model = build_student(SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=6,
+                                     img_size=192)).eval()
+    images = torch.randn(1, 3, size, size).repeat(2, 1, 1, 1)
+    images[1, :, :4] += 1
+    maps = extract_features(model, images, stages=[0], batch_size=2)[0]  # (2, 16, size/4, size/4)
+    changed_rows = ((maps[0] - maps[1]).abs().amax(dim=(0, 2)) > 0).nonzero().flatten().tolist()
+    assert changed_rows == list(range(9))
+
+
+def test_window_attention_equals_timms_where_the_window_tiles_the_map():
+    """Without padding, pad-then-shift is timm's shifted-window attention to the bit."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from gfm_fast.models.swin import _attn_pad_then_shift
+
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(dim=16, input_resolution=(12, 12), num_heads=2, window_size=6, shift_size=3).eval()
+    x = torch.randn(2, 12, 12, 16)
+    with torch.no_grad():
+        assert torch.equal(_attn_pad_then_shift(block, x), SwinTransformerBlock._attn(block, x))

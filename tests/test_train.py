@@ -75,23 +75,26 @@ def test_zero_stages_train_alike(tmp_path):
             assert loss == pytest.approx(losses[0][step], rel=1e-4, abs=1e-5), (stage, step)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    _run(tmp_path / "full", "run.max_steps=6", "run.ckpt_every=3")
+@pytest.mark.parametrize("steps,ckpt_every", [(6, 3), (18, 16)], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, steps, ckpt_every):
+    """16 steps make an epoch of TEST_MODEL: a checkpoint there must resume in the next epoch."""
+    schedule = (f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}")
+    _run(tmp_path / "full", *schedule)
     real_save = Checkpoints.save
 
     def save_then_crash(self, engine, step, *args, **kwargs):
         real_save(self, engine, step, *args, **kwargs)
-        raise KeyboardInterrupt("the machine went away right after the step-3 checkpoint")
+        raise KeyboardInterrupt("the machine went away right after the first checkpoint")
 
     monkeypatch.setattr(Checkpoints, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "split", "run.max_steps=6", "run.ckpt_every=3")
+        _run(tmp_path / "split", *schedule)
     monkeypatch.setattr(Checkpoints, "save", real_save)
     # Same command again: --resume auto restores model, optimizer, schedule, RNG and data position.
-    result = _run(tmp_path / "split", "run.max_steps=6", "run.ckpt_every=3")
-    assert result.metrics["step"] == 6
+    result = _run(tmp_path / "split", *schedule)
+    assert result.metrics["step"] == steps
     full, split = _losses(tmp_path / "full"), _losses(tmp_path / "split")
-    for step in range(1, 7):
+    for step in range(1, steps + 1):
         assert split[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 

@@ -77,6 +77,10 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path):
             (d / COMPLETE_MARKER).write_text("{}")
     assert resolve_resume("auto", ckpts).name == Checkpoints.tag(20)
     assert resolve_resume("none", ckpts) is None
+    # --resume none / run.resume=none reach the config through the override parser, which reads
+    # "none" as null: it must still mean "start afresh", not fail validation.
+    for override in ("run.resume=none", "run.resume=None", "run.resume=null"):
+        assert resolve_resume(load_config(None, [override]).run.resume, ckpts) is None, override
     assert resolve_resume(str(tmp_path), ckpts).name == Checkpoints.tag(20)
     with pytest.raises(TrainingError, match="no complete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoints" / Checkpoints.tag(30)), ckpts)

@@ -11,6 +11,7 @@ default cfgs -> ``@register_model`` variants.
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -19,7 +20,8 @@ import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention, window_partition,
+                                          window_reverse)
 from torch import nn
 
 from gfm_fast import ops
@@ -72,6 +74,39 @@ class MaskedPatchEmbed(PatchEmbed):
         return f"patch_size={self.patch_size}, backend={self.backend!r}"
 
 
+def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """(Shifted) window attention of a timm Swin block on NHWC ``x``, padding *before* the cyclic
+    shift, as the official Swin does for sizes the window does not divide.
+
+    timm's ``_attn`` shifts first and pads after, while its attention mask (``get_attn_mask``) marks
+    the wrapped-around rows at the end of the *padded* grid: with padding, rows that wrapped from
+    the top share windows with, and attend to, rows at the bottom. Identical to timm's when the
+    window divides the feature map (no padding), e.g. at GFM's 192 px.
+    """
+    _, height, width, chans = x.shape
+    win_h, win_w = block.window_size
+    x = torch.nn.functional.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+    padded_h, padded_w = x.shape[1], x.shape[2]
+    shift = tuple(block.shift_size)
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = window_partition(x, block.window_size).view(-1, block.window_area, chans)
+    mask = block.get_attn_mask(x) if any(shift) else None  # regions of the padded, shifted grid
+    windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, chans)
+    x = window_reverse(windows, block.window_size, padded_h, padded_w)
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
+
+
+def pad_before_shift(model: nn.Module) -> nn.Module:
+    """Give every Swin block of ``model`` :func:`_attn_pad_then_shift` (in place; returns ``model``)."""
+    for block in model.modules():
+        if isinstance(block, SwinTransformerBlock):
+            block._attn = types.MethodType(_attn_pad_then_shift, block)
+    return model
+
+
 class GFMSwinTransformer(SwinTransformer):
     """timm ``SwinTransformer`` with GFM's masked patch embedding and ``mask_token``.
 
@@ -90,6 +125,7 @@ class GFMSwinTransformer(SwinTransformer):
         super().__init__(embed_layer=partial(MaskedPatchEmbed, backend=ops_backend), **kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=MASK_TOKEN_STD)
+        pad_before_shift(self)
 
     @property
     def ops_backend(self) -> str:
@@ -218,7 +254,7 @@ def build_student(cfg: SwinConfig, *, ops_backend: str = "auto", **kwargs: Any) 
 def build_swin(cfg: SwinConfig, **kwargs: Any) -> SwinTransformer:
     """A plain (unmasked, headless) timm Swin for ``cfg``."""
     cfg.validate("swin")
-    return SwinTransformer(**{**swin_kwargs(cfg), **kwargs})
+    return pad_before_shift(SwinTransformer(**{**swin_kwargs(cfg), **kwargs}))
 
 
 def variant_name(cfg: SwinConfig) -> str:
@@ -255,22 +291,26 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
     """Let a fixed-size timm Swin take any input size within the block, as timm's ``dynamic_img_size``.
 
     The patch embedding stops asserting the build size and shifted-window blocks build their
-    attention masks for the actual feature size; windows that do not tile a feature map are padded
-    by timm. The model's own settings are restored on exit. Sizes must still be divisible by the
-    total stride (checked by the caller).
+    attention masks for the actual feature size; feature maps the window does not tile are padded
+    before the cyclic shift (:func:`_attn_pad_then_shift`, also for a plain timm Swin). The model's
+    own settings are restored on exit. Sizes must still be divisible by the total stride (checked
+    by the caller).
     """
     embed = model.patch_embed
     blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-    saved = (embed.strict_img_size, [b.dynamic_mask for b in blocks])
+    saved = (embed.strict_img_size, [b.dynamic_mask for b in blocks], ["_attn" in vars(b) for b in blocks])
     embed.strict_img_size = False
     for block in blocks:
         block.dynamic_mask = True
+    pad_before_shift(model)
     try:
         yield model
     finally:
         embed.strict_img_size = saved[0]
-        for block, dynamic in zip(blocks, saved[1]):
+        for block, dynamic, had_own_attn in zip(blocks, saved[1], saved[2]):
             block.dynamic_mask = dynamic
+            if not had_own_attn:
+                del block._attn
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +321,8 @@ def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = 
     """Build a registered variant with timm's builder (``pretrained`` loads a local file given by
     ``pretrained_cfg_overlay=dict(file=...)`` through our ``checkpoint_filter_fn``)."""
     cls = GFMSwinTransformer if student else SwinTransformer
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return pad_before_shift(build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                                 feature_cfg=dict(flatten_sequential=True), **kwargs))
 
 
 def _cfg(size: int, **kwargs: Any) -> Dict[str, Any]:
