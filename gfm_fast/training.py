@@ -527,10 +527,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     mask_generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + rank)
 
     checkpoints = Checkpoints(output_dir, cfg.run.keep_last)
-    step, epoch = 0, 0
+    step, epoch, stats = 0, 0, {"bad_steps": 0, "bad_in_row": 0}
     resume_from = resolve_resume(cfg.run.resume, checkpoints)
     if resume_from is not None:
-        step, epoch = _restore(engine, resume_from, cfg, ds_config, loader, mask_generator)
+        step, epoch, saved_stats = _restore(engine, resume_from, cfg, ds_config, loader, mask_generator)
+        stats.update(saved_stats)
     loader.set_epoch(epoch)
 
     logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
@@ -545,7 +546,6 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     stop = _StopRequest()
     stop.install()
-    stats = {"bad_steps": 0, "bad_in_row": 0}
     metrics: Dict[str, float] = {}
     stream = _BatchStream(loader, epoch, device)
     masks = lambda n: generate_block_mask(n, cfg.model.student.img_size, block_size=cfg.model.mask_block,  # noqa: E731
@@ -559,7 +559,9 @@ def run(cfg: TrainConfig) -> TrainResult:
             lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            result = _train_step(engine, teacher, stream, masks, compute_dtype, cfg.optim.grad_accum, device)
+            logs = (step + 1) % cfg.run.log_every == 0 or step + 1 == schedule.stop_step
+            result = _train_step(engine, teacher, stream, masks, compute_dtype, cfg.optim.grad_accum, device,
+                                 measure_grad_norm=logs)
             if result is None:
                 _count_bad_step(stats, step, cfg.run.max_bad_steps, logger)
                 continue
@@ -567,7 +569,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             step += 1
             logger.step()
             speed.step()
-            if step % cfg.run.log_every == 0 or step == schedule.stop_step:
+            if logs:
                 metrics = _step_metrics(result, lr, engine, loader, stats, stream, speed)
                 logger.scalars(step, metrics)
             if step % cfg.run.preview_every == 0:
@@ -637,10 +639,11 @@ class _StepResult:
     images: Any  # the last micro-batch, its mask and z_t (for previews)
     mask: Any
     z_t: Any
+    grad_norm: Any = None  # (,) tensor, where DeepSpeed keeps none (see _grad_norm_before_step)
 
 
 def _train_step(engine, teacher, stream: _BatchStream, masks: Callable[[int], Any], compute_dtype, grad_accum: int,
-                device) -> Optional[_StepResult]:
+                device, measure_grad_norm: bool = False) -> Optional[_StepResult]:
     """One optimizer step over ``grad_accum`` micro-batches; None (nothing applied, the partial
     gradients discarded) when a loss was non-finite."""
     import torch
@@ -661,9 +664,24 @@ def _train_step(engine, teacher, stream: _BatchStream, masks: Callable[[int], An
             _discard_gradients(engine)
             return None
         engine.backward(out.loss)
+        grad_norm = _grad_norm_before_step(engine) if measure_grad_norm and i == grad_accum - 1 else None
         engine.step()
         sums += torch.stack([out.loss.detach().float(), out.loss_rec.detach().float(), out.loss_feat.detach().float()])
-    return _StepResult(sums, grad_accum, wait, images, mask, z_t)
+    return _StepResult(sums, grad_accum, wait, images, mask, z_t, grad_norm)
+
+
+def _grad_norm_before_step(engine):
+    """The gradients' global L2 norm (before clipping) where DeepSpeed records none: ZeRO-0 with
+    torch's optimizer in fp32 or bf16-mixed. Elsewhere ``engine.get_global_grad_norm()`` has it."""
+    import torch
+
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)  # one fused pass, as torch.nn.utils.clip_grad_norm_
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def _discard_gradients(engine) -> None:
@@ -719,7 +737,7 @@ def _step_metrics(result: _StepResult, lr: float, engine, loader, stats, stream,
     metrics = {"loss/total": loss, "loss/rec": loss_rec, "loss/feat": loss_feat, "lr": lr,
                "data/wait_ms": result.wait_s * 1e3, "data/corrupt_samples": float(loader.stats["corrupt_samples"]),
                "train/bad_steps": float(stats["bad_steps"]), "train/epoch": float(stream.epoch)}
-    grad_norm = engine.get_global_grad_norm()
+    grad_norm = engine.get_global_grad_norm() if result.grad_norm is None else result.grad_norm
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
     images_per_s = speed.images_per_s()
@@ -773,7 +791,9 @@ def _restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], lo
         torch.set_rng_state(state["gfm_torch_rng"][rank].clone())
     else:  # resumed at another world size: fresh, rank- and step-dependent mask stream
         mask_generator.manual_seed(cfg.run.seed * 100_003 + rank + 7919 * int(state["gfm_step"]))
-    return int(state["gfm_step"]), loader.epoch  # the restored position's epoch (older checkpoints saved a stale one)
+    # The restored position's epoch (older checkpoints saved a stale one); the skipped-step counts.
+    saved_stats = {k: int(v) for k, v in json.loads(state.get("gfm_stats", "{}")).items()}
+    return int(state["gfm_step"]), loader.epoch, saved_stats
 
 
 def check_tensors_only(path: Path) -> Dict[str, Any]:

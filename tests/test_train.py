@@ -42,8 +42,12 @@ def _run(tmp_path, *extra):
 
 
 def _losses(run_dir):
+    return _metric(run_dir, "loss/total")
+
+
+def _metric(run_dir, name):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
+    return {r["step"]: r[name] for r in map(json.loads, lines) if name in r}
 
 
 def test_loss_decreases_and_outputs_are_written(tmp_path):
@@ -73,6 +77,13 @@ def test_zero_stages_train_alike(tmp_path):
     for stage in (1, 2, 3):
         for step, loss in losses[stage].items():
             assert loss == pytest.approx(losses[0][step], rel=1e-4, abs=1e-5), (stage, step)
+    # The gradient norm is logged at every stage (ZeRO-0 computes it; DeepSpeed's ZeRO optimizers
+    # record theirs) and is the same quantity.
+    norms = {stage: _metric(tmp_path / f"z{stage}", "train/grad_norm") for stage in (0, 1, 2, 3)}
+    assert sorted(norms[0]) == [1, 2, 3]
+    for stage in (1, 2, 3):
+        for step, norm in norms[stage].items():
+            assert norm == pytest.approx(norms[0][step], rel=1e-3), (stage, step)
 
 
 @pytest.mark.parametrize("steps,ckpt_every", [(6, 3), (18, 16)], ids=["mid-epoch", "epoch-boundary"])
@@ -190,6 +201,13 @@ def _run_with_nan_batches(tmp_path, monkeypatch, nan_batches, *extra):
         handle.remove()
         monkeypatch.setattr(data, "make_loader", real)
     return dict(updates)  # AdamW step -> batches served when it was taken
+
+
+def test_skipped_step_count_survives_resume(tmp_path, monkeypatch):
+    _run_with_nan_batches(tmp_path, monkeypatch, {1}, "run.max_steps=2")  # batch 1 NaN: one step skipped
+    assert _metric(tmp_path, "train/bad_steps")[2] == 1
+    _run(tmp_path, "run.max_steps=3")
+    assert _metric(tmp_path, "train/bad_steps")[3] == 1
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -732,9 +732,11 @@ class GeoPileLoader:
                 streams restart (samples may repeat within that epoch; a warning says so).
         """
         if isinstance(state, (list, tuple)):
-            if len(state) <= self.rank:
-                raise ValueError(f"loader state list has {len(state)} entries; rank {self.rank} has none")
-            state = state[self.rank]
+            if not state:
+                raise ValueError("loader state list is empty")
+            # More ranks than when saved: a new rank starts from rank 0's epoch and batch count
+            # (the world size changed, so the streams restart below anyway).
+            state = state[self.rank] if self.rank < len(state) else state[0]
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
         if state["seed"] != self.seed:

@@ -272,6 +272,11 @@ def test_state_dict_across_ranks_and_layouts(built):
     with pytest.warns(DataWarning, match="data layout changed"):
         relayout.load_state_dict(states[0])
     assert relayout.state_dict()["batches"] == 3 and len(_epoch(relayout)) == relayout.steps_per_epoch - 3
+    # Resumed with more ranks than saved: a rank with no saved entry takes rank 0's epoch and count.
+    grown = make_loader(cfg, img_size=IMG, seed=0, rank=3, world_size=4)
+    with pytest.warns(DataWarning, match="data layout changed"):
+        grown.load_state_dict(states)
+    assert grown.state_dict()["batches"] == min(3, grown.steps_per_epoch - 1)
 
 
 def test_configuration_errors(built):
