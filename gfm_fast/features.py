@@ -311,6 +311,7 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
     count, batches = _batches(images, encoder.in_chans, encoder.stride, batch_size)
     show = progress if progress is not None else count >= PROGRESS_MIN_IMAGES
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    weights_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     mean_std = _normalization(encoder.config, device)
     outputs: List[Any] = []
     size = None  # per-stage maps of all images must share one size
@@ -326,6 +327,8 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
                     raise ValueError("images of different sizes give per-stage maps of different sizes; pass "
                                      "images of one size when asking for stages (or use the pooled feature)")
                 x = _prepare(batch, scale, mean_std, device)
+                if not use_bf16:  # a model cast to bf16/fp16 (e.g. on CPU) takes inputs of its own dtype
+                    x = x.to(weights_dtype)
                 with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                     outputs.append(_run(module, x, picked))
                 bar.update(batch.shape[0])

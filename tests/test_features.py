@@ -278,3 +278,17 @@ def test_window_attention_equals_timms_where_the_window_tiles_the_map():
     x = torch.randn(2, 12, 12, 16)
     with torch.no_grad():
         assert torch.equal(_attn_pad_then_shift(block, x), SwinTransformerBlock._attn(block, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_cast_to_another_dtype_takes_its_own_dtype(encoder, dtype):
+    """Inputs follow the weights' dtype (no 'Input type (float) and bias type' error); features
+    stay float32 and agree with the fp32 model to the dtype's precision."""
+    import copy
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    want = extract_features(encoder, images)
+    got = extract_features(copy.deepcopy(encoder).to(dtype), images)
+    assert got.dtype == torch.float32
+    tolerance = 0.1 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(got, want, atol=tolerance * want.abs().max().item())

@@ -290,9 +290,14 @@ def infer_swin_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) 
                               f"(expected (2w-1)^2 rows)")
     embed_dim = int(proj.shape[0])
     fc1 = state_dict.get("layers.0.blocks.0.mlp.fc1.weight")
+    window, patch = (side + 1) // 2, int(proj.shape[-1])
+    # The size a Swin is built for: its last stage is one window (192 px for GFM's window 6, 224 for
+    # window 7, 384 for 12). Built smaller, timm would shrink that stage's window, drop its shift and
+    # resize its tables: the loaded model would not be the saved one.
+    img_size = window * patch * 2 ** (len(depths) - 1)
     arch = dict(embed_dim=embed_dim, depths=depths, num_heads=tuple(int(t.shape[1]) for t in tables),
-                window_size=(side + 1) // 2, patch_size=int(proj.shape[-1]), in_chans=int(proj.shape[1]),
-                mlp_ratio=float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0, img_size=192)
+                window_size=window, patch_size=patch, in_chans=int(proj.shape[1]),
+                mlp_ratio=float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0, img_size=img_size)
     unknown = sorted(set(overrides) - set(arch) - {"drop_path_rate"})
     if unknown:
         raise TypeError(f"unknown architecture override(s) {', '.join(unknown)}; valid: {', '.join(sorted(arch))}, "

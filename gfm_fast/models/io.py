@@ -106,11 +106,23 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     try:
         save_file(state, str(staging / MODEL_FILE), metadata={"format": "pt", "gfm_fast": FORMAT})
         (staging / CONFIG_FILE).write_text(json.dumps(_config_json(config), indent=2) + "\n")
+        _apply_umask(staging)
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _apply_umask(directory: Path) -> None:
+    """The permissions a plain mkdir / open would give under the process umask: mkdtemp makes the
+    staging directory 0700 (and safetensors its file 0600), which would keep colleagues on a
+    shared cluster from loading the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

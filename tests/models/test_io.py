@@ -1,6 +1,8 @@
 """Model files: save_model/load_model round trips, training and GFM-release checkpoints, load_pretrainer."""
 import argparse
 import json
+import os
+import stat
 from collections import OrderedDict
 
 import pytest
@@ -56,6 +58,19 @@ def test_round_trip(tmp_path, pretrainer):
     torch.testing.assert_close(features(loaded, x), features(pretrainer.encoder, x))
     assert features(loaded, torch.randn(1, 3, 96, 160)).shape == (1, 3, 5, 128)  # any size divisible by 32
     assert not list(tmp_path.glob(".*"))  # no staging leftovers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_model_has_the_umask_permissions(tmp_path, pretrainer, umask):
+    """As a plain mkdir and open would make them: readable by colleagues under umask 022."""
+    previous = os.umask(umask)
+    try:
+        path = save_model(pretrainer, tmp_path / "gfm")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+    for file in path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 def test_save_refuses_to_overwrite_user_files(tmp_path, pretrainer):
