@@ -193,7 +193,6 @@ class RunConfig:
     keep_last: int = 3
     resume: Optional[str] = "auto"  # auto | none (null: the same) | PATH
     max_bad_steps: int = 10  # consecutive non-finite losses before stopping
-    save_teacher: bool = False
     compile: bool = False  # torch.compile the student and the teacher (not with ZeRO-3)
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA
 

@@ -584,7 +584,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                 export(output_dir / MODEL_DIR)
             if stop_now:
                 logger.message(f"signal {stop.signum}: checkpoint saved at step {step}, stopping")
-                metrics["interrupted"] = 1.0
+                # The signal's number (SIGTERM on ranks that only heard of it from another rank).
+                metrics["interrupted"] = float(stop.signum or signal.SIGTERM)
                 break
     finally:
         stop.restore()
@@ -919,5 +920,5 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     if result.metrics.get("interrupted"):
-        return 128 + signal.SIGTERM
+        return 128 + int(result.metrics["interrupted"])  # the shell's code for that signal: 143, 130
     return 0
