@@ -36,6 +36,7 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 CONFIG_FILE = "gfm_config.json"
 MODEL_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
 WARMUP_STEPS_FOR_THROUGHPUT = 5  # skip allocator/autotune warm-up when measuring images/s (nanoGPT)
 PREVIEW_IMAGES = 4
 
@@ -353,7 +354,7 @@ class RunLogger:
         from tqdm import tqdm
 
         self.writer = SummaryWriter(str(output_dir / "tb"))
-        self.jsonl = open(output_dir / "metrics.jsonl", "a")
+        self.jsonl = open(output_dir / METRICS_FILE, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="gfm", dynamic_ncols=True,
                         unit="step", mininterval=1.0, file=sys.stderr)
 
@@ -538,8 +539,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {step}")
         if step >= schedule.stop_step:
-            logger.message(f"this run already reached step {step} (stop at {schedule.stop_step}): nothing to do; "
-                           f"raise run.max_steps to continue it, or use another --output-dir / --resume none")
+            logger.message(f"this run already reached step {step} (stop at {schedule.stop_step}): nothing to do. "
+                           f"To train further, raise run.max_steps: with optim.schedule_steps=0 the LR schedule is "
+                           f"recomputed for the new length (the LR rises again); optim.schedule_steps={step} keeps "
+                           f"the finished one. Or use another --output-dir / --resume none")
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
                    f"global batch {schedule.global_batch}, {schedule.stop_step} steps, "
                    f"peak lr {schedule.base_lr:.2e}, output {output_dir}")
@@ -587,11 +590,24 @@ def run(cfg: TrainConfig) -> TrainResult:
                 # The signal's number (SIGTERM on ranks that only heard of it from another rank).
                 metrics["interrupted"] = float(stop.signum or signal.SIGTERM)
                 break
+        if step >= schedule.stop_step and not metrics:  # nothing to do: already finished
+            # A run stopped between its final checkpoint and the export still gets its model/.
+            if _all_reduce_flag(not (output_dir / MODEL_DIR / "model.safetensors").is_file(), device):
+                export(output_dir / MODEL_DIR)
+            metrics = _last_logged_metrics(output_dir)
     finally:
         stop.restore()
         logger.close()
     metrics["step"] = float(step)
     return TrainResult(str(output_dir), metrics)
+
+
+def _last_logged_metrics(output_dir: Path) -> Dict[str, float]:
+    """The last line of metrics.jsonl (without its step), or {} when there is none."""
+    log = output_dir / METRICS_FILE
+    lines = log.read_text().splitlines() if log.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: float(v) for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
 
 
 class _BatchStream:

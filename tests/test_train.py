@@ -5,6 +5,7 @@ launch real subprocesses (the deepspeed launcher, and plain ``python gfm_fast/tr
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,17 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / Checkpoints.tag(40) / COMPLETE_MARKER).is_file()
     assert result.metrics["step"] == 40 and "perf/images_per_s" in result.metrics
+
+
+def test_running_a_finished_run_again(tmp_path):
+    """Nothing to train: the result still has the last logged losses, and a model/ lost to a crash
+    between the final checkpoint and the export is written."""
+    first = _run(tmp_path, "run.max_steps=2")
+    shutil.rmtree(tmp_path / "model")
+    again = _run(tmp_path, "run.max_steps=2")
+    assert again.metrics["step"] == 2 and again.metrics["loss/total"] == first.metrics["loss/total"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert sorted(_losses(tmp_path)) == [1, 2]
 
 
 def test_zero_stages_train_alike(tmp_path):
