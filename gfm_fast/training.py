@@ -36,6 +36,7 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 CONFIG_FILE = "gfm_config.json"
 MODEL_DIR = "model"
+ABANDONED_DIR = "abandoned"  # under checkpoints/: newer checkpoints set aside when resuming from an older one
 METRICS_FILE = "metrics.jsonl"
 WARMUP_STEPS_FOR_THROUGHPUT = 5  # skip allocator/autotune warm-up when measuring images/s (nanoGPT)
 PREVIEW_IMAGES = 4
@@ -277,6 +278,22 @@ class Checkpoints:
         dist.barrier()
         return target
 
+    def set_aside_after(self, step: int) -> List[Path]:
+        """Move this run's complete checkpoints newer than ``step`` (left by a run that went further
+        before this one resumed from an older checkpoint) to ``checkpoints/abandoned/``: otherwise
+        they would pass for the newest on the next ``--resume auto``, and pruning by step would
+        delete the checkpoints this run writes. Kept, not deleted. Rank 0 only."""
+        moved = []
+        for tag in self.complete_tags():
+            if int(tag.split("_")[1]) > step:
+                dest = self.root / ABANDONED_DIR / tag
+                if dest.exists():
+                    dest = dest.with_name(f"{tag}.{time.strftime('%Y%m%d-%H%M%S')}")
+                dest.parent.mkdir(exist_ok=True)
+                os.rename(self.root / tag, dest)
+                moved.append(dest)
+        return moved
+
     def _prune(self) -> None:
         tags = self.complete_tags()
         for old in tags[: max(0, len(tags) - self.keep_last)]:
@@ -342,10 +359,22 @@ def check_same_optimizer_layout(saved: Dict[str, Any], current: Dict[str, Any], 
 # Logging: progress bar, TensorBoard, previews
 # --------------------------------------------------------------------------------------------
 
+def _drop_logged_steps_after(log: Path, step: int) -> None:
+    """Rewrite ``log`` (JSON lines with a "step") without the lines after ``step``, atomically."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
+
+
 class RunLogger:
     """Rank-0 progress bar, TensorBoard scalars/images and a JSON-lines metrics file."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, resumed: bool = False):
         self.enabled = enabled
         self.writer = self.bar = self.jsonl = None
         if not enabled:
@@ -353,7 +382,10 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(str(output_dir / "tb"))
+        # Resumed: the steps logged after the checkpoint (before a crash) are about to be run again.
+        if resumed:
+            _drop_logged_steps_after(output_dir / METRICS_FILE, start_step)
+        self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1 if resumed else None)
         self.jsonl = open(output_dir / METRICS_FILE, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="gfm", dynamic_ncols=True,
                         unit="step", mininterval=1.0, file=sys.stderr)
@@ -535,9 +567,12 @@ def run(cfg: TrainConfig) -> TrainResult:
         stats.update(saved_stats)
     loader.set_epoch(epoch)
 
-    logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
+    logger = RunLogger(output_dir, schedule.stop_step, step, is_main, resumed=resume_from is not None)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {step}")
+        if is_main and resume_from.parent.resolve() == checkpoints.root.resolve():
+            for moved in checkpoints.set_aside_after(step):
+                logger.message(f"newer checkpoint set aside (not deleted): {moved}")
         if step >= schedule.stop_step:
             logger.message(f"this run already reached step {step} (stop at {schedule.stop_step}): nothing to do. "
                            f"To train further, raise run.max_steps: with optim.schedule_steps=0 the LR schedule is "

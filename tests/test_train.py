@@ -65,6 +65,19 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
     assert result.metrics["step"] == 40 and "perf/images_per_s" in result.metrics
 
 
+def test_resuming_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
+    """Trained to step 4, resumed from step 2: step 4 is set aside (not deleted, not picked by
+    --resume auto, not counted by pruning) and the log holds each step once."""
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=2")
+    _run(tmp_path, "run.max_steps=3", "run.keep_last=1",
+         f"run.resume={tmp_path / 'checkpoints' / Checkpoints.tag(2)}")
+    ckpts = Checkpoints(tmp_path, 1)
+    assert ckpts.complete_tags() == [Checkpoints.tag(3)] and ckpts.latest().name == Checkpoints.tag(3)
+    assert (tmp_path / "checkpoints" / "abandoned" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_running_a_finished_run_again(tmp_path):
     """Nothing to train: the result still has the last logged losses, and a model/ lost to a crash
     between the final checkpoint and the export is written."""
