@@ -99,8 +99,10 @@ class ModelConfig:
                  f"{prefix}.teacher_bands", f"indices must lie in [0, {self.student.in_chans})")
         _require(self.student.img_size % self.mask_block == 0, f"{prefix}.mask_block",
                  f"{self.mask_block} does not divide the image size {self.student.img_size}")
-        _require(self.mask_block % self.student.patch_size == 0, f"{prefix}.mask_block",
-                 f"must be a multiple of the patch size {self.student.patch_size}")
+        stride = self.student.total_stride
+        _require(self.mask_block % stride == 0, f"{prefix}.mask_block",
+                 f"must be a multiple of the student's total stride ({stride}): the decoder predicts whole "
+                 f"{stride}-px cells, each masked or not")
         _require(0.0 < self.mask_ratio < 1.0, f"{prefix}.mask_ratio", "must lie in (0, 1)")
         _require(len(self.mean) == self.student.in_chans and len(self.std) == self.student.in_chans,
                  f"{prefix}.mean/std", f"need {self.student.in_chans} entries (one per channel)")

@@ -586,8 +586,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     stop.install()
     metrics: Dict[str, float] = {}
     stream = _BatchStream(loader, epoch, device)
-    masks = lambda n: generate_block_mask(n, cfg.model.student.img_size, block_size=cfg.model.mask_block,  # noqa: E731
-                                          ratio=cfg.model.mask_ratio, generator=mask_generator, device=device).blocks
+    # Block masks on the decoder's grid (one entry per total-stride cell), which the student takes.
+    masks = lambda n: pretrainer.decoder_mask(generate_block_mask(  # noqa: E731
+        n, cfg.model.student.img_size, block_size=cfg.model.mask_block, ratio=cfg.model.mask_ratio,
+        generator=mask_generator, device=device).blocks)
     speed = _Throughput(schedule.global_batch)
     # The loader's epoch, not the stream's: after an epoch's last batch the loader has already moved on.
     client_state = lambda: _client_state(cfg, step, loader.epoch, loader, mask_generator, stats)  # noqa: E731

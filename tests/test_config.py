@@ -34,6 +34,7 @@ def test_yaml_file_and_typed_overrides(tmp_path):
     ("model.ops_backend=cuda", "model.ops_backend"),
     ("model.student.num_heads=[3,6,12,24]", "not divisible"),
     ("run.compile=maybe", "expected true or false"),
+    ("model.mask_block=16", "multiple of the student's total stride"),
     ("run.save_teacher=true", "unknown config key"),  # was accepted and ignored: the frozen teacher is the given file
     ("seed", "key=value"),
 ])

@@ -4,6 +4,7 @@ In-process runs share one gloo process group per pytest worker; the two-process 
 launch real subprocesses (the deepspeed launcher, and plain ``python gfm_fast/train.py``).
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -76,6 +77,13 @@ def test_resuming_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     assert (tmp_path / "checkpoints" / "abandoned" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_mask_blocks_larger_than_the_decoder_cell(tmp_path):
+    """64-px mask blocks over a 32-px decoder grid: the mask reaches the student upsampled."""
+    sizes = ("model.student.img_size=128", "model.teacher.img_size=128", "model.mask_block=64")
+    result = _run(tmp_path, "run.max_steps=2", *sizes)
+    assert result.metrics["step"] == 2 and math.isfinite(result.metrics["loss/total"])
 
 
 def test_running_a_finished_run_again(tmp_path):

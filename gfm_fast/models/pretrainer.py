@@ -156,10 +156,6 @@ class GFMPretrainer(nn.Module):
         super().__init__()
         config = config if config is not None else ModelConfig()
         config.validate("model")
-        stride = config.student.total_stride
-        if config.mask_block % stride:
-            raise ValueError(f"model.mask_block ({config.mask_block}) must be a multiple of the student's total "
-                             f"stride ({stride}): the decoder predicts whole {stride}-px cells, each masked or not")
         self.config = config
         self.student = GFMStudent(config)
         self.teacher = set_fused_attn(FrozenTeacher(config, state_dict=teacher_state_dict), config.fused_attn)
@@ -191,7 +187,7 @@ class GFMPretrainer(nn.Module):
         else:
             block_mask = self.block_mask(mask, images)
         z_t = self.teacher(images)
-        output = self.student(images, self._decoder_mask(block_mask), z_t, return_recon=return_recon)
+        output = self.student(images, self.decoder_mask(block_mask), z_t, return_recon=return_recon)
         return output._replace(mask=block_mask)
 
     def block_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -220,8 +216,9 @@ class GFMPretrainer(nn.Module):
             mask = coarse
         return mask.bool()
 
-    def _decoder_mask(self, block_mask: torch.Tensor) -> torch.Tensor:
-        """The block mask on the decoder grid (one entry per ``total_stride`` cell)."""
+    def decoder_mask(self, block_mask: torch.Tensor) -> torch.Tensor:
+        """The block mask (B, H/mask_block, W/mask_block) on the decoder grid, one entry per
+        ``total_stride`` cell: what the student takes."""
         rep = self.config.mask_block // self.config.student.total_stride
         if rep == 1:
             return block_mask
