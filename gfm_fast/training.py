@@ -475,13 +475,30 @@ def _all_reduce_flag(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
-def set_math_modes(cfg: TrainConfig, device) -> None:
-    """Process-wide math settings: TF32 tensor cores for fp32 matmuls and convolutions on CUDA."""
+def set_math_modes(cfg: TrainConfig, device) -> Callable[[], None]:
+    """Process-wide math settings: TF32 tensor cores for fp32 matmuls and convolutions on CUDA.
+    Returns what puts the previous settings back (the run's choice must not outlive it: later
+    fp32 work in the process, e.g. feature extraction, keeps the user's own)."""
     import torch
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+    if device.type != "cuda":
+        return lambda: None
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        name, saved_matmul = "allow_tf32", matmul.allow_tf32
+        value = cfg.run.tf32
+    except RuntimeError:  # the user set torch >= 2.9's fp32_precision, after which allow_tf32 raises
+        name, saved_matmul = "fp32_precision", matmul.fp32_precision
+        value = "tf32" if cfg.run.tf32 else "ieee"
+    saved_cudnn = cudnn.allow_tf32
+    setattr(matmul, name, value)
+    cudnn.allow_tf32 = cfg.run.tf32
+
+    def restore() -> None:
+        setattr(matmul, name, saved_matmul)  # through the API it was read with: mixing them raises
+        cudnn.allow_tf32 = saved_cudnn
+
+    return restore
 
 
 def compile_in_place(*modules) -> None:
@@ -547,7 +564,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     pretrainer = GFMPretrainer(cfg.model)
     teacher = pretrainer.teacher.to(device)
     student = pretrainer.student
-    set_math_modes(cfg, device)
+    restore_math_modes = set_math_modes(cfg, device)
     if cfg.run.compile:
         compile_in_place(student, teacher)
     # torch's AdamW (no DeepSpeed op to compile); its fused multi-tensor kernel on GPU.
@@ -634,6 +651,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             metrics = _last_logged_metrics(output_dir)
     finally:
         stop.restore()
+        restore_math_modes()
         logger.close()
     metrics["step"] = float(step)
     return TrainResult(str(output_dir), metrics)

@@ -93,3 +93,35 @@ def test_architecture_mismatch_is_named():
     check_same_architecture(a, dict(a), Path("ckpt"))
     with pytest.raises(TrainingError, match="model.student"):
         check_same_architecture(a, b, Path("ckpt"))
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_tf32_choice_ends_with_the_run(api):
+    """run.tf32 switches TF32 on for the run only, through whichever torch API the user set it with
+    (after torch >= 2.9's fp32_precision, reading allow_tf32 raises)."""
+    import types
+
+    import torch
+
+    from gfm_fast.config import TrainConfig
+    from gfm_fast.training import set_math_modes
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32  # put back through the legacy API, which every later read accepts
+    try:
+        if api == "legacy":
+            matmul.allow_tf32 = False
+            restore = set_math_modes(TrainConfig(), types.SimpleNamespace(type="cuda"))
+            assert matmul.allow_tf32 is True
+            restore()
+            assert matmul.allow_tf32 is False
+        else:
+            if not hasattr(matmul, "fp32_precision"):
+                pytest.skip("torch < 2.9 has only allow_tf32")
+            matmul.fp32_precision = "ieee"
+            restore = set_math_modes(TrainConfig(), types.SimpleNamespace(type="cuda"))
+            assert matmul.fp32_precision == "tf32"
+            restore()
+            assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.allow_tf32 = saved
