@@ -450,10 +450,13 @@ def test_interpreter_refuses_the_numpy_it_cannot_run_with(monkeypatch, triton_ve
 
 @pytest.fixture
 def restore_matmul_precision():
+    """Puts the setting back through the legacy flag last: reading allow_tf32 (as tests/conftest.py
+    does on GPUs) raises once the new API was the last one used."""
     matmul = torch.backends.cuda.matmul
-    saved = matmul.fp32_precision, torch.backends.fp32_precision
+    saved_global, saved_matmul = torch.backends.fp32_precision, matmul.allow_tf32
     yield
-    matmul.fp32_precision, torch.backends.fp32_precision = saved
+    torch.backends.fp32_precision = saved_global
+    matmul.allow_tf32 = saved_matmul
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: allow_tf32 only")
