@@ -112,7 +112,7 @@ setup(
     include_package_data=True,
     package_data={"gfm_fast": ["data/sample/*", "data/sample/**/*", "../configs/*.yaml"]},
     install_requires=["torch>=2.4", "timm>=1.0.9", "numpy", "safetensors", "pyyaml", "tqdm", "pillow", "simplejpeg",
-                      "tifffile", "webdataset>=0.2.90", "deepspeed>=0.15", "tensorboard", "pybind11"],
+                      "tifffile", "imagecodecs", "webdataset>=0.2.90", "deepspeed>=0.15", "tensorboard", "pybind11"],
     extras_require={"test": ["pytest", "pytest-xdist"], "bench": ["torchvision"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -13,6 +13,7 @@ Input scaling (documented once, applied everywhere):
 """
 from __future__ import annotations
 
+import numbers
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -110,6 +111,24 @@ def _array_scale(dtype: Any, what: str) -> Optional[float]:
     raise TypeError(f"{what} has dtype {dtype}; expected uint8 or uint16 pixel values, or floats already normalised")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_RGB, PNG_RGBA = 2, 6  # IHDR colour types
+
+
+def _is_16bit_color_png(path: Path) -> bool:
+    """A 16-bit RGB(A) PNG, which Pillow would read as 8-bit RGB (only the high bytes)."""
+    with open(path, "rb") as file:
+        head = file.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
+    return head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (PNG_RGB, PNG_RGBA)
+
+
+def _read_16bit_color_png(path: Path) -> np.ndarray:
+    import imagecodecs
+
+    array = imagecodecs.png_decode(path.read_bytes())  # (H, W, 3 or 4) uint16
+    return array[..., :3]  # alpha dropped, as Pillow's conversion to RGB does for 8-bit images
+
+
 def read_image(path: PathLike) -> Tuple[np.ndarray, float]:
     """Read one image file as (H, W, C) or (C, H, W) array and the divisor that maps it to [0, 1].
 
@@ -126,7 +145,9 @@ def read_image(path: PathLike) -> Tuple[np.ndarray, float]:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            array = tifffile.imread(str(path))
+            array = tifffile.imread(str(path))  # LZW/deflate/... through imagecodecs
+        elif _is_16bit_color_png(path):
+            array = _read_16bit_color_png(path)
         else:
             from PIL import Image
 
@@ -186,6 +207,8 @@ def _batches(images: Any, chans: int, stride: int, batch_size: int) -> Tuple[int
             data = _to_nchw(images, chans, "images tensor")
         return _counted(data, batch_size, scale, "images tensor")
     if isinstance(images, np.ndarray):
+        if not images.dtype.isnative:  # e.g. '>u2' from a big-endian raster: same values, this machine's order
+            images = images.astype(images.dtype.newbyteorder("="))
         scale = _array_scale(images.dtype, "images array")
         array = images.astype(np.int32) if images.dtype == np.uint16 else images  # torch has few uint16 ops
         data = _to_nchw(torch.from_numpy(np.ascontiguousarray(array)), chans, "images array")
@@ -247,16 +270,16 @@ def _prepare(batch: torch.Tensor, scale: Optional[float], mean_std: Tuple[torch.
 def _stage_indices(stages: Optional[Sequence[int]], num_stages: int) -> Optional[List[int]]:
     if stages is None:
         return None
-    if isinstance(stages, int):
+    if isinstance(stages, numbers.Integral):
         stages = [stages]
     picked = []
     for stage in stages:
-        if not isinstance(stage, int) or not -num_stages <= stage < num_stages:
+        if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or not -num_stages <= stage < num_stages:
             raise ValueError(f"stages must be ints in [0, {num_stages}) (or negative from the end), got {stage!r}")
         picked.append(stage % num_stages)
     if not picked:
         raise ValueError("stages is empty; pass None for the pooled feature or e.g. [0, 1, 2, 3]")
-    return sorted(set(picked))
+    return sorted(set(int(stage) for stage in picked))
 
 
 def _default_device(module: nn.Module) -> torch.device:

@@ -127,6 +127,30 @@ def test_sixteen_bit_png(encoder, tmp_path):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("alpha", [False, True], ids=["rgb", "rgba"])
+def test_sixteen_bit_color_png_keeps_its_low_bytes(encoder, tmp_path, alpha):
+    """Pillow reads 48/64-bit PNGs as 8-bit RGB; they are read at 16 bits (alpha dropped)."""
+    import imagecodecs
+
+    rgb16 = np.random.default_rng(5).integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+    stored = np.concatenate([rgb16, np.full((64, 64, 1), 65535, np.uint16)], axis=-1) if alpha else rgb16
+    (tmp_path / "c.png").write_bytes(imagecodecs.png_encode(stored))
+    out = extract_features(encoder, [tmp_path / "c.png"])
+    expected = direct(encoder, normalise(rgb16.transpose(2, 0, 1)[None].astype(np.float32), 65535.0, MEAN, STD))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zlib"])
+def test_compressed_geotiff(ms_encoder, tmp_path, compression):
+    """LZW and deflate, the usual GeoTIFF compressions (decoded through imagecodecs)."""
+    bands = np.random.default_rng(6).integers(0, 65536, (64, 64, 5), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", bands, compression=compression, photometric="minisblack")
+    out = extract_features(ms_encoder, [tmp_path / "c.tif"])
+    expected = direct(ms_encoder, normalise(bands.transpose(2, 0, 1)[None].astype(np.float32), 65535.0, MS_MEAN,
+                                            MS_STD))
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize("layout", ["interleaved", "planar"])
 def test_multiband_16bit_geotiff(ms_encoder, tmp_path, layout):
     bands = np.random.default_rng(4).integers(0, 65536, (5, 64, 64), dtype=np.uint16)
@@ -292,3 +316,12 @@ def test_a_model_cast_to_another_dtype_takes_its_own_dtype(encoder, dtype):
     assert got.dtype == torch.float32
     tolerance = 0.1 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(got, want, atol=tolerance * want.abs().max().item())
+
+
+def test_numpy_stage_indices_and_big_endian_arrays(encoder):
+    pixels = np.random.default_rng(7).integers(0, 65536, (1, 64, 64, 3), dtype=np.uint16)
+    want = extract_features(encoder, pixels, stages=[1, 3])
+    got = extract_features(encoder, pixels.astype(">u2"), stages=np.array([1, 3]))  # np.int64 entries
+    assert sorted(got) == [1, 3]
+    for stage in (1, 3):
+        torch.testing.assert_close(got[stage], want[stage])
