@@ -226,6 +226,21 @@ def pick_device(cfg: TrainConfig, local_rank: int):
 # Checkpoints: complete or absent, newest K kept
 # --------------------------------------------------------------------------------------------
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories, to stable storage."""
+    for path in sorted(root.rglob("*"), key=lambda p: p.is_dir()):  # files first
+        _fsync_path(path)
+    _fsync_path(root)
+
+
 class Checkpoints:
     """DeepSpeed checkpoints under ``<output>/checkpoints/step_XXXXXXXX``.
 
@@ -269,10 +284,12 @@ class Checkpoints:
         dist.barrier()
         if rank == 0:
             (target / CONFIG_FILE).write_text(client_state["gfm_config"])
+            _fsync_tree(target)  # the tensors are on disk before the marker says so (power loss)
             marker = target / COMPLETE_MARKER
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step, "time": time.time()}))
             os.replace(tmp, marker)
+            _fsync_path(target)  # the marker is durable before pruning removes older checkpoints
             (self.root / "latest").write_text(tag)  # DeepSpeed's convention, for its own tools
             self._prune()
         dist.barrier()
