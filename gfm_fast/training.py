@@ -474,11 +474,16 @@ class _StopRequest:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice (e.g. a step stuck on data): stop now, as without us
+            self.restore()
+            signal.raise_signal(signum)
+            return
         self.signum = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _all_reduce_flag(flag: bool, device) -> bool:

@@ -125,3 +125,25 @@ def test_tf32_choice_ends_with_the_run(api):
             assert matmul.fp32_precision == "ieee"
     finally:
         matmul.allow_tf32 = saved
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT asks for a checkpoint at the next step; a second one (a step stuck on data,
+    say) interrupts right away, as it would without the handler."""
+    import os
+    import signal
+
+    from gfm_fast.training import _StopRequest
+
+    stop = _StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        stop.restore()
