@@ -210,8 +210,8 @@ def _batches(images: Any, chans: int, stride: int, batch_size: int) -> Tuple[int
         if not images.dtype.isnative:  # e.g. '>u2' from a big-endian raster: same values, this machine's order
             images = images.astype(images.dtype.newbyteorder("="))
         scale = _array_scale(images.dtype, "images array")
-        array = images.astype(np.int32) if images.dtype == np.uint16 else images  # torch has few uint16 ops
-        data = _to_nchw(torch.from_numpy(np.ascontiguousarray(array)), chans, "images array")
+        # No copy: batches are views, each cast to float on its own (uint16 included).
+        data = _to_nchw(torch.from_numpy(np.ascontiguousarray(images)), chans, "images array")
         return _counted(data, batch_size, scale, "images array")
     if isinstance(images, (str, os.PathLike)):
         path = Path(images)
