@@ -325,3 +325,12 @@ def test_numpy_stage_indices_and_big_endian_arrays(encoder):
     assert sorted(got) == [1, 3]
     for stage in (1, 3):
         torch.testing.assert_close(got[stage], want[stage])
+
+
+def test_a_multiband_model_without_statistics_says_so():
+    """A plain timm Swin with 5 bands has no known mean/std: features still come, with a warning."""
+    model = timm.create_model("gfm_swin_test_patch4_window2_64", in_chans=5).eval()
+    pixels = np.random.default_rng(8).integers(0, 256, (1, 64, 64, 5), dtype=np.uint8)
+    with pytest.warns(UserWarning, match="5-band encoder without gfm_config"):
+        out = extract_features(model, pixels)
+    assert out.shape == (1, 128)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -281,9 +282,12 @@ def encoder_config_of(encoder: SwinTransformer) -> EncoderConfig:
                       patch_size=int(encoder.patch_embed.patch_size[0]), in_chans=encoder.patch_embed.proj.in_channels,
                       mlp_ratio=first.mlp_ratio)
     chans = swin.in_chans
-    mean = IMAGENET_MEAN if chans == len(IMAGENET_MEAN) else (0.0,) * chans
-    std = IMAGENET_STD if chans == len(IMAGENET_STD) else (1.0,) * chans
-    return EncoderConfig(swin, mean, std)
+    if chans == len(IMAGENET_MEAN):
+        return EncoderConfig(swin, IMAGENET_MEAN, IMAGENET_STD)
+    warnings.warn(f"a {chans}-band encoder without gfm_config: no per-band mean/std is known, so pixels scaled to "
+                  f"[0, 1] are used as they are (mean 0, std 1). Attach encoder.gfm_config = EncoderConfig(swin, "
+                  f"mean, std) with the statistics it was trained with", UserWarning, stacklevel=2)
+    return EncoderConfig(swin, (0.0,) * chans, (1.0,) * chans)
 
 
 @contextlib.contextmanager
