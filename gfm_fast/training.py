@@ -607,12 +607,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     loader.set_epoch(epoch)
 
     logger = RunLogger(output_dir, schedule.stop_step, step, is_main, resumed=resume_from is not None)
+    already_finished = step >= schedule.stop_step
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {step}")
         if is_main and resume_from.parent.resolve() == checkpoints.root.resolve():
             for moved in checkpoints.set_aside_after(step):
                 logger.message(f"newer checkpoint set aside (not deleted): {moved}")
-        if step >= schedule.stop_step:
+        if already_finished:
             logger.message(f"this run already reached step {step} (stop at {schedule.stop_step}): nothing to do. "
                            f"To train further, raise run.max_steps: with optim.schedule_steps=0 the LR schedule is "
                            f"recomputed for the new length (the LR rises again); optim.schedule_steps={step} keeps "
@@ -666,7 +667,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 # The signal's number (SIGTERM on ranks that only heard of it from another rank).
                 metrics["interrupted"] = float(stop.signum or signal.SIGTERM)
                 break
-        if step >= schedule.stop_step and not metrics:  # nothing to do: already finished
+        if already_finished:  # the loop had nothing to do
             # A run stopped between its final checkpoint and the export still gets its model/.
             if _all_reduce_flag(not (output_dir / MODEL_DIR / "model.safetensors").is_file(), device):
                 export(output_dir / MODEL_DIR)

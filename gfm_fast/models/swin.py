@@ -92,7 +92,9 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     windows = window_partition(x, block.window_size).view(-1, block.window_area, chans)
-    mask = block.get_attn_mask(x) if any(shift) else None  # regions of the padded, shifted grid
+    # Regions of the padded, shifted grid: built for this size only where timm would (dynamic_mask);
+    # otherwise the block's buffer, made once for its build size, padded the same way.
+    mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
     windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, chans)
     x = window_reverse(windows, block.window_size, padded_h, padded_w)
     if any(shift):
@@ -325,8 +327,9 @@ def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = 
     """Build a registered variant with timm's builder (``pretrained`` loads a local file given by
     ``pretrained_cfg_overlay=dict(file=...)`` through our ``checkpoint_filter_fn``)."""
     cls = GFMSwinTransformer if student else SwinTransformer
-    return pad_before_shift(build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                                 feature_cfg=dict(flatten_sequential=True), **kwargs))
+    model = build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return model if student else pad_before_shift(model)  # GFMSwinTransformer does it itself
 
 
 def _cfg(size: int, **kwargs: Any) -> Dict[str, Any]:

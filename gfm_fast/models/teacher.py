@@ -16,7 +16,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import ModelConfig
 from gfm_fast.models.checkpoint import load_teacher_weights
-from gfm_fast.models.swin import prune_to_trunk, split_at_last_merging, swin_kwargs
+from gfm_fast.models.swin import pad_before_shift, prune_to_trunk, split_at_last_merging, swin_kwargs
 
 __all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
 
@@ -47,6 +47,7 @@ class FrozenTeacher(SwinTransformer):
         cfg = config.teacher
         cfg.validate("model.teacher")
         super().__init__(**swin_kwargs(cfg))
+        pad_before_shift(self)  # the official Swin's order wherever the window does not tile a stage
         prune_to_trunk(self)
         self.bands = tuple(int(b) for b in config.teacher_bands)
         self.dtype_name = config.teacher_dtype
