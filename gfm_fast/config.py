@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from gfm_fast.errors import ConfigError
+
 IMAGENET_MEAN: Tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, ...] = (0.229, 0.224, 0.225)
 OPS_BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown or invalid; the message names the key and the fix."""
 
 
 @dataclass

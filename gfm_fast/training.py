@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from gfm_fast.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
+from gfm_fast.errors import TrainingError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny.yaml"
@@ -42,8 +43,6 @@ WARMUP_STEPS_FOR_THROUGHPUT = 5  # skip allocator/autotune warm-up when measurin
 PREVIEW_IMAGES = 4
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (bad checkpoint, too many non-finite losses, ...)."""
 
 
 def _user_errors() -> tuple:

@@ -47,6 +47,7 @@ from PIL import Image
 from gfm_fast.data.decode import decode_tiff
 from gfm_fast.data.geotiff import TiffWindowReader, nodata_fraction, tile_windows
 from gfm_fast.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, read_manifest, write_json_atomic
+from gfm_fast.errors import BuildError
 
 LAYOUTS = ("auto", "classes", "flat", "tiles")
 TILE_FORMATS = ("raw", "compressed", "jpeg")
@@ -62,8 +63,6 @@ _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _OPEN_SCENES = 4  # per-process cache of open GeoTIFF readers (items of a scene are spread out)
 
 
-class BuildError(ValueError):
-    """The build cannot start (bad source, mismatching output dir); the message says how to fix it."""
 
 
 @dataclass

@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
+from gfm_fast.errors import ManifestError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gfm_fast.geopile.v1"
 _HASH_CHUNK = 1 << 20
 
 
-class ManifestError(ValueError):
-    """A manifest is missing, unreadable or of an unknown format; the message says which file."""
 
 
 def write_json_atomic(path: Union[str, Path], obj: Any) -> None:

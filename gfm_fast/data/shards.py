@@ -41,6 +41,7 @@ from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from gfm_fast.data.augment import CropBox, GFMAugment
 from gfm_fast.data.decode import JPEG_EXTENSIONS, EncodedImage, find_image
 from gfm_fast.data.manifest import MANIFEST_NAME, read_manifest, shard_paths
+from gfm_fast.errors import TooManyFailures
 
 SAMPLE_SHARDS_DIR = Path(__file__).resolve().parent / "sample" / "shards"
 STATE_VERSION = 1
@@ -56,8 +57,6 @@ class DataWarning(UserWarning):
     """A shard or sample was skipped (the loader counts it in ``loader.stats``)."""
 
 
-class TooManyFailures(RuntimeError):
-    """Too many consecutive unreadable shards or corrupt samples: the input itself is broken."""
 
 
 # --------------------------------------------------------------------------------------------

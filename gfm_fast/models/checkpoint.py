@@ -25,6 +25,7 @@ from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from torch import nn
 
 from gfm_fast.config import SwinConfig
+from gfm_fast.errors import CheckpointError
 
 __all__ = ["CheckpointError", "read_checkpoint", "tensors_only", "unwrap_state_dict", "split_prefix",
            "is_official_layout", "normalize_swin_keys", "checkpoint_filter_fn", "infer_swin_config", "load_state_dict_strict", "load_teacher_weights",
@@ -37,8 +38,6 @@ REL_POS_TABLE = "relative_position_bias_table"
 DEFAULT_RGB_BANDS = (0, 1, 2)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not fit the model; the message says which keys/file."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""The errors a user can fix: one base class, so every command line tool catches one type.
+
+Each message names the problem and the fix; the CLIs print it as one line, without a traceback.
+Leaf module (no imports from gfm_fast), so config, data, models and training can all use it.
+Each subclass also derives from the builtin it used to be (``ValueError``, ``RuntimeError``), so
+code that caught those keeps working.
+"""
+from __future__ import annotations
+
+__all__ = ["GFMError", "ConfigError", "CheckpointError", "ManifestError", "BuildError", "TooManyFailures",
+           "TrainingError"]
+
+
+class GFMError(Exception):
+    """A problem with the user's input, files or settings; the message says how to fix it."""
+
+
+class ConfigError(GFMError, ValueError):
+    """A configuration value is unknown or invalid; the message names the key and the fix."""
+
+
+class CheckpointError(GFMError, ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model; the message says which keys/file."""
+
+
+class ManifestError(GFMError, ValueError):
+    """A manifest is missing, unreadable or of an unknown format; the message says which file."""
+
+
+class BuildError(GFMError, ValueError):
+    """The shard build cannot start (bad source, mismatching output dir); the message says how to fix it."""
+
+
+class TooManyFailures(GFMError, RuntimeError):
+    """Too many consecutive unreadable shards or corrupt samples: the input itself is broken."""
+
+
+class TrainingError(GFMError, RuntimeError):
+    """Training cannot continue (bad checkpoint, too many non-finite losses, ...)."""
