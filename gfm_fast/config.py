@@ -19,6 +19,7 @@ from gfm_fast.errors import ConfigError
 IMAGENET_MEAN: Tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, ...] = (0.229, 0.224, 0.225)
 OPS_BACKENDS = ("auto", "reference", "cpp", "triton")
+ATTENTION_PATHS = ("auto", "sdpa", "explicit")  # gfm_fast.models.attention
 
 
 
@@ -77,7 +78,9 @@ class ModelConfig:
     student: SwinConfig = field(default_factory=_student_default)
     teacher: SwinConfig = field(default_factory=_teacher_default)
     teacher_weights: Optional[str] = None
-    teacher_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: the run's precision (bf16 for bf16 and bf16-mixed runs, fp16 for fp16, else fp32); outside
+    # training, the caller's autocast dtype. The weights are cast once, not on every step.
+    teacher_dtype: str = "auto"
     teacher_bands: Tuple[int, ...] = (0, 1, 2)  # student channels fed to the RGB teacher
     mask_block: int = 32
     mask_ratio: float = 0.6
@@ -86,7 +89,17 @@ class ModelConfig:
     std: Tuple[float, ...] = IMAGENET_STD
     ops_backend: str = "auto"
     grad_checkpointing: bool = False
-    fused_attn: bool = True  # window attention through F.scaled_dot_product_attention (same math, less memory)
+    # Window attention: auto (the path measured fastest per device, precision and use: SDPA on CUDA;
+    # on CPU plain bmm + softmax, SDPA's flash kernel only for the fp32 teacher), sdpa or explicit.
+    attention: str = "auto"
+    fused_attn: Optional[bool] = None  # older name: true = attention sdpa, false = explicit; null: use attention
+
+    @property
+    def attention_path(self) -> str:
+        """``attention``, or what the older ``fused_attn`` asked for when it is set."""
+        if self.fused_attn is None:
+            return self.attention
+        return "sdpa" if self.fused_attn else "explicit"
 
     def validate(self, prefix: str = "model") -> None:
         self.student.validate(f"{prefix}.student")
@@ -109,6 +122,7 @@ class ModelConfig:
         _require(all(s > 0 for s in self.std), f"{prefix}.std", "must be positive")
         _require(self.ops_backend in OPS_BACKENDS, f"{prefix}.ops_backend",
                  f"must be one of {', '.join(OPS_BACKENDS)}")
+        _require(self.attention in ATTENTION_PATHS, f"{prefix}.attention", f"must be one of {', '.join(ATTENTION_PATHS)}")
 
 
 @dataclass

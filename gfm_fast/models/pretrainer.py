@@ -15,7 +15,8 @@ from gfm_fast import ops
 from gfm_fast.config import ModelConfig
 from gfm_fast.losses import check_float, check_mask_values
 from gfm_fast.masking import generate_block_mask
-from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student, set_fused_attn
+from gfm_fast.models.attention import set_attention
+from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
 from gfm_fast.models.teacher import FrozenTeacher
 
 __all__ = ["GFMOutput", "DecoderConv", "GFMStudent", "GFMPretrainer", "param_groups", "NO_WEIGHT_DECAY_NAMES"]
@@ -96,7 +97,7 @@ class GFMStudent(nn.Module):
         self.ops_backend = config.ops_backend
         self.encoder: GFMSwinTransformer = build_student(cfg, ops_backend=config.ops_backend)
         self.encoder.gfm_config = EncoderConfig(cfg, config.mean, config.std)
-        set_fused_attn(self.encoder, config.fused_attn)
+        set_attention(self.encoder, config.attention_path)
         if config.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
         width, teacher_width = self.encoder.num_features, config.teacher.num_features
@@ -158,7 +159,7 @@ class GFMPretrainer(nn.Module):
         config.validate("model")
         self.config = config
         self.student = GFMStudent(config)
-        self.teacher = set_fused_attn(FrozenTeacher(config, state_dict=teacher_state_dict), config.fused_attn)
+        self.teacher = set_attention(FrozenTeacher(config, state_dict=teacher_state_dict), config.attention_path)
 
     @property
     def encoder(self) -> GFMSwinTransformer:

@@ -27,6 +27,7 @@ from torch import nn
 
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
+from gfm_fast.models.attention import set_attention
 from gfm_fast.models.checkpoint import checkpoint_filter_fn
 
 __all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
@@ -129,6 +130,7 @@ class GFMSwinTransformer(SwinTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=MASK_TOKEN_STD)
         pad_before_shift(self)
+        set_attention(self, "auto")  # the fastest measured path per device and precision
 
     @property
     def ops_backend(self) -> str:
@@ -233,19 +235,6 @@ def swin_kwargs(cfg: SwinConfig) -> Dict[str, Any]:
     return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
                 embed_dim=cfg.embed_dim, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
                 window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate)
-
-
-def set_fused_attn(model: nn.Module, enabled: bool) -> nn.Module:
-    """Route every window attention of ``model`` through ``F.scaled_dot_product_attention`` (or not).
-
-    timm keeps Swin on its explicit softmax path unless asked (``experimental``); the fused path
-    computes the same function (rel-pos bias + shift mask as an additive ``attn_mask``) without
-    materialising the attention probabilities for backward on GPU.
-    """
-    for module in model.modules():
-        if isinstance(module, WindowAttention):
-            module.fused_attn = enabled
-    return model
 
 
 def build_student(cfg: SwinConfig, *, ops_backend: str = "auto", **kwargs: Any) -> GFMSwinTransformer:

@@ -1,8 +1,8 @@
-"""The frozen ImageNet-22k teacher: Swin-B 224/window 7, stages 1-3 only (shared GFM.md, "Models").
+"""The frozen ImageNet-22k teacher: Swin-B 224/window 7, stages 1-3 only (docs/method.md, "Models").
 
 Frozen by construction, not by path strings: the parameters never require grad, the module is
 always in eval mode (``train()`` cannot switch it), it lives outside the DeepSpeed engine and runs
-under ``torch.no_grad()`` in low precision. What GFM never runs (last-stage blocks, final norm,
+under ``torch.no_grad()`` in the run's precision, its weights cast once. What GFM never runs (last-stage blocks, final norm,
 head) is deleted, so it costs no memory and is absent from the state dict.
 """
 from __future__ import annotations
@@ -15,21 +15,28 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import ModelConfig
+from gfm_fast.models.attention import set_attention
 from gfm_fast.models.checkpoint import load_teacher_weights
 from gfm_fast.models.swin import pad_before_shift, prune_to_trunk, split_at_last_merging, swin_kwargs
 
 __all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The teacher's dtype in a run at each run.precision (teacher_dtype=auto): the student's compute dtype.
+_RUN_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
+                         "fp16": torch.float16}
 
 
-def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The teacher's compute dtype: ``auto`` is bf16 on CUDA and fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"teacher_dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
+def resolve_teacher_dtype(name: str, precision: str) -> torch.dtype:
+    """The teacher's compute dtype in a run: ``teacher_dtype`` when set, else (``auto``) the run's
+    precision: bf16 for ``bf16`` and ``bf16-mixed`` (on CPU as on GPU), fp16 for ``fp16``, else fp32."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"teacher_dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+        return _DTYPES[name]
+    if precision not in _RUN_PRECISION_DTYPES:
+        raise ValueError(f"run precision must be one of {', '.join(_RUN_PRECISION_DTYPES)}; got {precision!r}")
+    return _RUN_PRECISION_DTYPES[precision]
 
 
 class FrozenTeacher(SwinTransformer):
@@ -48,10 +55,11 @@ class FrozenTeacher(SwinTransformer):
         cfg.validate("model.teacher")
         super().__init__(**swin_kwargs(cfg))
         pad_before_shift(self)  # the official Swin's order wherever the window does not tile a stage
+        set_attention(self, "auto")
         prune_to_trunk(self)
         self.bands = tuple(int(b) for b in config.teacher_bands)
         self.dtype_name = config.teacher_dtype
-        resolve_teacher_dtype(self.dtype_name, torch.device("cpu"))  # validate early
+        resolve_teacher_dtype(self.dtype_name, "fp32")  # validate early
         weights = state_dict if state_dict is not None else config.teacher_weights
         if weights is not None:
             load_teacher_weights(self, weights)
@@ -62,6 +70,24 @@ class FrozenTeacher(SwinTransformer):
                           UserWarning, stacklevel=2)
         self.requires_grad_(False)
         self.eval()
+        if self.dtype_name != "auto":  # a fixed dtype: cast the weights once, here
+            self.to(_DTYPES[self.dtype_name])
+
+    def set_run_precision(self, precision: str) -> torch.dtype:
+        """Cast the weights once to the compute dtype of a run at ``precision`` (run.precision after
+        ``auto`` is resolved), so that no step casts them again; returns that dtype."""
+        dtype = resolve_teacher_dtype(self.dtype_name, precision)
+        self.to(dtype)
+        return dtype
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """What the next forward computes in: ``teacher_dtype`` when set; else (auto) the caller's
+        autocast dtype on ``device`` when autocast is on, else the weights' dtype."""
+        if self.dtype_name != "auto":
+            return _DTYPES[self.dtype_name]
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.patch_embed.proj.weight.dtype
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         """Always eval: the teacher has no dropout/drop-path to enable and must never change."""
@@ -87,13 +113,15 @@ class FrozenTeacher(SwinTransformer):
         Args:
             images: normalised student images (B, C, H, W) NCHW; any float dtype.
         """
-        dtype = resolve_teacher_dtype(self.dtype_name, images.device)
-        # no_grad, not inference_mode: the cosine loss saves z_t for its backward.
-        with torch.no_grad():
-            x = self.prepare_images(images).to(self.patch_embed.proj.weight.dtype)
-            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                x = self.patch_embed(x)  # (B, 56, 56, 128) NHWC
-                trunk, _, _ = split_at_last_merging(self)
-                for module in trunk:
-                    x = module(x)  # h: (B, 7, 7, 1024) NHWC at the end
+        weights = self.patch_embed.proj.weight.dtype
+        dtype = self.compute_dtype(images.device)
+        # no_grad, not inference_mode: the cosine loss saves z_t for its backward. Weights already in
+        # the compute dtype run as they are (an ambient autocast would only add casts, and run norms
+        # and the attention bias in fp32); otherwise autocast casts them on the fly.
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=dtype != weights):
+            x = self.prepare_images(images).to(weights)
+            x = self.patch_embed(x)  # (B, 56, 56, 128) NHWC
+            trunk, _, _ = split_at_last_merging(self)
+            for module in trunk:
+                x = module(x)  # h: (B, 7, 7, 1024) NHWC at the end
             return x.float().mean(dim=(1, 2))

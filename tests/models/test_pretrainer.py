@@ -186,24 +186,27 @@ def test_ops_backend_switch_reaches_every_op():
         model.student.decoder[0](torch.randn(1, 128, 4, 4), images(1))
 
 
-def test_fused_window_attention_matches_the_explicit_softmax_path():
-    """model.fused_attn routes timm's window attention through SDPA: same losses and gradients."""
+@pytest.mark.parametrize("path", ["sdpa", "explicit", "legacy_fused_attn"])
+def test_attention_paths_give_the_same_losses_and_gradients(path):
+    """model.attention picks the window-attention path (auto by default); each computes the same
+    losses and gradients. The older key fused_attn still works (true = sdpa, false = explicit)."""
     from timm.models.swin_transformer import WindowAttention
 
     torch.manual_seed(0)
-    fused = tiny_pretrainer(fused_attn=True)
-    explicit = tiny_pretrainer(fused_attn=False)
-    explicit.load_state_dict(fused.state_dict())
-    assert all(m.fused_attn for m in fused.modules() if isinstance(m, WindowAttention))
-    assert not any(m.fused_attn for m in explicit.modules() if isinstance(m, WindowAttention))
+    auto = tiny_pretrainer()
+    other = tiny_pretrainer(fused_attn=True) if path == "legacy_fused_attn" else tiny_pretrainer(attention=path)
+    other.load_state_dict(auto.state_dict())
+    want = "sdpa" if path == "legacy_fused_attn" else path
+    assert all(m.gfm_attention == want for m in other.modules() if isinstance(m, WindowAttention))
+    assert all(m.gfm_attention == "auto" for m in auto.modules() if isinstance(m, WindowAttention))
     images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
     mask = random_block_mask(2)
-    out_f, out_e = fused(images, mask), explicit(images, mask)
-    out_f.loss.backward()
-    out_e.loss.backward()
-    torch.testing.assert_close(out_f.loss, out_e.loss, rtol=1e-5, atol=1e-6)
-    for (name, p_f), p_e in zip(fused.student.named_parameters(), explicit.student.parameters()):
-        torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+    out_a, out_o = auto(images, mask), other(images, mask)
+    out_a.loss.backward()
+    out_o.loss.backward()
+    torch.testing.assert_close(out_a.loss, out_o.loss, rtol=1e-5, atol=1e-6)
+    for (name, p_a), p_o in zip(auto.student.named_parameters(), other.student.parameters()):
+        torch.testing.assert_close(p_a.grad, p_o.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.skipif(not cpp_ready(), reason="C++ CPU backend not built")

@@ -87,12 +87,49 @@ def test_low_precision_teacher_returns_fp32_close_to_fp32():
     torch.testing.assert_close(teachers["fp32"](images.bfloat16()), exact, rtol=0.05, atol=0.05)
 
 
-def test_dtype_resolution():
-    assert resolve_teacher_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_teacher_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_teacher_dtype("fp16", torch.device("cpu")) == torch.float16
+def test_dtype_follows_the_run_precision():
+    assert resolve_teacher_dtype("auto", "fp32") == torch.float32
+    assert resolve_teacher_dtype("auto", "bf16") == torch.bfloat16
+    assert resolve_teacher_dtype("auto", "bf16-mixed") == torch.bfloat16  # on CPU as on GPU
+    assert resolve_teacher_dtype("auto", "fp16") == torch.float16
+    assert resolve_teacher_dtype("fp32", "bf16-mixed") == torch.float32  # an explicit choice wins
     with pytest.raises(ValueError, match="teacher_dtype"):
-        resolve_teacher_dtype("int8", torch.device("cpu"))
+        resolve_teacher_dtype("int8", "fp32")
+
+
+def test_weights_cast_once_for_the_run_and_no_casts_per_step():
+    teacher = make_teacher()
+    assert teacher.patch_embed.proj.weight.dtype == torch.float32  # auto: the run decides
+    assert teacher.set_run_precision("bf16-mixed") == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    teacher(images)  # the first call also caches the attention biases
+    with torch.profiler.profile(record_shapes=True) as prof:
+        z_t = teacher(images)
+    assert z_t.dtype == torch.float32 and not z_t.requires_grad
+    # Only the input and the pooled output change dtype: no weight is cast during the forward.
+    casts = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0]]
+    size = list(teacher.patch_embed.img_size)
+    assert casts == [[2, 3, *size], [2, 3, 3, 128]], casts  # images in, (B, h, w, T) out
+
+
+def test_auto_follows_the_callers_autocast():
+    full = full_teacher().eval()
+    teacher = make_teacher()
+    load_teacher_weights(teacher, full.state_dict())
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    assert teacher.compute_dtype(images.device) == torch.float32
+    exact = teacher(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert teacher.compute_dtype(images.device) == torch.bfloat16
+        low = teacher(images)
+    assert not torch.equal(exact, low)
+    torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
+    # Weights cast to the autocast dtype run as they are: the same numbers as a plain bf16 run.
+    teacher.set_run_precision("bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_once = teacher(images)
+    torch.testing.assert_close(cast_once, teacher(images), rtol=0, atol=0)
 
 
 def test_bad_inputs():

@@ -1,0 +1,113 @@
+"""Swin window attention on the fastest path measured for each device, precision and use.
+
+timm's ``WindowAttention`` has two paths: explicit (``q @ k^T``, + bias, softmax, ``@ v``) and
+``F.scaled_dot_product_attention`` with the bias as an additive ``attn_mask``. Which one is faster
+depends on where it runs (measured with torch 2.14 on a 2-thread AVX-512 CPU, Swin-B stage 3,
+batch 4: 16 windows x 16 heads x 36 or 49 tokens x 32; see docs/method.md):
+
+==============================  ========  =======================  ==========================
+stage-3 attention core          explicit  SDPA, bias needs a grad  SDPA, frozen bias (teacher)
+==============================  ========  =======================  ==========================
+student fwd+bwd, fp32           5.4 ms    5.8 ms (math fallback)   -
+student fwd+bwd, bf16 autocast  3.5 ms    6.0 ms (math fallback)   -
+teacher fwd, fp32               3.6 ms    -                        1.9 ms (CPU flash kernel)
+teacher fwd, bf16               1.35 ms   -                        1.9 ms
+==============================  ========  =======================  ==========================
+
+A trainable relative-position bias sends CPU SDPA to its unfused math path, and the CPU flash
+kernel loses to plain bmm at these tiny windows in bf16. So ``auto`` takes SDPA on CUDA (fused
+kernels with the bias gradient), and on CPU only where the flash kernel wins: fp32 without a
+gradient through the bias. ``sdpa`` and ``explicit`` force a path. Both compute the same function.
+
+Beyond the path, two things timm repeats on every call are done once here:
+- the relative-position bias and the shifted-window mask are added together while they are small
+  (windows x heads x N x N) and then added to the scores in one pass, not two;
+- for a frozen block (the teacher) that sum is computed once and kept until its weights change.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from gfm_fast.config import ATTENTION_PATHS
+
+__all__ = ["ATTENTION_PATHS", "set_attention", "uses_sdpa", "window_attention"]
+
+
+
+def uses_sdpa(path: str, x: torch.Tensor, bias_needs_grad: bool) -> bool:
+    """Whether ``path`` runs SDPA for scores computed from ``x`` (the q/k/v dtype after autocast)."""
+    if path != "auto":
+        return path == "sdpa"
+    if x.device.type != "cpu":
+        return True
+    return x.dtype == torch.float32 and not bias_needs_grad
+
+
+def _bias_and_mask(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The additive attention bias: (1 or nW, heads, N, N), rel-pos bias plus the shift mask."""
+    bias = attn._get_rel_pos_bias()  # (1, heads, N, N)
+    if mask is not None:
+        bias = bias + mask.unsqueeze(1).to(bias.dtype)  # (nW, 1, N, N) -> (nW, heads, N, N)
+    return bias
+
+
+def _frozen_bias(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``_bias_and_mask`` of a block whose bias needs no gradient, cached until the table, the
+    mask or the device changes (``load_state_dict`` and ``.to()`` bump or replace them)."""
+    table = attn.relative_position_bias_table
+    key = (table.data_ptr(), table._version, table.dtype, None if mask is None else (mask.data_ptr(), mask._version))
+    cached = getattr(attn, "_gfm_bias_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, _bias_and_mask(attn, mask))
+        attn._gfm_bias_cache = cached
+    return cached[1]
+
+
+def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``WindowAttention.forward`` on the path ``self.gfm_attention`` picks.
+
+    Args:
+        x: window tokens (num_windows * B, N, C).
+        mask: the shifted-window mask (num_windows, N, N), 0 / -100, or None.
+
+    Returns:
+        (num_windows * B, N, C).
+    """
+    windows, tokens, chans = x.shape
+    heads = self.num_heads
+    qkv = self.qkv(x).reshape(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (windows, heads, N, head_dim) each
+    table = self.relative_position_bias_table
+    bias_needs_grad = table.requires_grad and torch.is_grad_enabled()
+    bias = _bias_and_mask(self, mask) if bias_needs_grad else _frozen_bias(self, mask)
+    groups = bias.shape[0]  # 1, or the windows per image (nW)
+    if uses_sdpa(self.gfm_attention, q, bias_needs_grad):
+        attn_mask = bias.to(q.dtype).expand(windows // groups, -1, -1, -1, -1).reshape(windows, heads, tokens, tokens)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (windows, heads, N, N)
+        scores = scores.view(-1, groups, heads, tokens, tokens) + bias  # one pass: bias and mask together
+        probs = self.attn_drop(scores.softmax(dim=-1)).view(windows, heads, tokens, tokens)
+        out = probs.to(v.dtype) @ v
+    out = out.transpose(1, 2).reshape(windows, tokens, -1)
+    return self.proj_drop(self.proj(out))
+
+
+def set_attention(model: nn.Module, path: str) -> nn.Module:
+    """Run every window attention of ``model`` through :func:`window_attention` on ``path``
+    (auto | sdpa | explicit), in place; returns ``model``."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    for module in model.modules():
+        if isinstance(module, WindowAttention):
+            module.gfm_attention = path
+            module.forward = types.MethodType(window_attention, module)
+    return model

@@ -1,0 +1,90 @@
+"""Window attention paths (gfm_fast.models.attention) against timm's own explicit attention.
+
+timm's ``WindowAttention.forward`` with ``fused_attn=False`` is the independent reference: every
+path must give its outputs and its gradients (input, qkv/proj weights and the relative-position
+bias table) for plain and shifted windows, and the teacher's cached bias must follow its weights.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+
+from gfm_fast.models.attention import set_attention, uses_sdpa
+from model_helpers import tiny_pretrainer
+
+DIM, HEADS, WINDOW, SIZE = 32, 4, 4, 8  # an 8x8 map: 4 windows of 4x4 (16 tokens), shift 2
+
+
+def _block(shift: int) -> SwinTransformerBlock:
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(DIM, (SIZE, SIZE), num_heads=HEADS, window_size=WINDOW, shift_size=shift)
+    with torch.no_grad():  # a bias table far from zero, so that a wrong gather would show
+        block.attn.relative_position_bias_table.normal_(std=1.0)
+    block.attn.fused_attn = False
+    return block
+
+
+def _run(block, x):
+    out = block(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+    return out.detach(), x.grad.clone(), grads
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("path", ["auto", "sdpa", "explicit"])
+def test_paths_match_timm_values_and_gradients(shift, path):
+    reference = _block(shift)
+    ours = set_attention(copy.deepcopy(reference), path)
+    x = torch.randn(2, SIZE, SIZE, DIM)
+    want = _run(reference, x.clone().requires_grad_())
+    got = _run(ours, x.clone().requires_grad_())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert want[2]["attn.relative_position_bias_table"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["auto", "sdpa", "explicit"])
+def test_bf16_autocast_close_to_fp32(path):
+    block = set_attention(_block(2), path)
+    x = torch.randn(2, SIZE, SIZE, DIM)
+    with torch.no_grad():
+        exact = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = block(x)
+    torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
+
+
+def test_frozen_bias_is_cached_and_follows_the_weights():
+    reference = _block(2)
+    frozen = set_attention(copy.deepcopy(reference), "explicit").requires_grad_(False)
+    x = torch.randn(1, SIZE, SIZE, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), reference(x))
+        cache = frozen.attn._gfm_bias_cache[1]
+        frozen(x)
+        assert frozen.attn._gfm_bias_cache[1] is cache  # reused, not recomputed
+        reference.attn.relative_position_bias_table.mul_(-1.0)
+        frozen.load_state_dict(reference.state_dict())  # new weights: the cache must not survive
+        torch.testing.assert_close(frozen(x), reference(x))
+
+
+def test_auto_picks_the_measured_fastest_path():
+    fp32, bf16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    assert uses_sdpa("auto", fp32, bias_needs_grad=False)  # CPU flash kernel: the fp32 teacher
+    assert not uses_sdpa("auto", fp32, bias_needs_grad=True)  # SDPA's math fallback: the student
+    assert not uses_sdpa("auto", bf16, bias_needs_grad=False)  # bmm beats the flash kernel in bf16
+    assert uses_sdpa("sdpa", bf16, bias_needs_grad=True) and not uses_sdpa("explicit", fp32, False)
+    with pytest.raises(ValueError, match="attention path"):
+        set_attention(_block(0), "flash")
+
+
+def test_every_window_attention_of_the_models_is_routed():
+    model = tiny_pretrainer()
+    modules = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert modules and all(getattr(m, "gfm_attention", None) == "auto" for m in modules)
