@@ -276,3 +276,17 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
         _build([Source("x", str(tmp_path / "missing"))], tmp_path / "o2")
     with pytest.raises(BuildError, match="unique"):
         _build([Source("x", str(folders[0])), Source("x", str(folders[1]))], tmp_path / "o3")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "{tmp}"], "manifest.json"),
+    (["show", "{tmp}/none-{{0..1}}.tar"], "none of the 2 shards"),
+    (["show", "{tmp}/not.tar"], "not.tar is not a tar file"),
+    (["build", "x={tmp}/missing", "--out", "{tmp}/out"], "missing does not exist"),
+])
+def test_cli_prints_user_errors_as_one_line(tmp_path, capsys, argv, message):
+    """Every GFMError (manifest, shard, build) is one `error:` line on stderr, exit status 2, no traceback."""
+    (tmp_path / "not.tar").write_text("hello, not a tar" * 100)
+    assert cli([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -326,3 +326,24 @@ def test_training_import_surface_stays_upstream():
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+def test_shards_that_are_missing_or_not_tars_fail_when_the_loader_is_made(tmp_path):
+    """One GFMError naming the path, before any worker starts (the training CLI prints it as one line)."""
+    with pytest.raises(ShardError, match=r"none of the 1 shards .* exist \(first: .*nowhere.tar does not exist\)"):
+        make_loader(small_cfg(str(tmp_path / "nowhere.tar")))
+    zipped = tmp_path / "images.zip"
+    zipped.write_bytes(b"PK\x03\x04" + bytes(600))
+    with pytest.raises(ShardError, match=r"is a readable tar file \(first: .*images.zip is not a tar file"):
+        make_loader(small_cfg(str(zipped)))
+    tiny = tmp_path / "tiny.tar"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(GFMError, match=r"tiny.tar is not a tar file \(3 bytes\)"):
+        make_loader(small_cfg(str(tiny)))
+    good = write_tar(tmp_path / "good.tar", good_samples("gg", 4))
+    with pytest.warns(DataWarning, match=r"1 of 2 shards cannot be read \(first: .*images.zip is not a tar file"):
+        loader = make_loader(small_cfg(f"{good},{zipped}", samples_per_epoch=4), img_size=IMG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert len(_epoch(loader)) == 1
+    assert loader.stats["failed_shards"] >= 1  # the zip, counted when a worker reads it
