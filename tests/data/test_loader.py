@@ -217,7 +217,7 @@ def test_multiband_samples(tmp_path):
     shard = write_tar(tmp_path / "ms.tar", samples)
     loader = make_loader(small_cfg(shard, shuffle_buffer=0, samples_per_epoch=6, batch_size=6), img_size=16,
                          in_chans=bands, mean=[0.5] * bands, std=[0.25] * bands)
-    with pytest.warns(DataWarning, match="3 bands but the model expects in_chans=5"):
+    with pytest.warns(DataWarning, match="3 channels but the model takes 5"):
         (batch,) = _epoch(loader)
     assert batch.shape == (6, bands, 16, 16) and loader.stats["corrupt_samples"] == 1
     assert -2.0 <= batch.min() and batch.max() <= 2.0  # [0, 1] scaled by 1/65535, then (x - 0.5) / 0.25
