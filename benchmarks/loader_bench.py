@@ -55,7 +55,7 @@ IMAGE_SETS = {
     "naip512_png": (512, "compressed", "PNG"),  # --tile-format compressed (PNG)
     "naip512_jpeg95": (512, "jpeg", "JPEG"),  # --tile-format jpeg (lossy, quality 95)
 }
-GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (GFM.md), the rest is ~256 px JPEG
+GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (docs/method.md), the rest is ~256 px JPEG
 MOSAIC_TILE = 256
 
 
