@@ -15,8 +15,6 @@ Cases:
   one core (torch threads = 1), timed in alternating runs: the per-core rate and a fair ratio.
   ``workers > 0``: each loader timed alone at steady state (background prefetch would make
   alternating runs meaningless); on a shared machine these numbers are noisy.
-- ``worker_side_for_device_decode``: what a CPU worker still does when decode_device == "cuda"
-  (read, shuffle, JPEG header, crop draw; PNG/TIFF are still decoded on CPU).
 - ``gfm_fast_pillow_jpeg``: our loader with Pillow instead of simplejpeg for JPEG.
 - ``decode`` / ``resize``: per-image cost of the candidate decoders and resizers: how the loader's
   choices were made (simplejpeg, else Pillow, for JPEG; torch uint8 antialiased resize).
@@ -57,7 +55,7 @@ IMAGE_SETS = {
     "naip512_png": (512, "compressed", "PNG"),  # --tile-format compressed (PNG)
     "naip512_jpeg95": (512, "jpeg", "JPEG"),  # --tile-format jpeg (lossy, quality 95)
 }
-GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (GFM.md), the rest is ~256 px JPEG
+GEOPILE_SHARE_TILES = 300_000 / 587_954  # NAIP's share of GeoPile (docs/method.md), the rest is ~256 px JPEG
 MOSAIC_TILE = 256
 
 
@@ -136,19 +134,6 @@ def _ours(shards: Path, batch: int, workers: int, shuffle_buffer: int):
     return (lambda: next(iterator)), iterator.close
 
 
-def _worker_side_deferred(shards: Path, batch: int, shuffle_buffer: int):
-    """The stream a worker runs when JPEGs are decoded on the GPU (no device stage here)."""
-    from gfm_fast.config import DataConfig
-    from gfm_fast.data.shards import EpochStream, GeoPileLoader
-
-    cfg = DataConfig(shards=str(shards), batch_size=batch, num_workers=0, shuffle_buffer=shuffle_buffer,
-                     samples_per_epoch=10**9)
-    loader = GeoPileLoader(cfg, img_size=IMG_SIZE, in_chans=3, mean=MEAN, std=STD, seed=0, rank=0, world_size=1,
-                           decode_device="cpu")
-    iterator = iter(EpochStream(loader._template))
-    return (lambda: next(iterator)), (lambda: None)
-
-
 def _baseline(folder: Path, batch: int, workers: int):
     """(next batch, close) of the torchvision ImageFolder + transforms DataLoader."""
     from torchvision import datasets
@@ -198,7 +183,6 @@ LOADERS = {
     "gfm_fast": lambda folder, shards, batch, workers, buf: _ours(shards, batch, workers, buf),
     "gfm_fast_pillow_jpeg": lambda folder, shards, batch, workers, buf: _ours_without_simplejpeg(shards, batch, buf),
     "torchvision_imagefolder": lambda folder, shards, batch, workers, buf: _baseline(folder, batch, workers),
-    "worker_side_for_device_decode": lambda folder, shards, batch, workers, buf: _worker_side_deferred(shards, batch, buf),
 }
 
 
@@ -337,7 +321,7 @@ def run_loader(images: int = 192, batch: int = 32, rounds: int = 5, batches_per_
                         samples = _interleaved(loaders, rounds, batches_per_run)
                         for _, close in loaders.values():
                             close()
-                    else:  # the device-decode worker side is a per-core number only
+                    else:  # the Pillow variant is a per-core number only
                         samples = {impl: _sustained(lambda: LOADERS[impl](*args), rounds, batches_per_run, num_workers)
                                    for impl in ("gfm_fast", "torchvision_imagefolder")}
                     base = statistics.median(samples["torchvision_imagefolder"])

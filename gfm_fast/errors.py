@@ -8,7 +8,7 @@ code that caught those keeps working.
 from __future__ import annotations
 
 __all__ = ["GFMError", "ConfigError", "CheckpointError", "ManifestError", "BuildError", "TooManyFailures",
-           "TrainingError"]
+           "TrainingError", "ShardError"]
 
 
 class GFMError(Exception):
@@ -37,3 +37,7 @@ class TooManyFailures(GFMError, RuntimeError):
 
 class TrainingError(GFMError, RuntimeError):
     """Training cannot continue (bad checkpoint, too many non-finite losses, ...)."""
+
+
+class ShardError(GFMError, FileNotFoundError):
+    """The loader's shards do not exist or are not tar files; the message names the path."""

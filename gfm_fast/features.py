@@ -10,6 +10,10 @@ Input scaling (documented once, applied everywhere):
 * uint8 data (tensors, arrays, 8-bit PNG/JPEG/TIFF) is divided by 255, uint16 data (arrays,
   16-bit PNG/TIFF, e.g. multi-band GeoTIFF) by 65535, floating-point TIFF bands are taken as
   already in [0, 1]; then each channel is normalised with the model's mean/std.
+
+Image files are decoded by the training loader's decoder (gfm_fast.data.decode, whose docstring
+states the rule for bit depth, gray, alpha, palette, CMYK and multi-band TIFF), so a file gives
+the same pixels here as in training. Float input holding NaN or Inf is refused, naming the image.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ import numbers
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gfm_fast.data.decode import BandMismatch, CorruptSample, decode_image, full_scale
 from gfm_fast.models.io import load_model
 from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 from gfm_fast.models.swin import allow_any_input_size, encoder_config_of
@@ -31,9 +36,7 @@ from gfm_fast.models.swin import allow_any_input_size, encoder_config_of
 __all__ = ["extract_features", "read_image", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-TIFF_SUFFIXES = (".tif", ".tiff")
 INTEGER_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # divisor to reach [0, 1]
-UNIT_RANGE = 1.0  # float image files: already in [0, 1]
 PROGRESS_MIN_IMAGES = 256  # progress=None shows a bar from this many images on
 PathLike = Union[str, os.PathLike]
 
@@ -89,7 +92,9 @@ def _to_nchw(data: torch.Tensor, chans: int, what: str) -> torch.Tensor:
 def _slices(data: torch.Tensor, batch_size: int, scale: Optional[float],
             what: str) -> Iterator[Tuple[torch.Tensor, Optional[float], str]]:
     for start in range(0, data.shape[0], batch_size):
-        yield data[start:start + batch_size], scale, what
+        batch = data[start:start + batch_size]
+        _check_finite(batch, lambda i: f"{what}: image {start + i}")
+        yield batch, scale, what
 
 
 _TORCH_INTEGER_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}
@@ -111,61 +116,42 @@ def _array_scale(dtype: Any, what: str) -> Optional[float]:
     raise TypeError(f"{what} has dtype {dtype}; expected uint8 or uint16 pixel values, or floats already normalised")
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_RGB, PNG_RGBA = 2, 6  # IHDR colour types
+def read_image(path: PathLike, in_chans: Optional[int] = None) -> Tuple[np.ndarray, float]:
+    """Read one image file as an (H, W, C) array and the divisor that maps it to [0, 1].
 
+    A thin call into the training loader's decoder (``gfm_fast.data.decode.decode_image``): the
+    same rule for 8/16-bit, gray, alpha, palette, CMYK and multi-band TIFF, documented there.
 
-def _is_16bit_color_png(path: Path) -> bool:
-    """A 16-bit RGB(A) PNG, which Pillow would read as 8-bit RGB (only the high bytes)."""
-    with open(path, "rb") as file:
-        head = file.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
-    return head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (PNG_RGB, PNG_RGBA)
-
-
-def _read_16bit_color_png(path: Path) -> np.ndarray:
-    import imagecodecs
-
-    array = imagecodecs.png_decode(path.read_bytes())  # (H, W, 3 or 4) uint16
-    return array[..., :3]  # alpha dropped, as Pillow's conversion to RGB does for 8-bit images
-
-
-def read_image(path: PathLike) -> Tuple[np.ndarray, float]:
-    """Read one image file as (H, W, C) or (C, H, W) array and the divisor that maps it to [0, 1].
-
-    PNG/JPEG go through Pillow (palette/alpha/CMYK images become RGB; 16-bit PNGs stay 16-bit),
-    TIFF through tifffile (any number of bands, band-interleaved or band-sequential).
+    Args:
+        path: the image file (PNG, JPEG, TIFF incl. multi-band GeoTIFF, WebP, BMP).
+        in_chans: the model's input channels: gray is replicated for 3, and a file whose bands
+            do not fit is refused. None keeps the bands the rule gives.
 
     Raises:
-        ValueError: the file cannot be read or has an unsupported pixel type (message names it).
+        ValueError: the file does not exist, cannot be decoded or does not fit ``in_chans``
+            (the message names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image file {path} does not exist")
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
+        array = decode_image(path.read_bytes(), path.suffix.lstrip("."), in_chans)
+    except BandMismatch as exc:
+        raise ValueError(f"image file {path}: {exc}") from None
+    except CorruptSample as exc:
+        raise ValueError(f"cannot read image file {path}: {exc}") from exc
+    return array, full_scale(array.dtype)
 
-            array = tifffile.imread(str(path))  # LZW/deflate/... through imagecodecs
-        elif _is_16bit_color_png(path):
-            array = _read_16bit_color_png(path)
-        else:
-            from PIL import Image
 
-            with Image.open(path) as image:
-                if image.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "1"):
-                    image = image.convert("RGB")
-                array = np.array(image)
-                if image.mode.startswith("I;16"):
-                    array = array.astype(np.uint16)
-                elif image.mode == "I" and array.min() >= 0 and array.max() <= 65535:
-                    array = array.astype(np.uint16)
-    except Exception as exc:  # Pillow and tifffile raise many types for damaged files
-        raise ValueError(f"cannot read image file {path}: {type(exc).__name__}: {exc}") from exc
-    if array.dtype.kind == "f":
-        return array.astype(np.float32), UNIT_RANGE
-    if array.dtype not in INTEGER_RANGE:
-        raise ValueError(f"image file {path} has {array.dtype} pixels; supported: 8-bit, 16-bit unsigned or float")
-    return array, INTEGER_RANGE[array.dtype]
+def _check_finite(data: torch.Tensor, what: Callable[[int], str]) -> None:
+    """Refuse NaN/Inf in float input (they would come out as NaN features), naming the first such image."""
+    if not data.is_floating_point():
+        return
+    bad = ~torch.isfinite(data).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what(first)} holds non-finite pixel values (NaN or Inf); fill or mask them (e.g. "
+                         "np.nan_to_num, or replace nodata) before extracting features")
 
 
 def _list_images(directory: Path) -> List[Path]:
@@ -182,9 +168,10 @@ def _file_batches(files: Sequence[Path], chans: int, stride: int,
         group: List[torch.Tensor] = []
         key = None
         for path in files[start:start + batch_size]:
-            array, scale = read_image(path)
+            array, scale = read_image(path, chans)
             image = _to_nchw(torch.from_numpy(array.astype(np.int32) if array.dtype == np.uint16 else array),
                              chans, f"image file {path}")
+            _check_finite(image, lambda _: f"image file {path}")
             _check_geometry(image, chans, stride, f"image file {path}")
             if group and (tuple(image.shape[1:]), scale) != key:
                 yield torch.cat(group), key[1], f"images in {path.parent}"

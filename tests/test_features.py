@@ -334,3 +334,37 @@ def test_a_multiband_model_without_statistics_says_so():
     with pytest.warns(UserWarning, match="5-band encoder without gfm_config"):
         out = extract_features(model, pixels)
     assert out.shape == (1, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite input and the shared decoder
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_float_input_is_refused_naming_the_image(encoder, bad):
+    x = torch.randn(5, 3, 64, 64)
+    x[3, 1, 10, 20] = bad
+    with pytest.raises(ValueError, match=r"images tensor: image 3 holds non-finite pixel values"):
+        extract_features(encoder, x, batch_size=2)  # image 3 is the second of the second batch
+    array = x.permute(0, 2, 3, 1).numpy().copy()
+    with pytest.raises(ValueError, match=r"images array: image 3 holds non-finite pixel values"):
+        extract_features(encoder, array, batch_size=4)
+    x[3, 1, 10, 20] = 0.0
+    torch.testing.assert_close(extract_features(encoder, x), direct(encoder, x))  # finite again: accepted
+
+
+def test_non_finite_float_tiff_is_refused_naming_the_file(ms_encoder, tmp_path):
+    bands = np.random.default_rng(8).random((64, 64, 5), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", bands, photometric="minisblack", planarconfig="contig")
+    bands[5, 7, 2] = np.nan  # e.g. a nodata pixel of a float GeoTIFF
+    tifffile.imwrite(tmp_path / "b.tif", bands, photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ValueError, match=r"image file .*b\.tif holds non-finite pixel values"):
+        extract_features(ms_encoder, tmp_path)
+
+
+def test_gray_file_feeds_an_rgb_model_like_the_training_loader(encoder, tmp_path):
+    """The shared decoder replicates gray to RGB for a 3-channel model (as the loader does)."""
+    gray = np.random.default_rng(9).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    expected = direct(encoder, normalise(np.repeat(gray[None, None], 3, axis=1), 255.0))
+    torch.testing.assert_close(extract_features(encoder, tmp_path / "g.png"), expected)

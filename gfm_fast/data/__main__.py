@@ -4,6 +4,9 @@
         --gsd resisc45=0.2-30 --gsd naip=1 --out /data/geopile --shard-size 1GB --workers 8
     python -m gfm_fast.data verify /data/geopile
     python -m gfm_fast.data show /data/geopile -n 5
+
+Problems the user can fix (a missing source, a damaged manifest, shards that are not tars) print
+one line, ``error: <message>``, and exit with status 2.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import argparse
 import json
 import sys
 from typing import Dict, List, Optional
+
+from gfm_fast.errors import GFMError
 
 
 def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
@@ -27,27 +32,23 @@ def _build(args: argparse.Namespace) -> int:
     from gfm_fast.data.geopile import (BuildError, BuildOptions, build_shards, parse_bands, parse_gsd, parse_size,
                                        parse_source)
 
-    try:
-        sources = [parse_source(s) for s in (args.sources or []) + (args.name or [])]
-        names = {s.name for s in sources}
-        for option, values in (("--gsd", _pairs(args.gsd, "--gsd")), ("--layout", _pairs(args.layout, "--layout")),
-                               ("--bands", _pairs(args.bands, "--bands"))):
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise BuildError(f"{option} names unknown source(s) {unknown}; sources are {sorted(names)}")
-        gsd, layouts, bands = _pairs(args.gsd, "--gsd"), _pairs(args.layout, "--layout"), _pairs(args.bands, "--bands")
-        for source in sources:
-            source.gsd = parse_gsd(gsd[source.name]) if source.name in gsd else None
-            source.layout = layouts.get(source.name, "auto")
-            source.bands = parse_bands(bands[source.name]) if source.name in bands else None
-        options = BuildOptions(shard_size=parse_size(args.shard_size), max_samples_per_shard=args.max_per_shard,
-                               seed=args.seed, tile_size=args.tile_size, max_nodata=args.max_nodata,
-                               nodata=args.nodata, prefix=args.prefix, tile_format=args.tile_format,
-                               jpeg_quality=args.jpeg_quality, workers=args.workers)
-        manifest = build_shards(sources, args.out, options, overwrite=args.overwrite, progress=not args.no_progress)
-    except BuildError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    sources = [parse_source(s) for s in (args.sources or []) + (args.name or [])]
+    names = {s.name for s in sources}
+    for option, values in (("--gsd", _pairs(args.gsd, "--gsd")), ("--layout", _pairs(args.layout, "--layout")),
+                           ("--bands", _pairs(args.bands, "--bands"))):
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise BuildError(f"{option} names unknown source(s) {unknown}; sources are {sorted(names)}")
+    gsd, layouts, bands = _pairs(args.gsd, "--gsd"), _pairs(args.layout, "--layout"), _pairs(args.bands, "--bands")
+    for source in sources:
+        source.gsd = parse_gsd(gsd[source.name]) if source.name in gsd else None
+        source.layout = layouts.get(source.name, "auto")
+        source.bands = parse_bands(bands[source.name]) if source.name in bands else None
+    options = BuildOptions(shard_size=parse_size(args.shard_size), max_samples_per_shard=args.max_per_shard,
+                           seed=args.seed, tile_size=args.tile_size, max_nodata=args.max_nodata,
+                           nodata=args.nodata, prefix=args.prefix, tile_format=args.tile_format,
+                           jpeg_quality=args.jpeg_quality, workers=args.workers)
+    manifest = build_shards(sources, args.out, options, overwrite=args.overwrite, progress=not args.no_progress)
     return 0 if manifest["samples"] > 0 else 1
 
 
@@ -67,7 +68,7 @@ def _show(args: argparse.Namespace) -> int:
     from gfm_fast.data.shards import resolve_shards
 
     urls = resolve_shards(args.spec).urls
-    dataset = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    dataset = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())  # in order, no shuffle
     for i, sample in enumerate(dataset):
         if i >= args.n:
             break
@@ -115,7 +116,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     show.add_argument("-n", type=int, default=5)
     show.set_defaults(func=_show)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except GFMError as exn:  # the message names the problem and the fix: no traceback
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The GFM augmentation, one sample at a time, driven by an explicit torch.Generator.
 
 RandomResizedCrop(img_size, scale=(0.67, 1), ratio=(3/4, 4/3), bilinear) -> horizontal flip
-(p=0.5) -> to [0, 1] -> normalise with mean/std (see shared GFM.md). The crop and flip draws are
+(p=0.5) -> to [0, 1] -> normalise with mean/std (docs/method.md). The crop and flip draws are
 the same draws, in the same order, as torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip``
 on the global RNG, so a generator seeded with ``s`` reproduces torchvision under
 ``torch.manual_seed(s)`` (tests/data/test_augment.py checks it).
@@ -118,19 +118,15 @@ class GFMAugment:
             full_size: (width, height) of the full-resolution image, to rescale ``box``.
 
         Returns:
-            (C, img_size, img_size) tensor, NCHW-indexed; uint8 for uint8 input on CPU, else
+            (C, img_size, img_size) tensor, NCHW-indexed; uint8 for uint8 input, else
             float32 in the stored units (to_unit_scale gives the factor to [0, 1]).
         """
         image = _as_tensor(array).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last
-        return self.crop_resize_tensor(image, box, full_size)
-
-    def crop_resize_tensor(self, image: torch.Tensor, box: CropBox, full_size: Tuple[int, int]) -> torch.Tensor:
-        """:meth:`crop_resize` for a (1, C, H, W) tensor on any device."""
         height, width = image.shape[-2:]
         top, left, h, w = _rescale_box(box, width / full_size[0], height / full_size[1], width, height)
         crop = image[:, :, top:top + h, left:left + w]
-        if crop.dtype != torch.uint8 or crop.device.type != "cpu":
-            crop = crop.float()  # antialiased uint8 resize is a CPU kernel; elsewhere resize in float
+        if crop.dtype != torch.uint8:
+            crop = crop.float()  # torch's antialiased resize takes uint8 or float
         size = (self.img_size, self.img_size)
         out = crop if (h, w) == size else F.interpolate(crop, size=size, mode="bilinear", align_corners=False,
                                                         antialias=True)
@@ -145,17 +141,15 @@ class GFMAugment:
             image: (C or 1, S, S) tensor from crop_resize.
             dtype: the stored sample type of the decoded image (uint8, uint16, float32).
         """
-        scale, bias = self._affine_for(np.dtype(dtype), image.device)
+        scale, bias = self._affine_for(np.dtype(dtype))
         # copy_ converts dtype and layout (channels-last -> NCHW) in one pass; the broadcast
         # mul_/add_ then vectorise, unlike a mixed-dtype addcmul (~3x slower, measured).
         out.copy_(image).mul_(scale).add_(bias)
 
-    def _affine_for(self, dtype: np.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = (dtype, str(device))
-        if key not in self._affine:
-            scale = (to_unit_scale(dtype) * self._inv_std).to(device)
-            self._affine[key] = (scale, (-self._mean * self._inv_std).to(device))
-        return self._affine[key]
+    def _affine_for(self, dtype: np.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._affine:
+            self._affine[dtype] = (to_unit_scale(dtype) * self._inv_std, -self._mean * self._inv_std)
+        return self._affine[dtype]
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -1,16 +1,28 @@
-"""Decode one stored image into an (H, W, C) array with the band count the model expects.
+"""The one image decoder: training shards (the loader) and image files (``extract_features``) both use it.
 
 Decoder choice, by measurement (benchmarks/loader_bench.py, benchmarks/results/loader_cpu.json;
 one core, 256 px JPEG): simplejpeg 0.29 ms < torchvision.io.decode_jpeg 0.32 ms < Pillow 0.37 ms
 per image (all libjpeg-turbo), which makes the whole loader ~20% faster with simplejpeg. So
 plain RGB/gray JPEGs go through simplejpeg when it is installed (optional dependency), else
-Pillow; CMYK JPEG, PNG, WebP and BMP through Pillow; TIFF (multi-band, 16-bit) through tifffile.
-Large JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain when the crop that follows
-would throw that resolution away anyway (``reduce``).
+Pillow; CMYK JPEG, PNG, WebP and BMP through Pillow, except 16-bit colour PNG (Pillow keeps only
+its high bytes) through imagecodecs; TIFF (multi-band, 16-bit, float) through tifffile. Large
+JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain when the crop that follows would
+throw that resolution away anyway (``reduce``; the loader only).
 
-Band rules (``in_chans``): an image must have exactly ``in_chans`` bands, except that for
-``in_chans == 3`` gray (replicated), gray+alpha, RGBA (alpha dropped), palette and CMYK images are
-converted to RGB. Anything else raises :class:`CorruptSample` (the loader counts it and moves on).
+The rule, the same for every format and both callers (``in_chans``: the model's input channels;
+None keeps the bands the rule gives):
+
+* the sample type is kept: uint8 stays uint8, 16-bit PNG/TIFF stays uint16 (Pillow's 32-bit
+  integer gray becomes uint16 when its values fit), float TIFF becomes float32; other types are
+  refused. :func:`to_unit_scale` maps them to [0, 1] (1/255, 1/65535, 1).
+* gray (also 1-bit, and gray + alpha, alpha dropped) is one band; a 3-channel model sees it
+  replicated to RGB (the loader replicates after the resize, :func:`decode_image` at once).
+* RGBA (8 or 16 bit) drops its alpha, unless the model takes 4 channels.
+* palette, CMYK, YCbCr, LAB and HSV images become RGB (Pillow's conversion).
+* TIFF keeps all its bands, bands last (band-sequential files are transposed; a stack of pages
+  without band metadata has its bands on the shorter of its first and last axes).
+* the band count must then equal ``in_chans``; otherwise :class:`BandMismatch` (the loader
+  counts and skips the sample; ``extract_features`` raises, naming the file).
 """
 from __future__ import annotations
 
@@ -29,18 +41,25 @@ except ImportError:  # pragma: no cover - exercised when simplejpeg is not insta
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "tif", "tiff", "webp", "bmp")
 JPEG_EXTENSIONS = ("jpg", "jpeg")
 TIFF_EXTENSIONS = ("tif", "tiff")
-# Integer sample types and the value that maps to 1.0 (see to_unit_float).
+# Integer sample types and the value that maps to 1.0 (see full_scale).
 INTEGER_FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# Pillow modes convertible to RGB for a 3-channel model; RGB itself needs no conversion.
-_RGB_CONVERTIBLE = ("RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
-_GRAY_MODES = ("L", "LA", "1", "I;16", "I;16L", "I;16B", "I;16N", "F", "I")
+# Pillow modes that become RGB; those with alpha keep it as RGBA for a 4-channel model.
+_RGB_CONVERTIBLE = ("RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+_ALPHA_MODES = ("RGBA", "RGBa", "PA")
+_GRAY_MODES = ("L", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_RGB, _PNG_RGBA = 2, 6  # IHDR colour types
 
 Image.MAX_IMAGE_PIXELS = None  # GeoTIFF tiles are large by design; shards are trusted input
 
 
 class CorruptSample(ValueError):
     """A sample that cannot be turned into an image; the message says why."""
+
+
+class BandMismatch(CorruptSample):
+    """An image that decodes, but whose band count does not fit the model's input channels."""
 
 
 def find_image(sample: Dict[str, object]) -> Tuple[str, bytes]:
@@ -65,7 +84,7 @@ class EncodedImage:
 
     Args:
         data: the encoded bytes (JPEG, PNG, TIFF, WebP, BMP).
-        ext: the sample extension, used to pick the decoder.
+        ext: the sample extension (lower case), used to pick the decoder.
     """
 
     def __init__(self, data: bytes, ext: str):
@@ -98,14 +117,14 @@ class EncodedImage:
 
     @property
     def is_plain_jpeg(self) -> bool:
-        """True for an RGB or gray JPEG (what fast JPEG decoders, incl. nvjpeg, handle)."""
+        """True for an RGB or gray JPEG (what simplejpeg decodes)."""
         return self._pil is not None and self._pil.format == "JPEG" and self._pil.mode in ("RGB", "L")
 
-    def decode(self, in_chans: int, reduce: int = 1) -> np.ndarray:
-        """Decode to an (H, W, C) array with C == in_chans or C == 1 when in_chans == 3 (gray).
+    def decode(self, in_chans: Optional[int], reduce: int = 1) -> np.ndarray:
+        """Decode to an (H, W, C) array by the module's rule (gray stays one band here: C == 1).
 
         Args:
-            in_chans: the number of channels the model expects.
+            in_chans: the number of channels the model expects (None: the bands the rule gives).
             reduce: JPEG only: decode at roughly 1/reduce of the size (1, 2, 4 or 8); other
                 formats ignore it. The caller rescales its crop box by the returned shape.
 
@@ -118,8 +137,10 @@ class EncodedImage:
         try:
             if self._tiff is not None:
                 array = self._tiff
-            elif self.is_plain_jpeg and simplejpeg is not None and (in_chans == 3 or self._pil.mode == "L"):
-                array = _decode_simplejpeg(self.data, self._pil, in_chans, reduce)
+            elif _is_16bit_color_png(self.data):
+                array = _decode_png16(self.data, in_chans)
+            elif self.is_plain_jpeg and simplejpeg is not None:
+                array = _decode_simplejpeg(self.data, self._pil, reduce)
             else:
                 array = _decode_pil(self._pil, in_chans, reduce)
         except CorruptSample:
@@ -129,28 +150,62 @@ class EncodedImage:
         return _match_bands(array, in_chans)
 
 
-def _decode_pil(image: Image.Image, in_chans: int, reduce: int) -> np.ndarray:
+def decode_image(data: bytes, ext: str, in_chans: Optional[int] = None) -> np.ndarray:
+    """Decode a whole image by the module's rule, gray replicated for a 3-channel model.
+
+    Args:
+        data: the encoded bytes.
+        ext: the file extension without the dot (TIFF goes to tifffile, the rest to Pillow).
+        in_chans: the model's input channels (None: the bands the rule gives).
+
+    Returns:
+        (H, W, C) uint8, uint16 or float32 writable array; C == in_chans when given.
+
+    Raises:
+        CorruptSample: the bytes do not decode or the bands do not fit ``in_chans``.
+    """
+    array = EncodedImage(data, ext.lower()).decode(in_chans)
+    if in_chans is not None and array.shape[-1] != in_chans:  # gray for an RGB model
+        return np.repeat(array, in_chans, axis=-1)
+    return array if array.flags.writeable else array.copy()  # Pillow's arrays are read-only
+
+
+def _decode_pil(image: Image.Image, in_chans: Optional[int], reduce: int) -> np.ndarray:
     if reduce > 1 and image.format == "JPEG":
         width, height = image.size
         image.draft(image.mode, (-(-width // reduce), -(-height // reduce)))
     image.load()  # raises on truncated files (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
     mode = image.mode
-    if mode == "RGB" or (mode in ("L", "I;16", "I;16L", "I;16B", "I;16N", "F")):
+    if mode == "RGB" or mode in _GRAY_MODES:
         return np.asarray(image)
-    if mode == "1":
+    if mode in ("1", "LA"):
         return np.asarray(image.convert("L"))
     if mode == "I":
         return _int32_to_uint16(np.asarray(image))
-    if mode == "LA":
-        return np.asarray(image.getchannel(0))
-    if in_chans == 3 and mode in _RGB_CONVERTIBLE:
+    if in_chans == 4 and mode in _ALPHA_MODES:
+        return np.asarray(image.convert("RGBA"))
+    if mode in _RGB_CONVERTIBLE:
+        if in_chans not in (None, 3):
+            raise BandMismatch(f"image mode {mode} becomes RGB, which cannot feed a {in_chans}-channel model")
         return np.asarray(image.convert("RGB"))
-    if in_chans == 4 and mode == "RGBA":
-        return np.asarray(image)
-    raise CorruptSample(f"image mode {mode} cannot feed a {in_chans}-channel model")
+    raise CorruptSample(f"unsupported image mode {mode}")
 
 
-def _decode_simplejpeg(data: bytes, header: Image.Image, in_chans: int, reduce: int) -> np.ndarray:
+def _is_16bit_color_png(data: bytes) -> bool:
+    """A 16-bit RGB(A) PNG, which Pillow would read as 8-bit RGB (only the high bytes)."""
+    # signature, IHDR length and type, width, height, then bit depth (byte 24) and colour type (25)
+    return (len(data) > 25 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 16
+            and data[25] in (_PNG_RGB, _PNG_RGBA))
+
+
+def _decode_png16(data: bytes, in_chans: Optional[int]) -> np.ndarray:
+    import imagecodecs
+
+    array = imagecodecs.png_decode(data)  # (H, W, 3 or 4) uint16
+    return array if in_chans == 4 else np.ascontiguousarray(array[..., :3])  # alpha dropped, as for 8 bits
+
+
+def _decode_simplejpeg(data: bytes, header: Image.Image, reduce: int) -> np.ndarray:
     width, height = header.size
     gray = header.mode == "L"
     kwargs = {}
@@ -169,7 +224,7 @@ def _int32_to_uint16(array: np.ndarray) -> np.ndarray:
 
 
 def decode_tiff(data: bytes) -> np.ndarray:
-    """All bands of the first image of a TIFF as a C-contiguous (H, W, C) array."""
+    """All bands of the first image of a TIFF as a C-contiguous (H, W, C) array (float as float32)."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -178,24 +233,37 @@ def decode_tiff(data: bytes) -> np.ndarray:
         axes = series.axes
     if array.ndim == 2:
         array = array[..., None]
-    elif array.ndim == 3 and axes[-1] not in "SC" and axes[0] in "SCQI":
-        array = np.moveaxis(array, 0, -1)  # planar (bands first) -> bands last
+    elif array.ndim == 3 and axes[-1] not in "SC" and axes[0] in "SCQI" and (
+            axes[0] in "SC" or array.shape[0] <= array.shape[-1]):
+        # Planar (bands first) -> bands last. A page stack ('Q'/'I': no band metadata) is bands
+        # first only when that axis is the shorter end one: bands are few, pixels many.
+        array = np.moveaxis(array, 0, -1)
     elif array.ndim != 3:
         raise CorruptSample(f"TIFF with shape {array.shape} (axes {axes}) is not a 2-D image with bands")
     if array.dtype not in INTEGER_FULL_SCALE and array.dtype not in FLOAT_TYPES:
         raise CorruptSample(f"unsupported TIFF sample type {array.dtype} (store uint8, uint16 or float32)")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else None)
 
 
-def _match_bands(array: np.ndarray, in_chans: int) -> np.ndarray:
+def _match_bands(array: np.ndarray, in_chans: Optional[int]) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if not array.dtype.isnative:  # big-endian 16-bit PNG/TIFF
         array = array.astype(array.dtype.newbyteorder("="))
     bands = array.shape[-1]
-    if bands == in_chans or (bands == 1 and in_chans == 3):
+    if in_chans is None or bands == in_chans or (bands == 1 and in_chans == 3):
         return array
-    raise CorruptSample(f"image has {bands} bands but the model expects in_chans={in_chans}")
+    raise BandMismatch(f"{bands} channels but the model takes {in_chans}; select or stack the model's bands")
+
+
+def full_scale(dtype: np.dtype) -> float:
+    """The stored value that means 1.0: 255 for uint8, 65535 for uint16, 1 for float."""
+    dtype = np.dtype(dtype)
+    if dtype in INTEGER_FULL_SCALE:
+        return INTEGER_FULL_SCALE[dtype]
+    if dtype in FLOAT_TYPES:
+        return 1.0
+    raise CorruptSample(f"unsupported sample type {dtype}")
 
 
 def to_unit_scale(dtype: np.dtype) -> float:
@@ -205,9 +273,4 @@ def to_unit_scale(dtype: np.dtype) -> float:
     scale is absorbed by the mean/std normalisation, so pick mean/std in the same units (e.g.
     Sentinel-2 reflectance x 10000 / 65535) rather than rescaling the data.
     """
-    dtype = np.dtype(dtype)
-    if dtype in INTEGER_FULL_SCALE:
-        return 1.0 / INTEGER_FULL_SCALE[dtype]
-    if dtype in FLOAT_TYPES:
-        return 1.0
-    raise CorruptSample(f"unsupported sample type {dtype}")
+    return 1.0 / full_scale(dtype)

@@ -84,10 +84,11 @@ def good_samples(source: str, count: int, start: int = 0, size=(40, 56)) -> List
 
 def read_all(urls: List[str]) -> List[dict]:
     """Every sample of the shards in order (no shuffle), via the loader's own tar reader."""
-    from gfm_fast.data.shards import FailureCounter, new_stats, read_shards
+    from gfm_fast.data.failures import FailureCounter, new_stats
+    from gfm_fast.data.pipeline import read_shards
 
     stats = new_stats()
-    return list(read_shards(iter(urls), FailureCounter(stats, limit=10**9)))
+    return list(read_shards(iter([{"url": url} for url in urls]), FailureCounter(stats, limit=10**9)))
 
 
 def small_cfg(shards: Optional[str], **overrides):

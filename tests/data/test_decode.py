@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_helpers import encode, jpeg, png16, textured, tiff
@@ -38,7 +39,7 @@ def test_cmyk_jpeg_is_converted_to_rgb_like_pillow():
     assert not image.is_plain_jpeg  # nvjpeg / simplejpeg paths must not take it
     out = image.decode(in_chans=3)
     np.testing.assert_array_equal(out, _pil_pixels(data, "RGB"))
-    with pytest.raises(CorruptSample, match="CMYK cannot feed a 4-channel"):
+    with pytest.raises(CorruptSample, match="mode CMYK becomes RGB, which cannot feed a 4-channel model"):
         EncodedImage(data, "jpg").decode(in_chans=4)
 
 
@@ -81,9 +82,9 @@ def test_planar_tiff_is_returned_bands_last():
 
 
 def test_band_count_mismatch_is_corrupt():
-    with pytest.raises(CorruptSample, match="5 bands but the model expects in_chans=3"):
+    with pytest.raises(CorruptSample, match="5 channels but the model takes 3"):
         EncodedImage(tiff(textured(8, 8, bands=5)), "tif").decode(in_chans=3)
-    with pytest.raises(CorruptSample, match="3 bands but the model expects in_chans=12"):
+    with pytest.raises(CorruptSample, match="3 channels but the model takes 12"):
         EncodedImage(jpeg(16, 16), "jpg").decode(in_chans=12)
     with pytest.raises(CorruptSample, match="unsupported TIFF sample type int16"):
         EncodedImage(tiff(textured(8, 8, bands=1, dtype=np.int16)), "tif").decode(in_chans=1)
@@ -126,3 +127,93 @@ def test_pillow_path_matches_when_simplejpeg_is_disabled(monkeypatch):
     monkeypatch.setattr(decode, "simplejpeg", None)
     slow = EncodedImage(data, "jpg").decode(3)
     assert np.abs(fast.astype(int) - slow.astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# One decoder for training and extract_features
+# --------------------------------------------------------------------------------------------
+
+SIDE = 16  # square files, so a full-size crop needs no resize: the loader's output is the decode
+
+
+def _save(array: np.ndarray, fmt: str, mode=None, **kwargs) -> bytes:
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _files_and_expected():
+    """(name, bytes, in_chans, expected HWC pixels in [0, 1] or None where lossy) per kind of file."""
+    import imagecodecs
+
+    rgb8 = textured(SIDE, SIDE, 3, seed=1)
+    rgb16 = textured(SIDE, SIDE, 3, seed=2, dtype=np.uint16) | 1  # odd values: low bytes matter
+    gray8 = textured(SIDE, SIDE, 1, seed=3)
+    gray16 = textured(SIDE, SIDE, 1, seed=4, dtype=np.uint16)
+    alpha8 = np.full((SIDE, SIDE, 1), 9, np.uint8)
+    bands5 = textured(SIDE, SIDE, 5, seed=5, dtype=np.uint16)
+    unit5 = textured(SIDE, SIDE, 5, seed=6, dtype=np.float32)
+    palette = Image.fromarray(rgb8).convert("P")
+    three = lambda a: np.repeat(a[..., None], 3, axis=-1)  # noqa: E731
+    rgba16 = np.concatenate([rgb16, np.full((SIDE, SIDE, 1), 65535, np.uint16)], axis=-1)
+    return [
+        ("rgb8.png", _save(rgb8, "PNG"), 3, rgb8 / 255),
+        ("rgb16.png", imagecodecs.png_encode(rgb16), 3, rgb16 / 65535),
+        ("rgba16.png", imagecodecs.png_encode(rgba16), 3, rgb16 / 65535),
+        ("gray8.png", _save(gray8, "PNG"), 3, three(gray8) / 255),
+        ("gray16.png", _save(gray16, "PNG"), 3, three(gray16) / 65535),
+        ("gray16_1band.png", _save(gray16, "PNG"), 1, gray16[..., None] / 65535),
+        ("rgba8.png", _save(np.concatenate([rgb8, alpha8], -1), "PNG"), 3, rgb8 / 255),
+        ("rgba8_4band.png", _save(np.concatenate([rgb8, alpha8], -1), "PNG"), 4,
+         np.concatenate([rgb8, alpha8], -1) / 255),
+        ("palette.png", _save(rgb8, "PNG", mode="P"), 3, np.asarray(palette.convert("RGB")) / 255),
+        ("cmyk.jpg", _save(rgb8, "JPEG", mode="CMYK", quality=95), 3, None),
+        ("rgb.jpg", _save(rgb8, "JPEG", quality=95), 3, None),
+        ("bands5.tif", tiff(bands5), 5, bands5 / 65535),
+        ("bands5_planar.tif", _planar_tiff(bands5), 5, bands5 / 65535),
+        ("float5.tif", tiff(unit5), 5, unit5.astype(np.float64)),
+    ]
+
+
+def _planar_tiff(array: np.ndarray) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.moveaxis(array, -1, 0), photometric="minisblack", planarconfig="separate",
+                     metadata=None)
+    return buffer.getvalue()
+
+
+def _loader_pixels(tmp_path, name: str, data: bytes, in_chans: int) -> torch.Tensor:
+    """The training loader's batch for one file, undone to [0, 1] (full-size crop, no flip, mean 0, std 1)."""
+    from data_helpers import small_cfg, write_tar
+    from gfm_fast.data import make_loader
+
+    shard = write_tar(tmp_path / f"{name}.tar", [("files/x", {name.rsplit(".", 1)[1]: data})])
+    cfg = small_cfg(shard, batch_size=1, samples_per_epoch=1, shuffle_buffer=0, crop_scale=(1.0, 1.0),
+                    crop_ratio=(1.0, 1.0), hflip=0.0)
+    (batch,) = list(make_loader(cfg, img_size=SIDE, in_chans=in_chans, mean=[0.0] * in_chans,
+                                std=[1.0] * in_chans))
+    return batch[0]
+
+
+def test_training_loader_and_extract_features_decode_every_file_kind_alike(tmp_path):
+    """8/16-bit, gray, RGBA, palette, CMYK, JPEG and multi-band TIFF: the same tensor through both paths,
+    and (for lossless files) the pixels that were stored."""
+    from gfm_fast.features import read_image
+
+    for name, data, in_chans, expected in _files_and_expected():
+        path = tmp_path / name
+        path.write_bytes(data)
+        array, divisor = read_image(path, in_chans)
+        features = torch.from_numpy(array.astype(np.float64) / divisor).permute(2, 0, 1).float()
+        loader = _loader_pixels(tmp_path, name, data, in_chans)
+        assert features.shape == loader.shape == (in_chans, SIDE, SIDE), name
+        torch.testing.assert_close(loader, features, rtol=0, atol=1e-6, msg=name)
+        if expected is not None:
+            reference = torch.from_numpy(np.ascontiguousarray(expected)).permute(2, 0, 1).float()
+            torch.testing.assert_close(features, reference, rtol=0, atol=1e-6, msg=name)
+    assert read_image(tmp_path / "rgb16.png", 3)[0].dtype == np.uint16  # not truncated to 8 bits

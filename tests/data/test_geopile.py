@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data_helpers import encode, jpeg, png16, read_all, textured, tiff, write_files
-from gfm_fast.data import geopile
+from gfm_fast.data import build_write
 from gfm_fast.data.__main__ import main as cli
 from gfm_fast.data.decode import decode_tiff
 from gfm_fast.data.geopile import BuildError, BuildOptions, Source, build_shards, parse_gsd, parse_size
@@ -201,7 +201,7 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(folders, tmp_path
     options = dict(shard_size=parse_size("12KB"), seed=0)
     reference = _build(sources, tmp_path / "ref", **options)
     out = tmp_path / "out"
-    real_write_item = geopile._write_item
+    real_write_item = build_write._write_item
     calls = {"n": 0}
 
     def dying_write_item(*args):
@@ -210,14 +210,14 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(folders, tmp_path
             raise KeyboardInterrupt
         return real_write_item(*args)
 
-    monkeypatch.setattr(geopile, "_write_item", dying_write_item)
+    monkeypatch.setattr(build_write, "_write_item", dying_write_item)
     with pytest.raises(KeyboardInterrupt):
         _build(sources, out, **options)
     done = sorted(p.name for p in out.glob("*.tar"))
     assert 0 < len(done) < len(reference["shards"])
     assert not list(out.glob(".*tmp*")) and not (out / "manifest.json").exists()
     finished_mtime = {name: (out / name).stat().st_mtime_ns for name in done}
-    monkeypatch.setattr(geopile, "_write_item", real_write_item)
+    monkeypatch.setattr(build_write, "_write_item", real_write_item)
     log = []
     resumed = build_shards(sources, out, BuildOptions(**options), progress=False, log=log.append)
     assert any(line.startswith(f"resuming: {len(done)} of") for line in log)
@@ -276,3 +276,17 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
         _build([Source("x", str(tmp_path / "missing"))], tmp_path / "o2")
     with pytest.raises(BuildError, match="unique"):
         _build([Source("x", str(folders[0])), Source("x", str(folders[1]))], tmp_path / "o3")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "{tmp}"], "manifest.json"),
+    (["show", "{tmp}/none-{{0..1}}.tar"], "none of the 2 shards"),
+    (["show", "{tmp}/not.tar"], "not.tar is not a tar file"),
+    (["build", "x={tmp}/missing", "--out", "{tmp}/out"], "missing does not exist"),
+])
+def test_cli_prints_user_errors_as_one_line(tmp_path, capsys, argv, message):
+    """Every GFMError (manifest, shard, build) is one `error:` line on stderr, exit status 2, no traceback."""
+    (tmp_path / "not.tar").write_text("hello, not a tar" * 100)
+    assert cli([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
