@@ -1,0 +1,305 @@
+"""The whole GFM training step, ours against the reference GFM code's, at the same precision.
+
+    python benchmarks/step_bench.py                      # CPU: Swin-B batch 4, fp32 and bf16
+    python benchmarks/step_bench.py --model tiny --batch 16 --out benchmarks/results/cpu_step_tiny_b16.json
+
+Both sides run one optimizer step on the same weights, batch and losses:
+- ``reference``: ``gfm_fast.models.reference.ReferenceGFM``, the reference code's way (timm's
+  explicit window attention, full-resolution reconstruction and per-pixel L1, fp32 teacher weights
+  under the student's autocast, per-image host masks), ``clip_grad_norm_`` and torch's AdamW;
+- ``ours``: the step the training loop runs (``gfm_fast.training.train_step`` through the
+  DeepSpeed engine: fused ops, measured attention paths, teacher cast once to the run's dtype,
+  device masks), with the same AdamW (``ours``) and with the project's own choice on top
+  (``ours+fused_adamw``: torch's fused AdamW).
+"bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
+interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
+
+Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
+step: student forward + backward, teacher forward), the achieved GFLOP/s, the machine's matmul rate
+at that precision measured in the same run, the MFU against it (and on GPU against the card's
+datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
+(``aten::_local_scalar_dense``: every ``.item()``, ``bool(tensor)``, ``.tolist()``) and which
+attention kernels ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import _quantile, _sync, environment, print_table  # noqa: E402
+
+MODEL_SIZES = {  # name: (embed_dim, depths, heads); the teacher is Swin-B except for tiny (same as student)
+    "tiny": (32, (2, 2, 2, 2), (1, 2, 4, 8)),
+    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense (no sparsity) bf16 tensor-core peaks from the datasheets, FLOP/s.
+DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+CLIP_GRAD = 5.0  # GFM's recipe, both sides
+
+
+def model_config(size: str):
+    from gfm_fast.config import ModelConfig, SwinConfig
+
+    embed, depths, heads = MODEL_SIZES[size]
+    student = SwinConfig(embed_dim=embed, depths=depths, num_heads=heads, window_size=6, img_size=192)
+    teacher = (SwinConfig(embed_dim=embed, depths=depths, num_heads=heads, window_size=7, img_size=224)
+               if size == "tiny" else SwinConfig(window_size=7, img_size=224))
+    return ModelConfig(student=student, teacher=teacher)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
+    """FLOP/s of one large square matmul at ``dtype``: the machine's practical limit for the step."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    samples = []
+    for i in range(runs + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i:  # the first call warms up
+            samples.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(samples)
+
+
+def datasheet_peak(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16_PEAK.items() if key in name), None)
+
+
+class OurStep:
+    """Our training step on a ``GFMPretrainer`` (teacher cast once to the run's dtype, device masks)."""
+
+    def __init__(self, cfg, batch: int, precision: str, device: torch.device, fused_adamw: bool):
+        from gfm_fast.models.pretrainer import GFMPretrainer, param_groups
+
+        self.pretrainer = GFMPretrainer(cfg).to(device)
+        self.pretrainer.teacher.set_run_precision("bf16-mixed" if precision == "bf16" else "fp32")
+        self.autocast = precision == "bf16"
+        student = self.pretrainer.student
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, fused=fused_adamw or None)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def __call__(self, images: torch.Tensor) -> None:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.pretrainer(images, generator=self.generator)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class ReferenceStep:
+    """The reference GFM code's training step (see the module docstring)."""
+
+    def __init__(self, model, batch: int, precision: str, device: torch.device):
+        from gfm_fast.models.reference import reference_token_masks
+
+        self.model, self.batch, self.device = model, batch, device
+        self.autocast = precision == "bf16"
+        from gfm_fast.models.pretrainer import param_groups
+
+        self.params = [p for p in model.student.parameters()]
+        self.optimizer = torch.optim.AdamW(param_groups(model.student, 0.05), lr=1e-4)
+        cfg = model.config
+        rng = np.random.default_rng(0)
+        self.masks = lambda: reference_token_masks(batch, cfg.student.img_size, cfg.mask_block,  # noqa: E731
+                                                   cfg.student.patch_size, cfg.mask_ratio, rng)
+
+    def __call__(self, images: torch.Tensor) -> None:
+        mask = self.masks().to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, _, _ = self.model(images, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def count_flops(step: Callable[[torch.Tensor], None], images: torch.Tensor) -> int:
+    """FLOPs of one step as ``torch.utils.flop_counter`` counts them (matmuls, convolutions, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(images)
+    return counter.get_total_flops()
+
+
+def profile_counts(step: Callable[[torch.Tensor], None], images: torch.Tensor) -> Dict[str, object]:
+    """Per step: ``aten::copy_`` calls, host syncs and the attention kernels that ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from _timing import _native_stderr_silenced
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.is_cuda else [])
+    with _native_stderr_silenced(), profile(activities=activities) as prof:
+        step(images)
+        _sync(images.device)
+    counts: Dict[str, int] = {}
+    for event in prof.events():
+        counts[event.name] = counts.get(event.name, 0) + 1
+    attention = {name: n for name, n in counts.items() if "attention" in name or name in ("aten::bmm", "aten::_softmax")}
+    return {"copy_calls": counts.get("aten::copy_", 0), "host_syncs": counts.get("aten::_local_scalar_dense", 0),
+            "attention_kernels": attention}
+
+
+def interleaved_medians(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                        runs: int) -> Dict[str, Dict[str, float]]:
+    """Median / p20 / p80 ms per side, one call of each side per round (load hits all alike)."""
+    samples: Dict[str, List[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + runs):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if round_ >= warmup:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(s), "p20_ms": _quantile(s, 0.2), "p80_ms": _quantile(s, 0.8),
+                   "runs": len(s)} for name, s in samples.items()}
+
+
+def bench_precision(size: str, batch: int, precision: str, device: torch.device, warmup: int, runs: int,
+                    compile_mode: bool) -> List[Dict]:
+    """Records of every side of one (model size, precision) pair."""
+    from gfm_fast.models.reference import ReferenceGFM
+
+    torch.manual_seed(0)
+    cfg = model_config(size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random teacher's warning
+        ours = OurStep(cfg, batch, precision, device, fused_adamw=False)
+        ours_fused = OurStep(cfg, batch, precision, device, fused_adamw=True)
+        reference = ReferenceGFM(model_config(size)).to(device)
+    reference.load_state_dict({k: v.float() for k, v in ours.pretrainer.state_dict().items()}, strict=False)
+    ours_fused.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+    ref_step = ReferenceStep(reference, batch, precision, device)
+    images = torch.randn(batch, 3, 192, 192, device=device)
+    sides: Dict[str, Callable[[], None]] = {"reference": lambda: ref_step(images), "ours": lambda: ours(images),
+                                            "ours+fused_adamw": lambda: ours_fused(images)}
+    if compile_mode:
+        reference.student.compile(dynamic=False)
+        reference.teacher.compile(dynamic=False)
+    compile_s = {}
+    for name, step in sides.items():  # the first call compiles (when asked): timed apart
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        compile_s[name] = time.perf_counter() - t0
+    timings = interleaved_medians(sides, device, warmup, runs)
+    flops = count_flops(ref_step, images) if not compile_mode else count_flops(
+        ReferenceStep(ReferenceGFM(model_config(size)).to(device), batch, precision, device), images)
+    rate = matmul_rate(device, PRECISIONS[precision])
+    peak = datasheet_peak(device)
+    records = []
+    for name, step in sides.items():
+        t = timings[name]
+        achieved = flops / (t["median_ms"] / 1e3)
+        record = {"section": "step", "case": f"train_step_{size}", "side": name + ("+compile" if compile_mode else ""),
+                  "precision": precision, "batch": batch, **t, "images_per_s": batch / (t["median_ms"] / 1e3),
+                  "flops_per_image": flops / batch, "achieved_GFLOPs": achieved / 1e9,
+                  "matmul_GFLOPs": rate / 1e9, "mfu": achieved / rate,
+                  "mfu_datasheet": achieved / peak if peak else None,
+                  "first_step_s": compile_s[name], **profile_counts(lambda x, s=step: s(), images)}
+        records.append(record)
+    ref_ms = timings["reference"]["median_ms"]
+    for record in records:
+        record["speedup"] = ref_ms / record["median_ms"]
+    return records
+
+
+def write_chart(records: List[Dict], path: Path) -> None:
+    """Images/s of every side per precision, each bar labelled with its MFU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["case"], r["precision"]) for r in records})
+    sides = list(dict.fromkeys(r["side"] for r in records))
+    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * len(groups), 4))
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        for j, group in enumerate(groups):
+            match = [r for r in records if (r["case"], r["precision"]) == group and r["side"] == side]
+            if not match:
+                continue
+            r = match[0]
+            bar = ax.bar(j + i * width, r["images_per_s"], width, color=f"C{i}", label=side if j == 0 else None)
+            ax.bar_label(bar, labels=[f"{r['speedup']:.2f}x\nMFU {r['mfu']:.0%}"], fontsize=7)
+    ax.set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(groups))],
+                  [f"{case.replace('train_step_', '')}\n{precision}, batch {records[0]['batch']}"
+                   for case, precision in groups])
+    ax.set_ylabel("images / s (median)")
+    ax.set_title("GFM training step: ours vs the reference code (MFU vs the measured matmul rate)")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p80_ms", "runs", "images_per_s",
+                 "achieved_GFLOPs", "matmul_GFLOPs", "mfu", "copy_calls", "host_syncs", "speedup"]
+
+
+def run_step(device: torch.device, size: str, batch: int, precisions: List[str], warmup: int, runs: int,
+             compile_mode: bool = False) -> List[Dict]:
+    records = []
+    for precision in precisions:
+        records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=False)
+        if compile_mode:
+            records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=True)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base")
+    parser.add_argument("--batch", type=int, help="per step (default: 128 on GPU, 4 on CPU)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
+                        help="repeatable (default: fp32 and bf16)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
+    parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
+    parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
+    parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batch = args.batch or (128 if device.type == "cuda" else 4)
+    records = run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
+                       args.compile)
+    env = environment(device)
+    print(json.dumps({"environment": env}))
+    print_table(records, TABLE_COLUMNS)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": env, "records": records}, indent=1))
+        write_chart(records, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
