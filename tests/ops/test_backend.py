@@ -36,14 +36,20 @@ def _run_all_ops(device, backend="auto"):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 16, 16, device=device)
     mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 1]]], device=device).bool()
-    embed = ops.MaskedPatchEmbed(3, 32, 4, backend=backend).to(device)
-    decoder = ops.DecoderL1Loss(32, 3, 8, backend=backend).to(device)
-    tokens = embed(images, mask.repeat_interleave(2, 1).repeat_interleave(2, 2))  # (2, 16, 32)
+    # Patch embedding 3 -> 32 (p 4) with mask token; decoder 32 -> 8*8*3 (stride 8).
+    embed = [0.1 * torch.randn(32, 3, 4, 4), torch.randn(32), 1 + 0.1 * torch.randn(32), torch.randn(32),
+             torch.randn(32)]
+    weight, bias, norm_weight, norm_bias, mask_token = (p.to(device).requires_grad_() for p in embed)
+    dec_weight = (0.1 * torch.randn(192, 32)).to(device).requires_grad_()
+    dec_bias = torch.zeros(192, device=device, requires_grad=True)
+    token_mask = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    tokens = ops.masked_patch_embed(images, weight, bias, norm_weight, norm_bias, token_mask, mask_token,
+                                    backend=backend)  # (2, 16, 32)
     features = tokens.reshape(2, 4, 4, 32)[:, ::2, ::2].permute(0, 3, 1, 2)  # (2, 32, 2, 2) NCHW view of NHWC
-    rec = decoder(features, images, mask)
+    rec = ops.decoder_l1_loss(features, dec_weight, dec_bias, images, mask, stride=8, backend=backend)
     feat = ops.cosine_distillation(tokens.mean(1), torch.randn(2, 32, device=device), backend=backend)
     (rec + feat).backward()
-    assert embed.proj.weight.grad is not None and decoder.conv.weight.grad is not None
+    assert weight.grad is not None and dec_weight.grad is not None
     return rec.detach(), feat.detach()
 
 
