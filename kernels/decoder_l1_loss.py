@@ -3,7 +3,7 @@
 The decoder's stride equals the mask block size, so decoder output position (b, y, x) is exactly
 one mask block, and its O = stride*stride*C conv outputs are exactly that block's pixels
 (channel o = c*s*s + i*s + j -> pixel (c, y*s + i, x*s + j), PixelShuffle order). The loss is
-therefore a GEMM over the masked blocks only (GFM.md, "Where the speed is"):
+therefore a GEMM over the masked blocks only (docs/method.md, "Where the speed is"):
 
 1. ``_decoder_l1_loss_compact_kernel``: lists the masked blocks first (``order``), counts them and
    computes 1 / ((count*s*s + eps) * C), all on the device: no host sync, no data-dependent shapes.
