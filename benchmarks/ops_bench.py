@@ -8,7 +8,7 @@ Cases (shapes of GFM's Swin-B student at 192 px, masks of 32-px blocks with 22 o
 - masked_patch_embed: images (B, 3, 192, 192) -> tokens (B, 2304, 128), mask (B, 6, 6).
 - decoder_l1_loss: r NHWC (B, 6, 6, 1024) viewed as NCHW, decoder 1024 -> 32*32*3, images, mask.
 - cosine_distillation: z_s, z_t (B, 1024).
-Backends: ``reference`` (gfm_fast.ops.reference / gfm_fast.losses, the baseline of every
+Backends: ``reference`` (gfm_fast.ops.reference, the baseline of every
 speedup), the plain-PyTorch rearrangements a careful user would write without custom kernels
 (``torch_masked_blocks``: the decoder and L1 on the masked blocks only; ``torch_gemm_where``: the
 patch embedding as one GEMM, LayerNorm and torch.where), the decoder's ``gemm_floor`` (its three
@@ -123,7 +123,7 @@ class Case:
 
 
 def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:
-    from gfm_fast import losses, ops
+    from gfm_fast import ops
     from gfm_fast.masking import generate_block_mask
     from gfm_fast.ops import reference
 
@@ -169,7 +169,7 @@ def make_case(op: str, batch: int, dtype: torch.dtype, device: torch.device, see
 
         def run(backend):
             if backend == "reference":
-                return losses.cosine_distillation(leaves[0], teacher)
+                return reference.cosine_distillation(leaves[0], teacher)
             return ops.cosine_distillation(leaves[0], teacher, backend=backend)
 
         grad_output = None

@@ -3,11 +3,13 @@
 
 #include <c10/macros/Macros.h>
 
+#include <tuple>
+
 #include "checks.h"
 
 namespace gfm_fast {
 
-constexpr double kRecEps = 1e-5;  // added to sum(M) in L_rec (gfm_fast/losses.py REC_EPS)
+constexpr double kRecEps = 1e-5;  // added to sum(M) in L_rec (REC_EPS in gfm_fast/ops/reference.py)
 constexpr int64_t kCosineStats = 3;  // cosine_distillation keeps s.t, |s|, |t| per row
 
 // ---- masked_patch_embed
@@ -20,38 +22,32 @@ struct PatchGeometry {
   C10_HOST_DEVICE int64_t rep_w() const { return grid_w / mask_w; }
 };
 
+// The geometry is built once, from the checked sizes (each field named where it is set).
 inline PatchGeometry check_patch_embed_inputs(const char* op, const at::Tensor& images, const at::Tensor& weight,
                                               const at::Tensor& bias, const at::Tensor& norm_weight,
                                               const at::Tensor& mask, int64_t patch_size) {
   check_float_input(op, "images", images, 4);
   TORCH_CHECK(patch_size > 0, op, ": patch_size must be positive, got ", patch_size);
-  PatchGeometry g{};
-  g.batch = images.size(0);
-  g.chans = images.size(1);
-  g.height = images.size(2);
-  g.width = images.size(3);
-  g.patch = patch_size;
-  TORCH_CHECK(g.height % patch_size == 0 && g.width % patch_size == 0, op, ": image size ", g.height, "x",
-              g.width, " is not divisible by patch_size ", patch_size);
-  g.grid_h = g.height / patch_size;
-  g.grid_w = g.width / patch_size;
+  const int64_t batch = images.size(0), chans = images.size(1), height = images.size(2), width = images.size(3);
+  TORCH_CHECK(height % patch_size == 0 && width % patch_size == 0, op, ": image size ", height, "x", width,
+              " is not divisible by patch_size ", patch_size);
+  const int64_t grid_h = height / patch_size, grid_w = width / patch_size;
   check_input(op, "weight", weight, images, 2);
-  g.dim = weight.size(0);
-  g.kdim = g.chans * patch_size * patch_size;
-  TORCH_CHECK(weight.size(1) == g.kdim, op, ": weight must have shape (D, C*p*p) = (", g.dim, ", ", g.kdim,
-              ") for ", g.chans, "-channel images and patch_size ", patch_size, ", got ", weight.sizes(),
+  const int64_t dim = weight.size(0), kdim = chans * patch_size * patch_size;
+  TORCH_CHECK(weight.size(1) == kdim, op, ": weight must have shape (D, C*p*p) = (", dim, ", ", kdim, ") for ",
+              chans, "-channel images and patch_size ", patch_size, ", got ", weight.sizes(),
               "; check the number of input channels");
   check_input(op, "bias", bias, images, 1);
-  check_shape(op, "bias", bias, {g.dim});
+  check_shape(op, "bias", bias, {dim});
   check_input(op, "norm_weight", norm_weight, images, 1);
-  check_shape(op, "norm_weight", norm_weight, {g.dim});
-  check_mask(op, mask, images, g.batch);
-  g.mask_h = mask.size(1);
-  g.mask_w = mask.size(2);
-  TORCH_CHECK(g.mask_h > 0 && g.mask_w > 0 && g.grid_h % g.mask_h == 0 && g.grid_w % g.mask_w == 0, op,
-              ": mask grid ", g.mask_h, "x", g.mask_w, " does not divide the token grid ", g.grid_h, "x", g.grid_w,
+  check_shape(op, "norm_weight", norm_weight, {dim});
+  check_mask(op, mask, images, batch);
+  const int64_t mask_h = mask.size(1), mask_w = mask.size(2);
+  TORCH_CHECK(mask_h > 0 && mask_w > 0 && grid_h % mask_h == 0 && grid_w % mask_w == 0, op, ": mask grid ", mask_h,
+              "x", mask_w, " does not divide the token grid ", grid_h, "x", grid_w,
               "; pass the mask at token level or at a coarser level that divides it (e.g. 32-px blocks)");
-  return g;
+  return {.batch = batch, .chans = chans, .height = height, .width = width, .patch = patch_size, .grid_h = grid_h,
+          .grid_w = grid_w, .dim = dim, .kdim = kdim, .mask_h = mask_h, .mask_w = mask_w};
 }
 
 // Forward arguments beyond check_patch_embed_inputs: the LayerNorm bias and the mask token (D,).
@@ -67,6 +63,9 @@ inline PatchGeometry check_patch_embed_forward_inputs(const char* op, const at::
   check_shape(op, "mask_token", mask_token, {g.dim});
   return g;
 }
+
+// The backward's outputs: (g_weight (D, C*p*p), g_bias, g_norm_weight, g_norm_bias, g_mask_token (D,)).
+using PatchEmbedGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Backward arguments beyond check_patch_embed_inputs: grad_out (B, L, D).
 inline PatchGeometry check_patch_embed_backward_inputs(const char* op, const at::Tensor& grad_out,
@@ -94,15 +93,10 @@ inline DecoderGeometry check_decoder_inputs(const at::Tensor& features, const at
   const char* op = "decoder_l1_loss";
   check_float_input(op, "features", features, 4);
   TORCH_CHECK(stride > 0, op, ": stride must be positive, got ", stride);
-  DecoderGeometry g{};
-  g.batch = features.size(0);
-  g.grid_h = features.size(1);
-  g.grid_w = features.size(2);
-  g.dim = features.size(3);
-  g.stride = stride;
   check_input(op, "images", images, features, 4);
-  g.chans = images.size(1);
-  g.out_chans = stride * stride * g.chans;
+  const DecoderGeometry g{.batch = features.size(0), .grid_h = features.size(1), .grid_w = features.size(2),
+                          .dim = features.size(3), .chans = images.size(1), .stride = stride,
+                          .out_chans = stride * stride * images.size(1)};
   TORCH_CHECK(images.size(0) == g.batch && images.size(2) == g.height() && images.size(3) == g.width(), op,
               ": images must have shape (B, C, h*stride, w*stride) = (", g.batch, ", C, ", g.height(), ", ",
               g.width(), ") for NHWC features ", features.sizes(), " and stride ", stride, ", got ", images.sizes());

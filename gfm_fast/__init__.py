@@ -2,7 +2,7 @@
 
 Public surface (imported lazily so that ``import gfm_fast`` stays light):
 ``GFMPretrainer``, ``load_pretrainer``, ``save_model``, ``load_model``, ``extract_features``,
-``train``, ``ops``, ``__version__``.
+``train``, ``ops``, ``losses``, ``masking``, ``__version__``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ _LAZY = {
     "extract_features": "gfm_fast.features",
     "train": "gfm_fast.training",
     "ops": "gfm_fast.ops",
+    "losses": "gfm_fast.losses",
+    "masking": "gfm_fast.masking",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

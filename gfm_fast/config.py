@@ -73,7 +73,7 @@ def _teacher_default() -> SwinConfig:
 
 @dataclass
 class ModelConfig:
-    """GFM pretrainer: student, frozen teacher, masking and loss weights (see shared GFM.md)."""
+    """GFM pretrainer: student, frozen teacher, masking and loss weights (docs/method.md)."""
 
     student: SwinConfig = field(default_factory=_student_default)
     teacher: SwinConfig = field(default_factory=_teacher_default)

@@ -1,4 +1,4 @@
-"""Vectorised on-device block masks for masked image modelling (shared GFM.md, "Masking").
+"""Vectorised on-device block masks for masked image modelling (docs/method.md, "Block masks").
 
 One call draws the masks of the whole batch on the target device from an explicit
 ``torch.Generator``: no per-sample NumPy permutation in loader workers. Exactly
@@ -30,24 +30,6 @@ class BlockMask:
 
     blocks: torch.Tensor
     block_size: int
-
-    def at(self, stride: int) -> torch.Tensor:
-        """The mask on a grid of ``stride``-pixel cells, e.g. ``at(4)`` is token level (B, 48, 48).
-
-        For ``stride == block_size`` this is ``blocks`` itself (no copy); finer grids are built with
-        one expand + reshape.
-        """
-        if stride <= 0 or self.block_size % stride:
-            raise ValueError(f"stride {stride} must divide the mask block size {self.block_size}")
-        rep = self.block_size // stride
-        if rep == 1:
-            return self.blocks
-        b, h, w = self.blocks.shape
-        return self.blocks[:, :, None, :, None].expand(b, h, rep, w, rep).reshape(b, h * rep, w * rep)
-
-    def tokens(self, patch_size: int = 4) -> torch.Tensor:
-        """Token-level view for a patch embedding of ``patch_size`` (B, H / p, W / p)."""
-        return self.at(patch_size)
 
 
 def num_masked_blocks(num_blocks: int, ratio: float) -> int:

@@ -1,7 +1,7 @@
 """Triton kernels for the cosine distillation loss L_feat = -mean_b cos(z_s[b], z_t[b]).
 
-One pass forward, one pass backward (GFM.md, "Where the speed is"). The forward kernel reads each
-(z_s, z_t) row pair once and writes its cosine plus three per-row statistics (s.t, |s|, |t|); the
+One pass forward, one pass backward (docs/method.md, "Where the speed is"). The forward kernel
+reads each (z_s, z_t) row pair once and writes its cosine plus three per-row statistics (s.t, |s|, |t|); the
 backward kernel reads the rows once more and writes the student gradient, so neither pass keeps
 a (B, D) intermediate.
 

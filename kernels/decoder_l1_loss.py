@@ -3,7 +3,7 @@
 The decoder's stride equals the mask block size, so decoder output position (b, y, x) is exactly
 one mask block, and its O = stride*stride*C conv outputs are exactly that block's pixels
 (channel o = c*s*s + i*s + j -> pixel (c, y*s + i, x*s + j), PixelShuffle order). The loss is
-therefore a GEMM over the masked blocks only (GFM.md, "Where the speed is"):
+therefore a GEMM over the masked blocks only (docs/method.md, "Where the speed is"):
 
 1. ``_decoder_l1_loss_compact_kernel``: lists the masked blocks first (``order``), counts them and
    computes 1 / ((count*s*s + eps) * C), all on the device: no host sync, no data-dependent shapes.
@@ -96,6 +96,26 @@ class DecoderL1Residuals(NamedTuple):
 
 
 @triton.jit
+def _tile(pid, BLOCK: tl.constexpr, n):
+    """Indices of the pid-th BLOCK-wide tile along an axis of length n, and which of them are < n."""
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < n
+
+
+@triton.jit
+def _sign_tile(sign_ptr, rows, row_ok, outs, o_ok, O):
+    """The (rows, outs) tile of the saved signs, 0 outside the masked rows and past O."""
+    return tl.load(sign_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :], mask=row_ok[:, None] & o_ok[None, :],
+                   other=0)
+
+
+@triton.jit
+def _backward_scale(grad_loss_ptr, inv_norm_ptr, ACC_DTYPE: tl.constexpr):
+    """grad_loss / ((count*s*s + eps) * C): what each saved sign is worth in the gradients."""
+    return tl.load(grad_loss_ptr).to(ACC_DTYPE) * tl.load(inv_norm_ptr)
+
+
+@triton.jit
 def _decoder_l1_loss_compact_kernel(mask_ptr, order_ptr, count_ptr, inv_norm_ptr, n_blocks, pixels_per_block,
                                     chans, EPS: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Single program: order = masked block indices (ascending) then the others; count; 1/normaliser."""
@@ -132,11 +152,9 @@ def _decoder_l1_loss_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     count = tl.load(count_ptr)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in `order`: masked blocks first
-    row_ok = rows < count
+    rows, row_ok = _tile(pid_m, BLOCK_M, count)  # positions in `order`: masked blocks first
     block = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # b*h*w + y*w + x
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ok = outs < O
+    outs, out_ok = _tile(pid_n, BLOCK_N, O)
     # Tiles past the masked blocks run the K loop zero times: only masked blocks cost FLOPs.
     k_end = tl.where(pid_m * BLOCK_M < count, D, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
@@ -193,22 +211,19 @@ def _decoder_l1_loss_bwd_input_kernel(
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     count = tl.load(count_ptr)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < count
+    rows, row_ok = _tile(pid_m, BLOCK_M, count)
     row_exists = rows < n_rows
     block = tl.load(order_ptr + rows, mask=row_exists, other=0).to(tl.int64)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
+    ds, d_ok = _tile(pid_d, BLOCK_D, D)
     o_end = tl.where(pid_m * BLOCK_M < count, O, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     for o_start in range(0, o_end, BLOCK_O):
         outs = o_start + tl.arange(0, BLOCK_O)
         o_ok = outs < O
-        sign = tl.load(sign_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :],
-                       mask=row_ok[:, None] & o_ok[None, :], other=0)
+        sign = _sign_tile(sign_ptr, rows, row_ok, outs, o_ok, O)
         w = tl.load(w_ptr + outs[:, None] * D + ds[None, :], mask=o_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(sign.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    scale = tl.load(grad_loss_ptr).to(ACC_DTYPE) * tl.load(inv_norm_ptr)
+    scale = _backward_scale(grad_loss_ptr, inv_norm_ptr, ACC_DTYPE)
     tl.store(g_f_ptr + block[:, None] * D + ds[None, :], (acc * scale).to(g_f_ptr.dtype.element_ty),
              mask=row_exists[:, None] & d_ok[None, :])
 
@@ -226,23 +241,20 @@ def _decoder_l1_loss_bwd_weight_kernel(
     pid_o = tl.program_id(0)
     pid_d = tl.program_id(1)
     count = tl.load(count_ptr)
-    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = outs < O
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
+    outs, o_ok = _tile(pid_o, BLOCK_O, O)
+    ds, d_ok = _tile(pid_d, BLOCK_D, D)
     acc = tl.zeros((BLOCK_O, BLOCK_D), ACC_DTYPE)
     bias_acc = tl.zeros((BLOCK_O,), ACC_DTYPE)
     for r_start in range(0, count, BLOCK_R):
         rows = r_start + tl.arange(0, BLOCK_R)
         row_ok = rows < count
         block = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        sign = tl.load(sign_ptr + rows.to(tl.int64)[:, None] * O + outs[None, :],
-                       mask=row_ok[:, None] & o_ok[None, :], other=0)
+        sign = _sign_tile(sign_ptr, rows, row_ok, outs, o_ok, O)
         f = tl.load(f_ptr + block[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(sign.to(DOT_DTYPE)), f.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
         bias_acc += tl.sum(sign.to(ACC_DTYPE), axis=0)
-    scale = tl.load(grad_loss_ptr).to(ACC_DTYPE) * tl.load(inv_norm_ptr)
+    scale = _backward_scale(grad_loss_ptr, inv_norm_ptr, ACC_DTYPE)
     tl.store(g_w_ptr + outs.to(tl.int64)[:, None] * D + ds[None, :], (acc * scale).to(g_w_ptr.dtype.element_ty),
              mask=o_ok[:, None] & d_ok[None, :])
     if pid_d == 0:

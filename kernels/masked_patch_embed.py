@@ -7,12 +7,12 @@ weight on the tensor cores (tl.dot, fp32 accumulation), adds the bias, normalise
 whatever grid it comes in (token level or 32-px blocks) and upsampled by index arithmetic. Masked
 tokens read no image bytes: their output is the mask token.
 
-Backward: masked tokens only feed g_mask_token (GFM.md), so for the others the kernel recomputes
-x = conv(patch) from the image (K = C*p*p = 48 values per token, cheaper to re-read than a saved
-(B, L, D) activation), rebuilds x_hat from the saved per-token mean and rstd, and accumulates
-g_weight = dx^T @ patches, g_bias, g_norm_weight, g_norm_bias and g_mask_token. A fixed number of
-persistent programs each own a slice of the token blocks and write one partial sum per parameter;
-the launcher adds the partials (deterministic, no atomics).
+Backward: masked tokens only feed g_mask_token (docs/method.md, "Masked patch embedding"), so for
+the others the kernel recomputes x = conv(patch) from the image (K = C*p*p = 48 values per token,
+cheaper to re-read than a saved (B, L, D) activation), rebuilds x_hat from the saved per-token mean
+and rstd, and accumulates g_weight = dx^T @ patches, g_bias, g_norm_weight, g_norm_bias and
+g_mask_token. A fixed number of persistent programs each own a slice of the token blocks and write
+one partial sum per parameter; the launcher adds the partials (deterministic, no atomics).
 """
 from __future__ import annotations
 

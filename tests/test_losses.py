@@ -1,10 +1,14 @@
-"""Reference losses against hand-computed values, and their error paths."""
+"""Reference losses against hand-computed values, and their error paths; gfm_fast.losses and
+gfm_fast.masking are reachable as documented."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from gfm_fast.losses import cosine_distillation, gfm_loss, reconstruction_l1
+from gfm_fast import ops
+from gfm_fast.losses import cosine_distillation, reconstruction_l1
 
 
 def test_reconstruction_l1_hand_computed():
@@ -87,11 +91,18 @@ def test_cosine_distillation_errors():
         cosine_distillation(torch.zeros(0, 4), torch.zeros(0, 4))
 
 
-def test_gfm_loss_combines_parts():
-    images, recon = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    mask = torch.ones(2, 2, 2)
-    z_s, z_t = torch.randn(2, 5), torch.randn(2, 5)
-    out = gfm_loss(images, recon, mask, z_s, z_t, alpha=0.5)
-    torch.testing.assert_close(out.loss, out.loss_rec + 0.5 * out.loss_feat)
-    torch.testing.assert_close(out.loss_rec, reconstruction_l1(images, recon, mask))
-    torch.testing.assert_close(out.loss_feat, cosine_distillation(z_s, z_t))
+def test_losses_are_the_ops_references():
+    """One home for the references: gfm_fast.losses names the functions the fused ops are tested against."""
+    assert cosine_distillation is ops.reference.cosine_distillation
+    assert reconstruction_l1 is ops.reference.reconstruction_l1
+
+
+def test_losses_and_masking_are_attributes_of_the_package():
+    """``import gfm_fast; gfm_fast.losses`` works in a fresh interpreter (the README's API table)."""
+    code = ("import gfm_fast; import sys; "
+            "assert 'gfm_fast.losses' not in sys.modules and 'gfm_fast.masking' not in sys.modules; "
+            "print(gfm_fast.losses.reconstruction_l1.__name__, gfm_fast.masking.generate_block_mask.__name__); "
+            "assert {'losses', 'masking'} <= set(dir(gfm_fast))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["reconstruction_l1", "generate_block_mask"]

@@ -306,7 +306,7 @@ void forward_kernel(const at::Tensor& images, const AccParams<acc_type<scalar_t>
 }
 
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
+PatchEmbedGrads backward_kernel(
     const at::Tensor& grad_out, const at::Tensor& images, const AccParams<acc_type<scalar_t>>& params,
     const at::Tensor& mask, const PatchGeometry& g, double eps) {
   using acc_t = acc_type<scalar_t>;
@@ -367,12 +367,12 @@ at::Tensor masked_patch_embed_cpu(const at::Tensor& images, const at::Tensor& we
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_patch_embed_backward_cpu(
+PatchEmbedGrads masked_patch_embed_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& norm_weight, const at::Tensor& mask, int64_t patch_size, double eps) {
   const PatchGeometry g =
       check_patch_embed_backward_inputs(kBackward, grad_out, images, weight, bias, norm_weight, mask, patch_size);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+  PatchEmbedGrads grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "masked_patch_embed_backward_cpu",
                                   [&] {
                                     const AccParams<acc_type<scalar_t>> params(weight, bias, norm_weight,

@@ -215,7 +215,7 @@ at::Tensor masked_patch_embed_cuda(const at::Tensor& images, const at::Tensor& w
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_patch_embed_backward_cuda(
+PatchEmbedGrads masked_patch_embed_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& norm_weight, const at::Tensor& mask, int64_t patch_size, double eps) {
   const PatchGeometry g =

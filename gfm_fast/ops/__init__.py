@@ -4,11 +4,26 @@
     tokens = ops.masked_patch_embed(images, w, b, nw, nb, mask, mask_token)
     loss = ops.decoder_l1_loss(r, dec_w, dec_b, images, block_mask)
     loss = ops.cosine_distillation(z_s, z_t)
-"""
-from gfm_fast.ops._backend import BACKENDS, BackendUnavailableError, available_backends, resolve
-from gfm_fast.ops.cosine_distillation import CosineDistillation, cosine_distillation
-from gfm_fast.ops.decoder_l1_loss import DecoderL1Loss, decoder_l1_loss
-from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbed, masked_patch_embed
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "resolve", "masked_patch_embed",
-           "MaskedPatchEmbed", "decoder_l1_loss", "DecoderL1Loss", "cosine_distillation", "CosineDistillation"]
+Where each op lives, for ``<op>`` in masked_patch_embed, decoder_l1_loss, cosine_distillation (one
+name everywhere):
+
+- math reference: ``gfm_fast/ops/reference.py``, function ``<op>`` (all plain-PyTorch references,
+  the two losses included, in one file; ``gfm_fast.losses`` is its public name for the losses);
+- entry point, input checks and autograd: ``gfm_fast/ops/<op>.py``;
+- backend choice: ``gfm_fast/ops/_backend.py``; each fast backend implements ``<op>_forward`` /
+  ``<op>_backward`` in ``_cpp_impl.py`` (C++/CUDA) or ``_triton_impl.py`` (Triton);
+- kernels: ``kernels/<op>.py`` (Triton), ``csrc/cpu/<op>_kernel.cpp``, ``csrc/cuda/<op>_kernel.cu``
+  (schemas in ``csrc/gfm_fast.cpp``, shape checks in ``csrc/geometry.h``);
+- tests: ``tests/ops/test_<op>.py``; benchmark: ``benchmarks/ops_bench.py``.
+
+The method behind the ops: docs/method.md; how the package is layered: docs/architecture.md.
+"""
+from gfm_fast.ops import reference
+from gfm_fast.ops._backend import BACKENDS, BackendUnavailableError, available_backends, resolve
+from gfm_fast.ops.cosine_distillation import cosine_distillation
+from gfm_fast.ops.decoder_l1_loss import decoder_l1_loss
+from gfm_fast.ops.masked_patch_embed import masked_patch_embed
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "resolve", "reference",
+           "masked_patch_embed", "decoder_l1_loss", "cosine_distillation"]

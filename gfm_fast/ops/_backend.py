@@ -1,8 +1,9 @@
 """Backend selection for the fused ops: reference | cpp | triton, chosen per call.
 
-``auto`` picks ``cpp`` for CPU tensors and the fastest measured GPU backend for CUDA tensors
-(``GPU_PREFERENCE``, from ``benchmarks/results``). A backend that cannot serve the tensors'
-device, or was not built, is a clear error: nothing falls back silently. ``GFM_FAST_BACKEND``
+``auto`` picks ``cpp`` for CPU tensors (the fastest in the committed CPU measurements,
+benchmarks/results/cpu_ops_*.json) and ``GPU_PREFERENCE`` for CUDA tensors: the backend expected
+to be fastest there, until a GPU measurement is committed. A backend that cannot serve the
+tensors' device, or was not built, is a clear error: nothing falls back silently. ``GFM_FAST_BACKEND``
 overrides ``auto`` for the whole process. The compiled extension and the Triton kernels are
 loaded lazily, so ``import gfm_fast`` works on a CPU box without either.
 """
@@ -19,7 +20,11 @@ BACKENDS = ("auto", "reference", "cpp", "triton")
 OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
 ENV_BACKEND = "GFM_FAST_BACKEND"
 
-# Fastest measured CUDA backend per op (benchmarks/throughput.py); used by backend="auto".
+# The CUDA backend that backend="auto" runs, per op. An expectation, not a measurement: no GPU
+# result is committed yet. Triton is expected to win: its kernels autotune their tiles per shape
+# and card, where the CUDA kernels launch with fixed block sizes (256 threads). Replace it by
+# the "fastest_fused" of the GPU run committed under benchmarks/results/ (<card>_ops_*.json, written
+# by benchmarks/gpu_session.sh); tests/ops/test_backend.py then checks the two agree.
 GPU_PREFERENCE: Dict[str, str] = {
     "masked_patch_embed": "triton",
     "decoder_l1_loss": "triton",

@@ -1,11 +1,58 @@
-"""Input validation shared by the fused ops' Python entry points (one check, one message)."""
+"""Input validation shared by the fused ops' entry points and their references (one check, one
+message), and the autocast rule the entry points follow."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from gfm_fast.losses import check_float
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got {tensor.dtype}; "
+                        f"convert it with .float()")
+
+
+def check_mask(mask: torch.Tensor, batch: int, height: int, width: int, *, what: str = "images") -> None:
+    """Validate a (B, h, w) 0/1 mask whose grid divides (height, width). Shape checks only."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() != 3:
+        raise ValueError(f"mask must have shape (B, h, w), got {tuple(mask.shape)}")
+    if mask.shape[0] != batch:
+        raise ValueError(f"mask batch size {mask.shape[0]} does not match {what} batch size {batch}")
+    h, w = mask.shape[1:]
+    if h == 0 or w == 0 or height % h or width % w:
+        raise ValueError(f"mask grid {h}x{w} does not divide the {what} size {height}x{width}; use a mask at "
+                         f"block or token resolution (e.g. {height // 32}x{width // 32} for 32-px blocks)")
+    if mask.is_complex():
+        raise TypeError(f"mask must be boolean, integer or real floating point, got {mask.dtype}")
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """Data-dependent checks (a device sync, so only the references and GFMPretrainer run them):
+    values are 0/1 and at least one is 1."""
+    values = mask.float()
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError("mask must contain only 0 and 1 (or be boolean)")
+    if not bool(values.any()):
+        raise ValueError("mask is empty (no masked positions): the reconstruction loss is undefined; "
+                         "mask at least one block per batch")
+
+
+def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, *, op: str = "cosine_distillation") -> None:
+    """z_s and z_t are matching, non-empty (B, D) batches."""
+    if student.dim() != 2:
+        raise ValueError(f"{op}: student features must have shape (B, D), got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{op}: teacher features shape {tuple(teacher.shape)} does not match student features "
+                         f"shape {tuple(student.shape)}; the projector output must match the teacher width")
+    if student.shape[0] == 0:
+        raise ValueError(f"{op}: got an empty batch")
 
 
 def check_same(op: str, reference_name: str, reference: torch.Tensor, **tensors: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from gfm_fast.kernels import cosine_distillation as _cosine
 from gfm_fast.kernels import decoder_l1_loss as _decoder
 from gfm_fast.kernels import masked_patch_embed as _embed
 from gfm_fast.kernels._common import acc_torch_dtype
-from gfm_fast.losses import REC_EPS
+from gfm_fast.ops.reference import REC_EPS
 
 LIBRARY = "gfm_fast_triton"
 Saved = Tuple[torch.Tensor, ...]

@@ -1,14 +1,17 @@
-"""Fused cosine distillation loss -mean(cos(z_s, z_t)): one pass forward, one pass backward."""
+"""Fused cosine distillation loss L_feat = -mean(cos(z_s, z_t)): one pass forward, one pass backward.
+
+Reference: ``gfm_fast.ops.reference.cosine_distillation``. Kernels: kernels/cosine_distillation.py
+(Triton), csrc/cpu/cosine_distillation_kernel.cpp and csrc/cuda/cosine_distillation_kernel.cu (C++).
+"""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.losses import COS_EPS, check_feature_pair
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import autocast_dtype, cast_floats, check_same
+from gfm_fast.ops._common import autocast_dtype, cast_floats, check_feature_pair, check_same
+from gfm_fast.ops.reference import COS_EPS
 
 OP = "cosine_distillation"
 
@@ -46,15 +49,3 @@ def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend
     # Decided out here: grad mode is always off inside autograd.Function.forward.
     needs_grad = torch.is_grad_enabled() and student.requires_grad
     return CosineDistillationFunction.apply(student, teacher, backend, needs_grad)
-
-
-class CosineDistillation(nn.Module):
-    def __init__(self, backend: str = "auto"):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return cosine_distillation(student, teacher, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"

@@ -1,14 +1,17 @@
-"""Fused decoder + masked L1: 1x1 conv, PixelShuffle and the masked L1 loss, block by block."""
+"""Fused decoder + masked L1 (L_rec): 1x1 conv, PixelShuffle and the masked L1 loss, block by block.
+
+Reference: ``gfm_fast.ops.reference.decoder_l1_loss``. Kernels: kernels/decoder_l1_loss.py (Triton),
+csrc/cpu/decoder_l1_loss_kernel.cpp and csrc/cuda/decoder_l1_loss_kernel.cu (C++), whose forward
+also returns the gradients; csrc/decoder_l1_loss_backward.cpp scales them (any device).
+"""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.losses import check_mask
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_no_grad, check_same, check_shape,
+from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_mask, check_no_grad, check_same, check_shape,
                                    mask_for_kernels)
 
 OP = "decoder_l1_loss"
@@ -83,23 +86,3 @@ def _validate(features, weight, bias, images, mask, stride) -> None:
     if tuple(mask.shape[1:]) != (grid_h, grid_w):
         raise ValueError(f"{OP}: mask must be at block level ({grid_h}x{grid_w}, one entry per decoder output), "
                          f"got {tuple(mask.shape[1:])}")
-
-
-class DecoderL1Loss(nn.Module):
-    """GFM's decoder (1x1 conv to stride*stride*C channels + PixelShuffle) fused with the masked L1 loss."""
-
-    def __init__(self, in_dim: int = 1024, out_chans: int = 3, stride: int = 32, backend: str = "auto"):
-        super().__init__()
-        self.stride, self.backend = stride, backend
-        self.conv = nn.Conv2d(in_dim, stride * stride * out_chans, kernel_size=1)
-
-    def forward(self, features: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return decoder_l1_loss(features, self.conv.weight, self.conv.bias, images, mask, stride=self.stride,
-                               backend=self.backend)
-
-    def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
-        """The full-resolution reconstruction (B, C, H, W), for previews; the loss never builds it."""
-        return reference.decoder_logits(features, self.conv.weight, self.conv.bias, self.stride)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, backend={self.backend!r}"

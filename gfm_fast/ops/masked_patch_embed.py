@@ -1,14 +1,17 @@
-"""Fused masked patch embedding: patchify conv + LayerNorm + mask-token blend in one pass."""
+"""Fused masked patch embedding: patchify conv + LayerNorm + mask-token blend in one pass.
+
+Reference: ``gfm_fast.ops.reference.masked_patch_embed``. Kernels: kernels/masked_patch_embed.py
+(Triton), csrc/cpu/masked_patch_embed_kernel.cpp and csrc/cuda/masked_patch_embed_kernel.cu (C++).
+The Swin student calls it from its patch embedding (``MaskedPatchEmbed`` in gfm_fast/models/swin.py).
+"""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.losses import check_mask
 from gfm_fast.ops import reference
 from gfm_fast.ops._backend import implementation, resolve
-from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_no_grad, check_same, check_shape,
+from gfm_fast.ops._common import (autocast_dtype, cast_floats, check_mask, check_no_grad, check_same, check_shape,
                                    mask_for_kernels)
 
 OP = "masked_patch_embed"
@@ -87,23 +90,3 @@ def _validate(images, weight, bias, norm_weight, norm_bias, mask, mask_token, pa
     if mask_token.numel() != dim:
         raise ValueError(f"{OP}: mask_token must have {dim} elements ((D,) or (1, 1, D)), got {tuple(mask_token.shape)}")
     check_mask(mask, batch, height // patch_size, width // patch_size, what="token grid")
-
-
-class MaskedPatchEmbed(nn.Module):
-    """Module form: owns the conv, norm and mask-token parameters (names as timm's PatchEmbed)."""
-
-    def __init__(self, in_chans: int = 3, embed_dim: int = 128, patch_size: int = 4, eps: float = 1e-5,
-                 backend: str = "auto"):
-        super().__init__()
-        self.patch_size, self.eps, self.backend = patch_size, eps, backend
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_patch_embed(images, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias, mask,
-                                  self.mask_token, patch_size=self.patch_size, eps=self.eps, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, eps={self.eps}, backend={self.backend!r}"

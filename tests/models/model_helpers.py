@@ -74,8 +74,9 @@ def manual_teacher_feature(teacher: SwinTransformer, images: torch.Tensor, bands
 def manual_student(pretrainer: GFMPretrainer, images: torch.Tensor, block_mask: torch.Tensor,
                    z_t: torch.Tensor):
     """Student losses by hand: conv -> LayerNorm -> mask-token blend -> timm stages -> heads ->
-    ``gfm_fast.losses.gfm_loss``. Returns (GFMLoss, recon)."""
-    from gfm_fast.losses import gfm_loss
+    the reference losses of ``gfm_fast.losses``. Returns (GFMOutput, recon)."""
+    from gfm_fast.losses import cosine_distillation, reconstruction_l1
+    from gfm_fast.models.pretrainer import GFMOutput
 
     student, cfg = pretrainer.student, pretrainer.config
     enc = student.encoder
@@ -90,7 +91,8 @@ def manual_student(pretrainer: GFMPretrainer, images: torch.Tensor, block_mask: 
     r = enc.norm(enc.layers[-1].blocks(h)).permute(0, 3, 1, 2)
     conv = student.decoder[0]
     recon = F.pixel_shuffle(F.conv2d(r, conv.weight, conv.bias), cfg.student.total_stride)
-    return gfm_loss(images, recon, block_mask.float(), z_s, z_t, alpha=cfg.alpha), recon
+    loss_rec, loss_feat = reconstruction_l1(images, recon, block_mask.float()), cosine_distillation(z_s, z_t)
+    return GFMOutput(loss_rec + cfg.alpha * loss_feat, loss_rec, loss_feat, recon, block_mask), recon
 
 
 # --------------------------------------------------------------------------------------------

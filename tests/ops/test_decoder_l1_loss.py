@@ -11,7 +11,7 @@ import torch
 
 from gfm_fast import ops
 from gfm_fast.ops import reference
-from gfm_fast.ops.decoder_l1_loss import DecoderL1Loss, DecoderL1LossFunction
+from gfm_fast.ops.decoder_l1_loss import DecoderL1LossFunction
 
 from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, make_mask,
                     random_scalar_grad, reference_dtype, skip_if_slow)
@@ -62,9 +62,9 @@ def _make_inputs(case: Case, dtype, device):
     return cast(features), cast(weight), cast(bias), cast(images), mask
 
 
-def _fast(features, weight, bias, images, mask, stride, grad_loss, backend):
+def _fast(features, weight, bias, images, mask, stride, grad_loss, backend, op=ops.decoder_l1_loss):
     leaves = [t.detach().clone().requires_grad_() for t in (features, weight, bias)]
-    loss = ops.decoder_l1_loss(*leaves, images, mask, stride=stride, backend=backend)
+    loss = op(*leaves, images, mask, stride=stride, backend=backend)
     loss.backward(grad_loss)
     return loss, [leaf.grad for leaf in leaves]
 
@@ -192,19 +192,12 @@ def test_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_functional_function_module_agree():
+def test_functional_and_function_agree():
     case = CASES[1]
     features, weight, bias, images, mask = _make_inputs(case, torch.float32, "cpu")
-    module = DecoderL1Loss(case.dim, case.chans, case.stride, backend="cpp")
-    with torch.no_grad():
-        module.conv.weight.copy_(weight.reshape(module.conv.weight.shape))
-        module.conv.bias.copy_(bias)
     functional = ops.decoder_l1_loss(features, weight, bias, images, mask, stride=case.stride, backend="cpp")
     function = DecoderL1LossFunction.apply(features, weight, bias, images, mask.float(), case.stride, "cpp", False)
     assert torch.equal(functional, function)
-    assert torch.equal(functional, module(features, images, mask))
-    assert module.reconstruct(features).shape == images.shape
-    assert "stride=4" in repr(module)
 
 
 def _op_args(needs_grad):
@@ -228,18 +221,14 @@ def test_torch_compile_fullgraph(backend, device):
     """The op is one opaque node under torch.compile (fullgraph), the backward scales by a
     grad_loss != 1 there too, and loss and gradients equal the eager ones."""
     case = CASES[1]
-    features, _, _, images, mask = _make_inputs(case, torch.float32, device)
-    module = DecoderL1Loss(case.dim, case.chans, case.stride, backend=backend).to(device)
+    inputs = _make_inputs(case, torch.float32, device)
     grad_loss = random_scalar_grad(torch.float32, device)
-    expected = module(features, images, mask)
-    expected.backward(grad_loss)
-    expected_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-    module.zero_grad()
-    loss = torch.compile(module, backend="aot_eager", fullgraph=True)(features, images, mask)
-    loss.backward(grad_loss)
+    expected, expected_grads = _fast(*inputs, case.stride, grad_loss, backend)
+    compiled = torch.compile(ops.decoder_l1_loss, backend="aot_eager", fullgraph=True)
+    loss, grads = _fast(*inputs, case.stride, grad_loss, backend, op=compiled)
     assert_close("compiled loss", loss, expected, torch.float32, tolerance=1e-6)
-    for name, param in module.named_parameters():
-        assert_close(f"compiled g_{name}", param.grad, expected_grads[name], torch.float32, tolerance=1e-6)
+    for name, grad, want in zip(("g_features", "g_weight", "g_bias"), grads, expected_grads):
+        assert_close(f"compiled {name}", grad, want, torch.float32, tolerance=1e-6)
 
 
 # ---------------------------------------------------------------- errors

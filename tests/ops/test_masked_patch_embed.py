@@ -10,7 +10,7 @@ import torch
 
 from gfm_fast import ops
 from gfm_fast.ops import reference
-from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbed, MaskedPatchEmbedFunction
+from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbedFunction
 
 from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, make_mask,
                     reference_dtype, skip_if_slow)
@@ -69,10 +69,10 @@ def _make_inputs(case: Case, dtype, device):
     return cast(images), {name: cast(p) for name, p in params.items()}, mask
 
 
-def _fast(images, params, mask, patch, grad_out, backend):
+def _fast(images, params, mask, patch, grad_out, backend, op=ops.masked_patch_embed):
     leaves = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
-    out = ops.masked_patch_embed(images, *(leaves[n] for n in PARAM_NAMES[:4]), mask, leaves["mask_token"],
-                                 patch_size=patch, backend=backend)
+    out = op(images, *(leaves[n] for n in PARAM_NAMES[:4]), mask, leaves["mask_token"], patch_size=patch,
+             backend=backend)
     out.backward(grad_out)
     return out, {name: leaf.grad for name, leaf in leaves.items()}
 
@@ -195,23 +195,14 @@ def test_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-7)
 
 
-def test_functional_function_module_agree():
+def test_functional_and_function_agree():
     case = CASES[1]
     images, params, mask = _make_inputs(case, torch.float32, "cpu")
-    module = MaskedPatchEmbed(case.chans, case.dim, case.patch, backend="cpp")
-    with torch.no_grad():
-        module.proj.weight.copy_(params["weight"])
-        module.proj.bias.copy_(params["bias"])
-        module.norm.weight.copy_(params["norm_weight"])
-        module.norm.bias.copy_(params["norm_bias"])
-        module.mask_token.copy_(params["mask_token"])
     functional = ops.masked_patch_embed(images, *(params[n] for n in PARAM_NAMES[:4]), mask, params["mask_token"],
                                         patch_size=case.patch, backend="cpp")
     function = MaskedPatchEmbedFunction.apply(images, *(params[n] for n in PARAM_NAMES[:4]), mask.float(),
                                               params["mask_token"], case.patch, 1e-5, "cpp")
     assert torch.equal(functional, function)
-    assert torch.equal(functional, module(images, mask))
-    assert "backend='cpp'" in repr(module)
 
 
 def _op_args(dtype=torch.float32):
@@ -238,21 +229,13 @@ def test_torch_compile_fullgraph(backend, device):
     Python), and the compiled forward and backward equal the eager ones."""
     case = CASES[1]
     images, params, mask = _make_inputs(case, torch.float32, device)
-    module = MaskedPatchEmbed(case.chans, case.dim, case.patch, backend=backend).to(device)
-    with torch.no_grad():
-        for name, param in (("proj.weight", "weight"), ("proj.bias", "bias"), ("norm.weight", "norm_weight"),
-                            ("norm.bias", "norm_bias"), ("mask_token", "mask_token")):
-            module.get_parameter(name).copy_(params[param])
     grad_out = torch.randn(case.batch, case.grid[0] * case.grid[1], case.dim, device=device)
-    expected = module(images, mask)
-    expected.backward(grad_out)
-    expected_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-    module.zero_grad()
-    out = torch.compile(module, backend="aot_eager", fullgraph=True)(images, mask)
-    out.backward(grad_out)
+    expected, expected_grads = _fast(images, params, mask, case.patch, grad_out, backend)
+    compiled = torch.compile(ops.masked_patch_embed, backend="aot_eager", fullgraph=True)
+    out, grads = _fast(images, params, mask, case.patch, grad_out, backend, op=compiled)
     assert_close("compiled tokens", out, expected, torch.float32, tolerance=1e-6)
-    for name, param in module.named_parameters():
-        assert_close(f"compiled g_{name}", param.grad, expected_grads[name], torch.float32, tolerance=1e-6)
+    for name in PARAM_NAMES:
+        assert_close(f"compiled g_{name}", grads[name], expected_grads[name], torch.float32, tolerance=1e-6)
 
 
 # ---------------------------------------------------------------- errors

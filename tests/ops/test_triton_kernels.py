@@ -2,8 +2,8 @@
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py),
 so every case is tiny. The shared op tests (tests/ops/test_<op>.py) cover the public API; here we
-check the backend contract directly: values and gradients against gfm_fast.ops.reference /
-gfm_fast.losses (fp64 and fp32 tight, bf16 loose against an fp32 reference), the edge cases the
+check the backend contract directly: values and gradients against gfm_fast.ops.reference
+(fp64 and fp32 tight, bf16 loose against an fp32 reference), the edge cases the
 contract names, launcher validation messages, and that every kernel compiles for an H100 (sm_90)
 without a GPU, so GPU-only compile errors surface here instead of on the first GPU run.
 """
@@ -23,7 +23,6 @@ triton = pytest.importorskip("triton")
 from gfm_fast.kernels import cosine_distillation as cos_kernels  # noqa: E402
 from gfm_fast.kernels import decoder_l1_loss as dec_kernels  # noqa: E402
 from gfm_fast.kernels import masked_patch_embed as embed_kernels  # noqa: E402
-from gfm_fast.losses import cosine_distillation as cosine_reference  # noqa: E402
 from gfm_fast.ops import _triton_impl as impl  # noqa: E402
 from gfm_fast.ops import reference  # noqa: E402
 
@@ -191,7 +190,7 @@ def test_decoder_l1_loss_all_blocks_masked():
 
 
 def test_decoder_l1_loss_no_block_masked_gives_zero_loss_and_grads():
-    # The reference's loss is 0 / 1e-5 = 0 here (losses.reconstruction_l1 refuses an empty mask).
+    # The reference's loss is 0 / 1e-5 = 0 here (reference.reconstruction_l1 refuses an empty mask).
     features, weight, bias, images, mask = _decoder_inputs(2, 24, 2, 3, 4, 3, torch.float32, "none")
     loss, saved = impl.decoder_l1_loss_forward(features, weight, bias, images, mask, 4, True)
     grads = impl.decoder_l1_loss_backward(torch.tensor(1.0, device=DEVICE), saved, 4)
@@ -262,7 +261,7 @@ def _cosine_inputs(batch, dim, dtype, special=True):
 
 def _reference_cosine(student, teacher, grad, dtype):
     leaf = student.detach().to(reference_dtype(dtype)).requires_grad_()
-    loss = cosine_reference(leaf, teacher.to(leaf.dtype))
+    loss = reference.cosine_distillation(leaf, teacher.to(leaf.dtype))
     loss.backward(grad.to(leaf.dtype))
     return loss, leaf.grad
 
@@ -286,7 +285,7 @@ def test_cosine_distillation_without_grad_saves_nothing():
     student, teacher = _cosine_inputs(3, 20, torch.float32)
     loss, saved = impl.cosine_distillation_forward(student, teacher, 1e-8, False)
     assert saved == ()
-    assert_close("loss", loss, cosine_reference(student, teacher), torch.float32)
+    assert_close("loss", loss, reference.cosine_distillation(student, teacher), torch.float32)
 
 
 # --------------------------------------------------------------------------- torch.library custom ops
