@@ -19,15 +19,20 @@ kernel loses to plain bmm at these tiny windows in bf16. So ``auto`` takes SDPA 
 kernels with the bias gradient), and on CPU only where the flash kernel wins: fp32 without a
 gradient through the bias. ``sdpa`` and ``explicit`` force a path. Both compute the same function.
 
-Beyond the path, two things timm repeats on every call are done once here:
+Beyond the path, three things timm repeats on every call are done once here:
 - the relative-position bias and the shifted-window mask are added together while they are small
   (windows x heads x N x N) and then added to the scores in one pass, not two;
-- for a frozen block (the teacher) that sum is computed once and kept until its weights change.
+- for a frozen block (the teacher) that sum is computed once and kept until its weights change;
+- the cyclic shift and the window partition (``roll``, ``pad``, ``window_partition``) are one
+  gather of the tokens in window order, and the window reverse and the shift back one gather with
+  the inverse order (:func:`to_windows`, :func:`from_windows`): one copy each way instead of three,
+  and the gradient is a gather too (measured at stage 1, batch 4: 2.7 vs 22 ms for the four copies).
 """
 from __future__ import annotations
 
 import types
-from typing import Optional
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ from torch import nn
 
 from gfm_fast.config import ATTENTION_PATHS
 
-__all__ = ["ATTENTION_PATHS", "set_attention", "uses_sdpa", "window_attention"]
+__all__ = ["ATTENTION_PATHS", "set_attention", "uses_sdpa", "window_attention", "to_windows", "from_windows"]
 
 
 
@@ -57,17 +62,23 @@ def _bias_and_mask(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch
     return bias
 
 
+def _version(tensor: Optional[torch.Tensor]) -> int:
+    """In-place write counter (inference tensors have none; they cannot change outside inference mode)."""
+    return 0 if tensor is None or tensor.is_inference() else tensor._version
+
+
 def _frozen_bias(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``_bias_and_mask`` of a block whose bias needs no gradient, cached until the table, the
-    mask or the device changes (``load_state_dict`` and ``.to()`` bump or replace them)."""
+    """``_bias_and_mask`` of a block whose bias needs no gradient, cached until the table or the mask
+    is replaced (``.to()``, a new size's mask) or written in place (``load_state_dict``). The cache
+    holds the tensors it was made from, so their memory cannot be reused by others meanwhile."""
     table = attn.relative_position_bias_table
-    key = (table.data_ptr(), table._version, table.dtype, None if mask is None else (mask.data_ptr(), mask._version))
     cached = getattr(attn, "_gfm_bias_cache", None)
-    if cached is None or cached[0] != key:
+    if (cached is None or cached[0] is not table or cached[1] != _version(table) or cached[2] is not mask
+            or cached[3] != _version(mask)):
         with torch.no_grad():
-            cached = (key, _bias_and_mask(attn, mask))
+            cached = (table, _version(table), mask, _version(mask), _bias_and_mask(attn, mask))
         attn._gfm_bias_cache = cached
-    return cached[1]
+    return cached[4]
 
 
 def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -111,3 +122,58 @@ def set_attention(model: nn.Module, path: str) -> nn.Module:
             module.gfm_attention = path
             module.forward = types.MethodType(window_attention, module)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens in window order: cyclic shift + window partition as one gather
+# --------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _window_order(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of a (height, width) map in shifted-window order, and the inverse order.
+
+    Window (i, j), position (p, q) holds the token that ``roll(x, -shift)`` puts at
+    (i * wh + p, j * ww + q), i.e. x[(i * wh + p + sh) % H, (j * ww + q + sw) % W]: the order of
+    timm's ``window_partition(roll(x, -shift))``, which its shifted-window mask is built for.
+    """
+    (win_h, win_w), (shift_h, shift_w) = window, shift
+    rows = (torch.arange(height).view(height // win_h, win_h) + shift_h) % height  # (nWh, wh)
+    cols = (torch.arange(width).view(width // win_w, win_w) + shift_w) % width  # (nWw, ww)
+    order = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return order.to(device), inverse.to(device)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x[:, order]`` on (B, L, C) tokens whose backward gathers with the inverse permutation
+    (index_select's own backward would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.contiguous().index_select(1, inverse), None, None
+
+
+def to_windows(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, C) NHWC -> (B * nW, wh * ww, C): ``window_partition(roll(x, -shift))`` in one
+    gather. H and W must be multiples of the window (no padding)."""
+    batch, height, width, chans = x.shape
+    order, inverse = _window_order(height, width, tuple(window), tuple(shift), x.device)
+    tokens = _GatherTokens.apply(x.reshape(batch, height * width, chans), order, inverse)
+    return tokens.view(-1, window[0] * window[1], chans)
+
+
+def from_windows(windows: torch.Tensor, height: int, width: int, window: Tuple[int, int],
+                 shift: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_windows`: (B * nW, wh * ww, C) -> (B, H, W, C) NHWC."""
+    chans = windows.shape[-1]
+    order, inverse = _window_order(height, width, tuple(window), tuple(shift), windows.device)
+    tokens = _GatherTokens.apply(windows.reshape(-1, height * width, chans), inverse, order)
+    return tokens.view(-1, height, width, chans)

@@ -27,7 +27,7 @@ from torch import nn
 
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
-from gfm_fast.models.attention import set_attention
+from gfm_fast.models.attention import from_windows, set_attention, to_windows
 from gfm_fast.models.checkpoint import checkpoint_filter_fn
 
 __all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
@@ -83,18 +83,23 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     timm's ``_attn`` shifts first and pads after, while its attention mask (``get_attn_mask``) marks
     the wrapped-around rows at the end of the *padded* grid: with padding, rows that wrapped from
     the top share windows with, and attend to, rows at the bottom. Identical to timm's when the
-    window divides the feature map (no padding), e.g. at GFM's 192 px.
+    window divides the feature map (no padding), e.g. at GFM's 192 px, where the shift and the
+    window partition are one gather of the tokens (``attention.to_windows``).
     """
     _, height, width, chans = x.shape
     win_h, win_w = block.window_size
+    shift = tuple(block.shift_size)
+    # Regions of the padded, shifted grid: built for this size only where timm would (dynamic_mask);
+    # otherwise the block's buffer, made once for its build size, padded the same way.
+    if height % win_h == 0 and width % win_w == 0:
+        mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
+        windows = block.attn(to_windows(x, block.window_size, shift), mask=mask)
+        return from_windows(windows, height, width, block.window_size, shift)
     x = torch.nn.functional.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
     padded_h, padded_w = x.shape[1], x.shape[2]
-    shift = tuple(block.shift_size)
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     windows = window_partition(x, block.window_size).view(-1, block.window_area, chans)
-    # Regions of the padded, shifted grid: built for this size only where timm would (dynamic_mask);
-    # otherwise the block's buffer, made once for its build size, padded the same way.
     mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
     windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, chans)
     x = window_reverse(windows, block.window_size, padded_h, padded_w)

@@ -12,7 +12,10 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 
-from gfm_fast.models.attention import set_attention, uses_sdpa
+from timm.models.swin_transformer import window_partition, window_reverse
+
+from gfm_fast.models.attention import from_windows, set_attention, to_windows, uses_sdpa
+from gfm_fast.models.swin import pad_before_shift
 from model_helpers import tiny_pretrainer
 
 DIM, HEADS, WINDOW, SIZE = 32, 4, 4, 8  # an 8x8 map: 4 windows of 4x4 (16 tokens), shift 2
@@ -38,7 +41,7 @@ def _run(block, x):
 @pytest.mark.parametrize("path", ["auto", "sdpa", "explicit"])
 def test_paths_match_timm_values_and_gradients(shift, path):
     reference = _block(shift)
-    ours = set_attention(copy.deepcopy(reference), path)
+    ours = set_attention(pad_before_shift(copy.deepcopy(reference)), path)  # + the window-order gather
     x = torch.randn(2, SIZE, SIZE, DIM)
     want = _run(reference, x.clone().requires_grad_())
     got = _run(ours, x.clone().requires_grad_())
@@ -66,9 +69,9 @@ def test_frozen_bias_is_cached_and_follows_the_weights():
     x = torch.randn(1, SIZE, SIZE, DIM)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), reference(x))
-        cache = frozen.attn._gfm_bias_cache[1]
+        cache = frozen.attn._gfm_bias_cache[-1]
         frozen(x)
-        assert frozen.attn._gfm_bias_cache[1] is cache  # reused, not recomputed
+        assert frozen.attn._gfm_bias_cache[-1] is cache  # reused, not recomputed
         reference.attn.relative_position_bias_table.mul_(-1.0)
         frozen.load_state_dict(reference.state_dict())  # new weights: the cache must not survive
         torch.testing.assert_close(frozen(x), reference(x))
@@ -88,3 +91,23 @@ def test_every_window_attention_of_the_models_is_routed():
     model = tiny_pretrainer()
     modules = [m for m in model.modules() if isinstance(m, WindowAttention)]
     assert modules and all(getattr(m, "gfm_attention", None) == "auto" for m in modules)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (3, 3), (2, 5)])
+def test_window_order_gather_is_roll_then_partition(shift):
+    """to_windows / from_windows equal timm's roll + window_partition / window_reverse + roll back,
+    in values and in gradients."""
+    window = (6, 6)
+    x = torch.randn(2, 12, 18, 5, requires_grad=True)
+    rolled = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    want = window_partition(rolled, window).reshape(-1, 36, 5)
+    got = to_windows(x, window, shift)
+    assert torch.equal(got, want)
+    back = from_windows(got, 12, 18, window, shift)
+    assert torch.equal(back, x)
+    weights = torch.randn_like(want)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.equal(grad_got, grad_want)
+    reversed_timm = torch.roll(window_reverse(want.view(-1, 6, 6, 5), window, 12, 18), shifts=shift, dims=(1, 2))
+    assert torch.equal(from_windows(want, 12, 18, window, shift), reversed_timm)
