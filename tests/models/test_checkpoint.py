@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from timm.layers import resize_rel_pos_bias_table
+from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import SwinConfig
 from gfm_fast.models.checkpoint import (CheckpointError, checkpoint_filter_fn, infer_swin_config,
                                         load_state_dict_strict, load_teacher_weights, read_checkpoint,
                                         unwrap_state_dict)
-from gfm_fast.models.swin import build_student, build_swin
+from gfm_fast.models.swin import build_student, swin_kwargs
 from gfm_fast.models.teacher import FrozenTeacher
 from model_helpers import (TINY_IMG, TINY_STUDENT, full_teacher, manual_teacher_feature, tiny_config, to_official_layout,
                            with_prefix)
@@ -219,8 +220,8 @@ def test_infer_architecture_from_shapes():
     # img_size is not in the weights: the size whose last stage is one window (96 px here), so the
     # model is rebuilt as saved (at another size timm would shrink that stage's window).
     assert infer_swin_config(encoder.state_dict()) == cfg
-    teacher_like = build_swin(SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=7,
-                                         img_size=224))
+    teacher_like = SwinTransformer(**swin_kwargs(SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                                            window_size=7, img_size=224)))
     assert infer_swin_config(teacher_like.state_dict()).img_size == 224  # the 22k teacher's window 7
     assert infer_swin_config(build_student(SwinConfig(), ops_backend="reference").state_dict()).img_size == 192
     with pytest.raises(CheckpointError, match="patch_embed.proj.weight"):
