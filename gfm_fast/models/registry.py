@@ -18,6 +18,7 @@ What the names add to timm's usual behaviour:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -117,13 +118,14 @@ def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = 
     model = build_model_with_cfg(GFMSwinTransformer if student else SwinTransformer, variant, pretrained,
                                  pretrained_cfg_overlay=overlay, pretrained_filter_fn=_keep_model_keys,
                                  feature_cfg=feature_cfg, **args)
-    model.pretrained_cfg.pop("state_dict", None)  # the weights are in the model; keep the cfg printable
     swin = model.model if hasattr(model, "model") else model  # FeatureGetterNet wraps the encoder
+    for holder in {id(model): model, id(swin): swin}.values():
+        holder.pretrained_cfg.pop("state_dict", None)  # the weights are in the model; keep the cfg printable
     if not student:
         pad_before_shift(swin)  # GFMSwinTransformer does it itself
     if encoder is not None and hasattr(swin, "layers"):
         cfg = encoder.gfm_config
-        swin.gfm_config = EncoderConfig(SwinConfig(**{**vars(cfg.swin), "img_size": size}), cfg.mean, cfg.std)
+        swin.gfm_config = EncoderConfig(dataclasses.replace(cfg.swin, img_size=size), cfg.mean, cfg.std)
     return model
 
 
