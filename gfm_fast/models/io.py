@@ -420,8 +420,11 @@ def load_pretrainer(path: PathLike, **overrides: Any) -> GFMPretrainer:
         path: GFM release file, DeepSpeed checkpoint directory/file, or training output directory.
         **overrides: ``ModelConfig`` fields (``teacher_weights`` when the checkpoint has no
             teacher, ``ops_backend``, ``alpha``, ``mean``/``std``, ``teacher``, ...) and student
-            ``SwinConfig`` fields (``img_size``, ``window_size``, ...). The teacher's image size
-            is 224 unless ``teacher=SwinConfig(...)`` says otherwise.
+            ``SwinConfig`` fields (``img_size``, ``window_size``, ...). Without a saved run config,
+            each image size is the one its windows were built for (192 for GFM's window-6 student,
+            224 for the window-7 teacher), ``teacher_bands`` all bands when student and teacher
+            take as many (else it must be given), and mean/std ImageNet's for 3 bands or
+            Sentinel-2's for 12 (``default_normalization``).
 
     Returns:
         The pretrainer, in training mode (the teacher always in eval).
@@ -464,13 +467,15 @@ def _pretrainer_config(state: Dict[str, torch.Tensor], saved: Optional[ModelConf
     rest = dict(rest)
     student_override = rest.pop("student", None)
     # Shapes decide the architecture; a whole student config or single fields may override it.
+    # Without a saved config the image sizes are the ones the windows were built for (infer_swin_config).
     known = (dataclasses.asdict(student_override) if student_override is not None
-             else {k: getattr(base.student, k) for k in ("img_size", "drop_path_rate")})
+             else {k: getattr(base.student, k) for k in ("img_size", "drop_path_rate")} if saved is not None else {})
     student = infer_swin_config(normalize_swin_keys(split_prefix(state, "encoder.")), **{**known, **arch})
     teacher = rest.pop("teacher", None)
     teacher_state = split_prefix(state, TEACHER_PREFIX)
     if teacher is None and teacher_state:
-        teacher = infer_swin_config(normalize_swin_keys(teacher_state), img_size=base.teacher.img_size)
+        teacher = infer_swin_config(normalize_swin_keys(teacher_state),
+                                    **({"img_size": base.teacher.img_size} if saved is not None else {}))
     teacher = teacher if teacher is not None else base.teacher
     projector = state.get("projector.weight")
     if projector is not None and projector.shape[0] != teacher.num_features:
