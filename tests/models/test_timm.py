@@ -121,6 +121,13 @@ def test_out_indices_and_a_fresh_head(tmp_path):
     torch.testing.assert_close(out[0], maps[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], maps[3], rtol=1e-5, atol=1e-5)
 
+    wide = np.random.default_rng(2).integers(0, 65535, size=(2, 3, 96, 160), dtype=np.uint16)
+    dynamic = create(path, features_only=True, dynamic_img_size=True)  # any size divisible by 32
+    expected = reference(path, wide, stages=[0, 1, 2, 3])
+    with torch.no_grad():
+        for i, out in enumerate(dynamic(normalise(wide, dynamic.pretrained_cfg))):
+            torch.testing.assert_close(out, expected[i], rtol=1e-5, atol=1e-5)
+
     classifier = create(path, num_classes=7)
     assert classifier.head.fc.out_features == 7
     with torch.no_grad():
