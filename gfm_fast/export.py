@@ -160,10 +160,10 @@ def export_model(model_or_path: Any, out: Any, *, format: str = "onnx", image_si
     eager = list(eager) if isinstance(eager, tuple) else [eager]
     with torch.no_grad():
         exported, checked_with = _run_onnx(out, check) if format == "onnx" else _run_pt2(out, check)
-    error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(exported, eager))
     if len(exported) != len(eager) or any(a.shape != b.shape for a, b in zip(exported, eager)):
         raise ExportError(f"{out}: output shapes {[tuple(a.shape) for a in exported]} differ from eager "
                           f"{[tuple(b.shape) for b in eager]}")
+    error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(exported, eager))
     if not error <= TOLERANCE:
         raise ExportError(f"{out}: outputs differ from eager PyTorch by {error:.2e} (relative), above {TOLERANCE:g}")
     return ExportResult(out, format, (-1, config.swin.in_chans, size, size),

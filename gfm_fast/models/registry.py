@@ -129,29 +129,25 @@ def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = 
     return model
 
 
-def _variant(name: str, pretrained: bool, student: bool, kwargs: Dict[str, Any]):
-    return _create_gfm_swin(name, pretrained, student=student, **kwargs)
-
-
 @register_model
 def gfm_swin_test_patch4_window2_64(pretrained: bool = False, **kwargs: Any):
     """A tiny masked student for tests (embed 16, depths 1-1-2-1, 64 px, window 2)."""
-    return _variant("gfm_swin_test_patch4_window2_64", pretrained, True, kwargs)
+    return _create_gfm_swin("gfm_swin_test_patch4_window2_64", pretrained, student=True, **kwargs)
 
 
 @register_model
 def gfm_swin_base_patch4_window6_192(pretrained: bool = False, **kwargs: Any):
     """GFM's student: masked Swin-B, 192 px, window 6."""
-    return _variant("gfm_swin_base_patch4_window6_192", pretrained, True, kwargs)
+    return _create_gfm_swin("gfm_swin_base_patch4_window6_192", pretrained, student=True, **kwargs)
 
 
 @register_model
 def gfm_swin_large_patch4_window6_192(pretrained: bool = False, **kwargs: Any):
     """A larger masked student (Swin-L widths, embed 192), for ZeRO runs."""
-    return _variant("gfm_swin_large_patch4_window6_192", pretrained, True, kwargs)
+    return _create_gfm_swin("gfm_swin_large_patch4_window6_192", pretrained, student=True, **kwargs)
 
 
 @register_model
 def gfm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any):
     """GFM's teacher architecture: plain headless Swin-B, 224 px, window 7 (ImageNet-22k weights)."""
-    return _variant("gfm_swin_base_patch4_window7_224", pretrained, False, kwargs)
+    return _create_gfm_swin("gfm_swin_base_patch4_window7_224", pretrained, student=False, **kwargs)
