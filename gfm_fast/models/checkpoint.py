@@ -1,6 +1,6 @@
 """Checkpoint reading and key mapping for GFM's Swin encoders (official Swin, timm, GFM release, mmseg).
 
-Three rules (STYLE.md, and the GFM reference's anti-patterns we avoid):
+Three rules (the ones the GFM reference code breaks; see docs/architecture.md):
 
 * Read tensors only. Files are opened with ``torch.load(weights_only=True)`` (or safetensors);
   a file that also pickles other objects (a yacs/argparse config, DeepSpeed metadata) is read
@@ -197,7 +197,7 @@ def _adapt_patch_embed(weight: torch.Tensor, model: nn.Module, rgb_bands: Sequen
     """Fit a patch-embedding conv weight (D, C, p, p) to the model: resample the kernel for another
     patch size (timm's ``resample_patch_embed``) and widen RGB weights to multispectral inputs.
 
-    Widening (GFM.md, "Using the result"): the model's filters for bands ``rgb_bands`` get the
+    Widening (docs/method.md, multispectral input): the model's filters for bands ``rgb_bands`` get the
     checkpoint's R, G, B filters, every other band's filters are zero, so a widened model computes
     exactly the RGB model's embedding from those three bands at initialisation.
     """
