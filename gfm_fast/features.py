@@ -347,3 +347,9 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
     if picked is None:
         return torch.cat(outputs)
     return {stage: torch.cat([out[i] for out in outputs]) for i, stage in enumerate(picked)}
+
+
+if __name__ == "__main__":  # python -m gfm_fast.features: feature files, see gfm_fast.features_cli
+    from gfm_fast.features_cli import main
+
+    raise SystemExit(main())

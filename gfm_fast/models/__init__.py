@@ -1,14 +1,44 @@
 """GFM models on timm's Swin: masked student, frozen teacher, pretrainer, checkpoints and model files.
 
-Importing this package registers the ``gfm_swin_*`` variants with timm (``timm.create_model``).
+Importing this package registers the ``gfm_swin_*`` variants with timm (``timm.create_model``);
+the rest is imported on first use, so that registering stays light (no fused ops, no Triton).
 """
-from gfm_fast.models.checkpoint import CheckpointError, checkpoint_filter_fn
-from gfm_fast.models.io import load_model, load_pretrainer, save_model
-from gfm_fast.models.pretrainer import GFMOutput, GFMPretrainer, GFMStudent, param_groups
-from gfm_fast.models.swin import (EncoderConfig, GFMSwinTransformer, MaskedPatchEmbed, build_student,
-                                  split_at_last_merging)
-from gfm_fast.models.teacher import FrozenTeacher
+from __future__ import annotations
 
-__all__ = ["GFMOutput", "GFMPretrainer", "GFMStudent", "param_groups", "GFMSwinTransformer", "MaskedPatchEmbed",
-           "EncoderConfig", "build_student", "split_at_last_merging", "FrozenTeacher", "CheckpointError",
-           "checkpoint_filter_fn", "save_model", "load_model", "load_pretrainer"]
+import importlib
+from typing import Any
+
+import gfm_fast.models.registry  # noqa: F401  (registers the timm names)
+
+_LAZY = {
+    "GFMOutput": "gfm_fast.models.pretrainer",
+    "GFMPretrainer": "gfm_fast.models.pretrainer",
+    "GFMStudent": "gfm_fast.models.pretrainer",
+    "param_groups": "gfm_fast.models.pretrainer",
+    "GFMSwinTransformer": "gfm_fast.models.swin",
+    "MaskedPatchEmbed": "gfm_fast.models.swin",
+    "EncoderConfig": "gfm_fast.models.swin",
+    "build_student": "gfm_fast.models.swin",
+    "split_at_last_merging": "gfm_fast.models.swin",
+    "FrozenTeacher": "gfm_fast.models.teacher",
+    "CheckpointError": "gfm_fast.models.checkpoint",
+    "checkpoint_filter_fn": "gfm_fast.models.checkpoint",
+    "save_model": "gfm_fast.models.io",
+    "load_model": "gfm_fast.models.io",
+    "load_pretrainer": "gfm_fast.models.io",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gfm_fast.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__ + ["registry"]

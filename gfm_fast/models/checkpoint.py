@@ -1,6 +1,6 @@
-"""Checkpoint reading and key mapping for GFM's Swin encoders (official Swin, timm, GFM release).
+"""Checkpoint reading and key mapping for GFM's Swin encoders (official Swin, timm, GFM release, mmseg).
 
-Three rules (STYLE.md, and the GFM reference's anti-patterns we avoid):
+Three rules (the ones the GFM reference code breaks; see docs/architecture.md):
 
 * Read tensors only. Files are opened with ``torch.load(weights_only=True)`` (or safetensors);
   a file that also pickles other objects (a yacs/argparse config, DeepSpeed metadata) is read
@@ -28,11 +28,12 @@ from gfm_fast.config import SwinConfig
 from gfm_fast.errors import CheckpointError
 
 __all__ = ["CheckpointError", "read_checkpoint", "tensors_only", "unwrap_state_dict", "split_prefix",
-           "is_official_layout", "normalize_swin_keys", "checkpoint_filter_fn", "infer_swin_config", "load_state_dict_strict", "load_teacher_weights",
-           "teacher_allowed_unexpected"]
+           "is_official_layout", "is_mmseg_layout", "normalize_swin_keys", "checkpoint_filter_fn", "infer_swin_config",
+           "load_state_dict_strict", "load_teacher_weights", "teacher_allowed_unexpected"]
 
 CONTAINER_KEYS = ("model", "state_dict", "module")  # GFM/official, timm/lightning, DeepSpeed
 GFM_ENCODER_PREFIX = "encoder."
+MMSEG_BACKBONE_PREFIX = "backbone."  # mmseg / mmdet checkpoints: backbone.*, decode_head.*, neck.*
 NON_PERSISTENT = ("relative_position_index", "attn_mask")  # buffers rebuilt by timm, never loaded
 REL_POS_TABLE = "relative_position_bias_table"
 DEFAULT_RGB_BANDS = (0, 1, 2)
@@ -196,7 +197,7 @@ def _adapt_patch_embed(weight: torch.Tensor, model: nn.Module, rgb_bands: Sequen
     """Fit a patch-embedding conv weight (D, C, p, p) to the model: resample the kernel for another
     patch size (timm's ``resample_patch_embed``) and widen RGB weights to multispectral inputs.
 
-    Widening (GFM.md, "Using the result"): the model's filters for bands ``rgb_bands`` get the
+    Widening (docs/method.md, multispectral input): the model's filters for bands ``rgb_bands`` get the
     checkpoint's R, G, B filters, every other band's filters are zero, so a widened model computes
     exactly the RGB model's embedding from those three bands at initialisation.
     """
@@ -217,12 +218,52 @@ def _adapt_patch_embed(weight: torch.Tensor, model: nn.Module, rgb_bands: Sequen
     return wide
 
 
+def is_mmseg_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """mmseg / mmdet's Swin backbone: ``stages.N``, ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``."""
+    return any(k.startswith("stages.") or k.startswith("patch_embed.projection.") for k in state_dict)
+
+
+def _unfold_to_concat_order(value: torch.Tensor) -> torch.Tensor:
+    """A patch merging's reduction weight (out, 4C) or norm (4C,) from mmseg's ``nn.Unfold`` order
+    (channel-major, then the 2x2 neighbours row by row) to Swin's concat order (neighbours
+    (0,0), (1,0), (0,1), (1,1), each C channels), the inverse of mmseg's ``swin2mmseg`` converter."""
+    lead = value.shape[:-1]
+    grouped = value.reshape(*lead, -1, 4).transpose(-1, -2)  # (..., 4 neighbours row-major, C)
+    return grouped[..., [0, 2, 1, 3], :].reshape(*lead, -1)
+
+
+def _mmseg_to_official(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmseg Swin backbone keys -> official Swin keys. mmseg's per-output norms ``norm0..norm{n-1}``
+    have one counterpart in Swin, the final ``norm`` (after the last stage); the others exist only for
+    mmseg's decoders and are dropped."""
+    stages = {int(m.group(1)) for k in state for m in [re.match(r"^stages\.(\d+)\.", k)] if m}
+    last_norm = f"norm{max(stages)}." if stages else None
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if re.match(r"^norm\d+\.", key):
+            if key.startswith(last_norm):
+                out["norm." + key[len(last_norm):]] = value
+            continue
+        new = key.replace("stages.", "layers.", 1).replace("attn.w_msa.", "attn.")
+        new = new.replace("ffn.layers.0.0.", "mlp.fc1.").replace("ffn.layers.1.", "mlp.fc2.")
+        new = new.replace("patch_embed.projection.", "patch_embed.proj.")
+        if re.search(r"downsample\.(reduction\.weight|norm\.(weight|bias))$", new):
+            value = _unfold_to_concat_order(value)
+        out[new] = value
+    return out
+
+
 def normalize_swin_keys(state_dict: Any) -> Dict[str, torch.Tensor]:
-    """Unwrap containers, keep GFM's ``encoder.*`` (prefix stripped) when present, rename the official
-    layout's patch mergings to timm's, and drop non-persistent buffers and classifier heads."""
+    """Unwrap containers, keep GFM's ``encoder.*`` or mmseg's ``backbone.*`` (prefix stripped) when
+    present, map mmseg's and the official layout's names to timm's, and drop non-persistent
+    buffers and classifier heads."""
     state = unwrap_state_dict(state_dict)
-    if any(k.startswith(GFM_ENCODER_PREFIX) for k in state):
-        state = split_prefix(state, GFM_ENCODER_PREFIX)
+    for prefix in (GFM_ENCODER_PREFIX, MMSEG_BACKBONE_PREFIX):
+        if any(k.startswith(prefix) for k in state):
+            state = split_prefix(state, prefix)
+            break
+    if is_mmseg_layout(state):
+        state = _mmseg_to_official(state)
     official = is_official_layout(state)
     out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():

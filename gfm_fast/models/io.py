@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -30,8 +31,11 @@ from gfm_fast.models.checkpoint import (DEFAULT_RGB_BANDS, CheckpointError, chec
                                         split_prefix, unwrap_state_dict)
 from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student, encoder_config_of
+from gfm_fast.models.timm_format import (GFM_KEY, is_timm_config, read_timm_config, timm_config_json,
+                                         timm_state_dict)
 
-__all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE"]
+__all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE", "SENTINEL2_L2A_MEAN",
+           "SENTINEL2_L2A_STD"]
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model.safetensors"
@@ -45,6 +49,19 @@ RUN_CHECKPOINT_SUBDIR = "checkpoints"  # train.py: <output_dir>/checkpoints/{lat
 TRAINING_CONFIG_FILE = "gfm_config.json"  # train.py: the run config beside each checkpoint's tensors
 _SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
 _NORMALIZATION = ("mean", "std")
+LAYOUTS = ("gfm_fast", "timm")
+
+# Default normalisation of 12-band input: Sentinel-2 L2A bands B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9,
+# B11, B12 (reflectance x 10000 in uint16 files). Mean and std in those units are SSL4EO-S12's
+# (Wang et al. 2022, "SSL4EO-S12", computed on 50k patches; the statistics of its pretraining code,
+# S2A_MEAN / S2A_STD); divided by 65535 because gfm_fast scales uint16 pixels to [0, 1] first.
+_S2_UINT16 = 65535.0
+SENTINEL2_L2A_MEAN = tuple(m / _S2_UINT16 for m in (
+    752.40087073, 884.29673756, 1144.16202635, 1297.47289228, 1624.90992062, 2194.6423161,
+    2422.21248945, 2517.76053101, 2581.64687018, 2645.51888987, 2368.51236873, 1805.06846033))
+SENTINEL2_L2A_STD = tuple(s / _S2_UINT16 for s in (
+    1108.02887453, 1155.15170768, 1183.6292542, 1368.11351514, 1370.265037, 1355.55390699,
+    1416.51487101, 1474.78900051, 1439.3086061, 1582.28010962, 1455.52084939, 1343.48379601))
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +86,8 @@ def _is_our_model_dir(path: Path) -> bool:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return False
-    ours = isinstance(config, dict) and config.get("format") == FORMAT
+    ours = isinstance(config, dict) and (config.get("format") == FORMAT or
+                                         (config.get(GFM_KEY) or {}).get("format") == FORMAT)
     return ours and {p.name for p in path.iterdir()} <= {MODEL_FILE, CONFIG_FILE}
 
 
@@ -81,19 +99,25 @@ def _config_json(config: EncoderConfig) -> Dict[str, Any]:
             "mean": list(config.mean), "std": list(config.std), "gfm_fast_version": __version__}
 
 
-def save_model(model: nn.Module, path: PathLike) -> Path:
+def save_model(model: nn.Module, path: PathLike, *, layout: str = "gfm_fast") -> Path:
     """Write the student encoder and its config to the directory ``path`` (created atomically).
 
     Args:
         model: ``GFMPretrainer``, ``GFMStudent`` (or a DeepSpeed engine around it), or an encoder.
         path: target directory. It may not exist yet, be empty, or be a model directory written
             earlier by ``save_model`` (replaced); anything else is refused, never overwritten.
+        layout: ``"gfm_fast"`` (our ``config.json``; weights with the mask token) or ``"timm"``
+            (timm's model-directory format: plain timm loads it with
+            ``timm.create_model("local-dir:" + path)``, no gfm_fast needed; see ``timm_format``).
+            ``load_model`` reads both.
 
     Returns:
         The directory path, holding ``model.safetensors`` and ``config.json``.
     """
     from safetensors.torch import save_file
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"save_model: unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     target = Path(path)
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or _is_our_model_dir(target))):
         raise FileExistsError(f"{target} exists and is not a gfm_fast model directory; refusing to overwrite it. "
@@ -101,11 +125,15 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     encoder = _encoder_of(model)
     config = encoder_config_of(encoder)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
+    meta = _config_json(config)
+    if layout == "timm":
+        state = timm_state_dict(state)
+        meta = timm_config_json(config.swin, config.mean, config.std, model_name=config.model_name, format_tag=FORMAT)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(state, str(staging / MODEL_FILE), metadata={"format": "pt", "gfm_fast": FORMAT})
-        (staging / CONFIG_FILE).write_text(json.dumps(_config_json(config), indent=2) + "\n")
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _apply_umask(staging)
         _replace_dir(staging, target)
     except BaseException:
@@ -219,8 +247,10 @@ def _read_model_dir(directory: Path) -> _Source:
         meta = json.loads((directory / CONFIG_FILE).read_text())
     except ValueError as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a gfm_fast model config (format {FORMAT!r})")
+    timm_dir = is_timm_config(meta)
+    if not timm_dir and (not isinstance(meta, dict) or meta.get("format") != FORMAT):
+        raise CheckpointError(f"{directory / CONFIG_FILE} is neither a gfm_fast model config (format {FORMAT!r}) "
+                              f"nor a timm one (architecture + pretrained_cfg)")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was written by a newer gfm_fast (format version "
                               f"{meta['format_version']} > {FORMAT_VERSION}); upgrade gfm_fast")
@@ -228,8 +258,13 @@ def _read_model_dir(directory: Path) -> _Source:
     if not weights.is_file():
         raise CheckpointError(f"{directory} has {CONFIG_FILE} but no {MODEL_FILE}")
     try:
-        swin = from_dict(SwinConfig, meta["architecture"], prefix="architecture")
-        config = EncoderConfig(swin, tuple(meta["mean"]), tuple(meta["std"]), meta.get("model_name", ""))
+        if timm_dir:
+            swin, mean, std = read_timm_config(meta, str(directory))
+            config = EncoderConfig(swin, tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD),
+                                   (meta.get(GFM_KEY) or {}).get("model_name", ""))
+        else:
+            swin = from_dict(SwinConfig, meta["architecture"], prefix="architecture")
+            config = EncoderConfig(swin, tuple(meta["mean"]), tuple(meta["std"]), meta.get("model_name", ""))
     except (KeyError, ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is incomplete or invalid: {exc}") from exc
     try:
@@ -336,17 +371,35 @@ def load_model(path: PathLike, **overrides: Any) -> GFMSwinTransformer:
 
 
 def _encoder_config(swin: SwinConfig, saved: Optional[EncoderConfig], mean: Any, std: Any) -> EncoderConfig:
-    """mean/std: overrides, else the saved ones when the channel count is unchanged, else ImageNet
-    (RGB only: other channel counts must be given)."""
+    """mean/std: overrides, else the saved ones when the channel count is unchanged, else the
+    default for the channel count (:func:`default_normalization`)."""
     if mean is None and saved is not None and len(saved.mean) == swin.in_chans:
         mean = saved.mean
     if std is None and saved is not None and len(saved.std) == swin.in_chans:
         std = saved.std
-    if (mean is None or std is None) and swin.in_chans != 3:
-        raise ValueError(f"the model takes {swin.in_chans} input channels: pass mean=... and std=... "
-                         f"({swin.in_chans} values each) to normalise them")
-    return EncoderConfig(swin, tuple(mean if mean is not None else IMAGENET_MEAN),
-                         tuple(std if std is not None else IMAGENET_STD))
+    if mean is None or std is None:
+        default_mean, default_std = default_normalization(swin.in_chans)
+        mean, std = (default_mean if mean is None else mean), (default_std if std is None else std)
+    return EncoderConfig(swin, tuple(mean), tuple(std))
+
+
+def default_normalization(chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """mean/std for weights saved without them: ImageNet's for 3 bands, Sentinel-2 L2A's for 12
+    (``SENTINEL2_L2A_MEAN``; with a warning naming the band order); other counts must be given.
+
+    Raises:
+        ConfigError: neither 3 nor 12 channels.
+    """
+    if chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if chans == 12:
+        warnings.warn("12-band weights without mean/std: using Sentinel-2 L2A statistics (SSL4EO-S12; bands B1-B9, "
+                      "B8A, B11, B12 in that order, uint16 reflectance x 10000). Pass mean=..., std=... (12 values, "
+                      "for pixels scaled to [0, 1]) if your bands, order or product level differ", UserWarning,
+                      stacklevel=3)
+        return SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD
+    raise ConfigError(f"the model takes {chans} input channels: pass mean=... and std=... ({chans} values each, for "
+                      f"pixels scaled to [0, 1]) to normalise them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,8 +420,11 @@ def load_pretrainer(path: PathLike, **overrides: Any) -> GFMPretrainer:
         path: GFM release file, DeepSpeed checkpoint directory/file, or training output directory.
         **overrides: ``ModelConfig`` fields (``teacher_weights`` when the checkpoint has no
             teacher, ``ops_backend``, ``alpha``, ``mean``/``std``, ``teacher``, ...) and student
-            ``SwinConfig`` fields (``img_size``, ``window_size``, ...). The teacher's image size
-            is 224 unless ``teacher=SwinConfig(...)`` says otherwise.
+            ``SwinConfig`` fields (``img_size``, ``window_size``, ...). Without a saved run config,
+            each image size is the one its windows were built for (192 for GFM's window-6 student,
+            224 for the window-7 teacher), ``teacher_bands`` all bands when student and teacher
+            take as many (else it must be given), and mean/std ImageNet's for 3 bands or
+            Sentinel-2's for 12 (``default_normalization``).
 
     Returns:
         The pretrainer, in training mode (the teacher always in eval).
@@ -411,20 +467,46 @@ def _pretrainer_config(state: Dict[str, torch.Tensor], saved: Optional[ModelConf
     rest = dict(rest)
     student_override = rest.pop("student", None)
     # Shapes decide the architecture; a whole student config or single fields may override it.
+    # Without a saved config the image sizes are the ones the windows were built for (infer_swin_config).
     known = (dataclasses.asdict(student_override) if student_override is not None
-             else {k: getattr(base.student, k) for k in ("img_size", "drop_path_rate")})
+             else {k: getattr(base.student, k) for k in ("img_size", "drop_path_rate")} if saved is not None else {})
     student = infer_swin_config(normalize_swin_keys(split_prefix(state, "encoder.")), **{**known, **arch})
     teacher = rest.pop("teacher", None)
     teacher_state = split_prefix(state, TEACHER_PREFIX)
     if teacher is None and teacher_state:
-        teacher = infer_swin_config(normalize_swin_keys(teacher_state), img_size=base.teacher.img_size)
+        teacher = infer_swin_config(normalize_swin_keys(teacher_state),
+                                    **({"img_size": base.teacher.img_size} if saved is not None else {}))
     teacher = teacher if teacher is not None else base.teacher
     projector = state.get("projector.weight")
     if projector is not None and projector.shape[0] != teacher.num_features:
         raise CheckpointError(f"projector.weight {tuple(projector.shape)} maps to {projector.shape[0]} features but the "
                               f"teacher has {teacher.num_features}; pass teacher=SwinConfig(...) for this checkpoint")
-    config = dataclasses.replace(base, student=student, teacher=teacher, **rest)
-    if len(config.mean) != student.in_chans or len(config.std) != student.in_chans:
-        raise ValueError(f"the student takes {student.in_chans} input channels: pass mean=..., std=... "
-                         f"({student.in_chans} values each) and teacher_bands=...")
-    return config
+    if "teacher_bands" not in rest:
+        rest["teacher_bands"] = _teacher_bands(student, teacher, saved)
+    if "mean" not in rest or "std" not in rest:
+        fits = saved is not None and len(saved.mean) == len(saved.std) == student.in_chans
+        mean, std = (saved.mean, saved.std) if fits else default_normalization(student.in_chans)
+        rest.setdefault("mean", mean)
+        rest.setdefault("std", std)
+    return dataclasses.replace(base, student=student, teacher=teacher, **rest)
+
+
+def _teacher_bands(student: SwinConfig, teacher: SwinConfig, saved: Optional[ModelConfig]) -> Tuple[int, ...]:
+    """The student channels the teacher sees: the saved run's, else what the channel counts leave:
+    all of them, in order, when both take as many (how GFM's reference runs multispectral input:
+    the teacher gets all bands). A teacher taking fewer channels is a choice only the user can make.
+
+    Raises:
+        CheckpointError: the teacher takes fewer (or more) channels than the student.
+    """
+    if saved is not None and len(saved.teacher_bands) == teacher.in_chans and \
+            all(0 <= b < student.in_chans for b in saved.teacher_bands):
+        return tuple(saved.teacher_bands)
+    if teacher.in_chans == student.in_chans:
+        return tuple(range(student.in_chans))
+    if teacher.in_chans > student.in_chans:
+        raise CheckpointError(f"the teacher takes {teacher.in_chans} channels but the student only "
+                              f"{student.in_chans}; pass teacher=SwinConfig(in_chans=...) for this checkpoint")
+    raise CheckpointError(f"the teacher takes {teacher.in_chans} of the student's {student.in_chans} channels: pass "
+                          f"teacher_bands=(...) with {teacher.in_chans} student channel indices (for Sentinel-2 "
+                          f"L2A B1..B12, R, G, B are (3, 2, 1))")

@@ -5,8 +5,8 @@ block mask and blends a learned ``mask_token`` into the masked tokens (SimMIM). 
 stay timm's (``patch_embed.proj.*``, ``patch_embed.norm.*``), plus ``mask_token`` at the encoder
 level where the GFM/SimMIM release keeps it (``encoder.mask_token``).
 
-Order follows timm's ``swin_transformer.py``: layers -> model -> stage slicing -> builders ->
-default cfgs -> ``@register_model`` variants.
+Order follows timm's ``swin_transformer.py``: layers -> model -> stage slicing -> builders. The
+``gfm_swin_*`` timm names are registered in ``gfm_fast.models.registry``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention, window_partition,
                                           window_reverse)
@@ -28,11 +27,10 @@ from torch import nn
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
 from gfm_fast.models.attention import from_windows, set_attention, to_windows
-from gfm_fast.models.checkpoint import checkpoint_filter_fn
+from gfm_fast.models.registry import ARCH_FIELDS, VARIANTS
 
 __all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
-           "build_student", "build_swin", "prune_to_trunk", "allow_any_input_size", "encoder_config_of",
-           "variant_name"]
+           "build_student", "prune_to_trunk", "allow_any_input_size", "encoder_config_of", "variant_name"]
 
 MASK_TOKEN_STD = 0.02  # SimMIM / GFM initialisation of the mask token
 
@@ -248,16 +246,10 @@ def build_student(cfg: SwinConfig, *, ops_backend: str = "auto", **kwargs: Any) 
     return GFMSwinTransformer(ops_backend=ops_backend, **{**swin_kwargs(cfg), **kwargs})
 
 
-def build_swin(cfg: SwinConfig, **kwargs: Any) -> SwinTransformer:
-    """A plain (unmasked, headless) timm Swin for ``cfg``."""
-    cfg.validate("swin")
-    return pad_before_shift(SwinTransformer(**{**swin_kwargs(cfg), **kwargs}))
-
-
 def variant_name(cfg: SwinConfig) -> str:
     """The registered timm name of an architecture, or a descriptive ``gfm_swin_custom_*`` name."""
-    for name, known in _VARIANTS.items():
-        if all(_same(getattr(cfg, k), getattr(known, k)) for k in _ARCH_FIELDS):
+    for name, known in VARIANTS.items():
+        if all(_same(getattr(cfg, k), getattr(known, k)) for k in ARCH_FIELDS):
             return name
     return f"gfm_swin_custom_patch{cfg.patch_size}_window{cfg.window_size}_{cfg.img_size}"
 
@@ -311,63 +303,3 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
             block.dynamic_mask = dynamic
             if not had_own_attn:
                 del block._attn
-
-
-# --------------------------------------------------------------------------------------------
-# timm registration
-# --------------------------------------------------------------------------------------------
-
-def _create_gfm_swin(variant: str, pretrained: bool = False, *, student: bool = True, **kwargs: Any):
-    """Build a registered variant with timm's builder (``pretrained`` loads a local file given by
-    ``pretrained_cfg_overlay=dict(file=...)`` through our ``checkpoint_filter_fn``)."""
-    cls = GFMSwinTransformer if student else SwinTransformer
-    model = build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
-    return model if student else pad_before_shift(model)  # GFMSwinTransformer does it itself
-
-
-def _cfg(size: int, **kwargs: Any) -> Dict[str, Any]:
-    return {"url": "", "num_classes": 0, "input_size": (3, size, size), "pool_size": None, "crop_pct": 1.0,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "first_conv": "patch_embed.proj", "classifier": "", "license": "apache-2.0", **kwargs}
-
-
-# Registered architectures (names encode patch/window/size as timm's do).
-_VARIANTS: Dict[str, SwinConfig] = {
-    "gfm_swin_test_patch4_window2_64": SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                                                  window_size=2, img_size=64),
-    "gfm_swin_base_patch4_window6_192": SwinConfig(),
-    "gfm_swin_large_patch4_window6_192": SwinConfig(embed_dim=192, num_heads=(6, 12, 24, 48)),
-    "gfm_swin_base_patch4_window7_224": SwinConfig(window_size=7, img_size=224),
-}
-_ARCH_FIELDS = ("embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size", "mlp_ratio")
-
-default_cfgs = generate_default_cfgs({name: _cfg(cfg.img_size) for name, cfg in _VARIANTS.items()})
-
-
-def _variant(name: str, pretrained: bool, student: bool, kwargs: Dict[str, Any]):
-    return _create_gfm_swin(name, pretrained, student=student, **{**swin_kwargs(_VARIANTS[name]), **kwargs})
-
-
-@register_model
-def gfm_swin_test_patch4_window2_64(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
-    """A tiny masked student for tests (embed 16, depths 1-1-2-1, 64 px, window 2)."""
-    return _variant("gfm_swin_test_patch4_window2_64", pretrained, True, kwargs)
-
-
-@register_model
-def gfm_swin_base_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
-    """GFM's student: masked Swin-B, 192 px, window 6."""
-    return _variant("gfm_swin_base_patch4_window6_192", pretrained, True, kwargs)
-
-
-@register_model
-def gfm_swin_large_patch4_window6_192(pretrained: bool = False, **kwargs: Any) -> GFMSwinTransformer:
-    """A larger masked student (Swin-L widths, embed 192), for ZeRO runs."""
-    return _variant("gfm_swin_large_patch4_window6_192", pretrained, True, kwargs)
-
-
-@register_model
-def gfm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
-    """GFM's teacher architecture: plain headless Swin-B, 224 px, window 7 (ImageNet-22k weights)."""
-    return _variant("gfm_swin_base_patch4_window7_224", pretrained, False, kwargs)

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from timm.layers import resize_rel_pos_bias_table
+from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import SwinConfig
 from gfm_fast.models.checkpoint import (CheckpointError, checkpoint_filter_fn, infer_swin_config,
                                         load_state_dict_strict, load_teacher_weights, read_checkpoint,
                                         unwrap_state_dict)
-from gfm_fast.models.swin import build_student, build_swin
+from gfm_fast.models.swin import build_student, swin_kwargs
 from gfm_fast.models.teacher import FrozenTeacher
 from model_helpers import (TINY_IMG, TINY_STUDENT, full_teacher, manual_teacher_feature, tiny_config, to_official_layout,
                            with_prefix)
@@ -219,8 +220,8 @@ def test_infer_architecture_from_shapes():
     # img_size is not in the weights: the size whose last stage is one window (96 px here), so the
     # model is rebuilt as saved (at another size timm would shrink that stage's window).
     assert infer_swin_config(encoder.state_dict()) == cfg
-    teacher_like = build_swin(SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=7,
-                                         img_size=224))
+    teacher_like = SwinTransformer(**swin_kwargs(SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                                            window_size=7, img_size=224)))
     assert infer_swin_config(teacher_like.state_dict()).img_size == 224  # the 22k teacher's window 7
     assert infer_swin_config(build_student(SwinConfig(), ops_backend="reference").state_dict()).img_size == 192
     with pytest.raises(CheckpointError, match="patch_embed.proj.weight"):
@@ -239,3 +240,78 @@ def test_timm_pretrained_loading_uses_our_filter(tmp_path):
                                pretrained_cfg_overlay=dict(file=str(path)))
     for key, value in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: GFM release, Microsoft Swin, timm, mmseg backbone -> the same features
+# --------------------------------------------------------------------------------------------
+
+def concat_to_unfold(value):
+    """A patch merging's (out, 4C) weight or (4C,) norm from Swin's concat order (neighbour n =
+    2 * dw + dh, then channel c) to mmseg's nn.Unfold order (channel c, then neighbour 2 * dh + dw)."""
+    chans = value.shape[-1] // 4
+    out = torch.empty_like(value)
+    for c in range(chans):
+        for dh in (0, 1):
+            for dw in (0, 1):
+                out[..., c * 4 + dh * 2 + dw] = value[..., (dw * 2 + dh) * chans + c]
+    return out
+
+
+def to_mmseg_layout(model):
+    """mmseg's Swin backbone checkpoint (as its swin2mmseg converter and its training write them)."""
+    last = len(model.layers) - 1
+    out = {}
+    for key, value in to_official_layout(model.state_dict(), model).items():
+        if key.startswith("head.") or key.endswith("attn_mask"):
+            continue
+        if key.startswith("norm."):
+            out[f"backbone.norm{last}.{key[len('norm.'):]}"] = value
+            continue
+        new = (key.replace("layers.", "stages.").replace(".attn.", ".attn.w_msa.")
+               .replace("mlp.fc1.", "ffn.layers.0.0.").replace("mlp.fc2.", "ffn.layers.1.")
+               .replace("patch_embed.proj.", "patch_embed.projection."))
+        if "downsample.reduction." in key or "downsample.norm." in key:
+            value = concat_to_unfold(value)
+        out["backbone." + new] = value
+    out["backbone.norm0.weight"] = torch.randn(16)  # output norms only mmseg's decoders use
+    out["decode_head.conv_seg.weight"] = torch.randn(5, 8, 1, 1)
+    return {"meta": {"mmseg_version": "1.2.2"}, "state_dict": out}
+
+
+def test_mmseg_merging_order_matches_unfold():
+    """The test's own mmseg conversion computes what an Unfold-based merging computes."""
+    model = SwinTransformer(**swin_kwargs(SwinConfig(**TINY_STUDENT)))
+    merge = model.layers[1].downsample
+    with torch.no_grad():
+        merge.norm.weight.normal_()
+        merge.norm.bias.normal_()
+        x = torch.randn(2, 8, 8, 16)  # NHWC
+        reference = merge(x).reshape(2, -1, 32)
+        unfolded = torch.nn.functional.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)
+        normed = torch.nn.functional.layer_norm(unfolded, (64,), concat_to_unfold(merge.norm.weight),
+                                                concat_to_unfold(merge.norm.bias), merge.norm.eps)
+        torch.testing.assert_close(normed @ concat_to_unfold(merge.reduction.weight).t(), reference)
+
+
+@pytest.mark.parametrize("layout", ["timm", "microsoft", "gfm_release", "mmseg"])
+def test_every_layout_gives_the_same_features(tmp_path, layout):
+    from gfm_fast import extract_features, load_model
+
+    model = SwinTransformer(**{**swin_kwargs(SwinConfig(**TINY_STUDENT)), "num_classes": 5}).eval()
+    with torch.no_grad():
+        for norm in [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]:
+            norm.weight.normal_(1.0, 0.2)
+            norm.bias.normal_(0.0, 0.2)  # non-trivial norms, so a misplaced one shows
+    files = {"timm": lambda: {"state_dict": model.state_dict()},
+             "microsoft": lambda: {"model": to_official_layout(model.state_dict(), model)},
+             "gfm_release": lambda: {"model": with_prefix(to_official_layout(model.state_dict(), model), "encoder.")},
+             "mmseg": lambda: to_mmseg_layout(model)}
+    path = tmp_path / f"{layout}.pth"
+    torch.save(files[layout](), path)
+    loaded = load_model(path)
+    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    torch.testing.assert_close(extract_features(loaded, x), extract_features(model, x), rtol=1e-5, atol=1e-5)
+    maps, expected = extract_features(loaded, x, stages=[0, 1, 2, 3]), extract_features(model, x, stages=[0, 1, 2, 3])
+    for stage in range(4):
+        torch.testing.assert_close(maps[stage], expected[stage], rtol=1e-5, atol=1e-5)

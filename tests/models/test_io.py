@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import stat
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -292,3 +293,94 @@ def test_load_pretrainer_errors(tmp_path, pretrainer):
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): 0\.bias"):
         load_pretrainer(tmp_path / "broken.pth", img_size=TINY_IMG, teacher=SwinConfig(**TINY_TEACHER),
                         ops_backend="reference")
+
+
+# --------------------------------------------------------------------------------------------
+# save_model(layout="timm"): a directory plain timm loads
+# --------------------------------------------------------------------------------------------
+
+PLAIN_TIMM = """
+import json, sys
+import timm, torch
+from safetensors.torch import load_file
+directory, images, out = sys.argv[1:4]
+x = torch.load(images)
+hub = timm.create_model("local-dir:" + directory, pretrained=True).eval()
+args = json.load(open(directory + "/config.json"))["model_args"]
+named = timm.create_model("swin_base_patch4_window7_224", num_classes=0, **args).eval()
+named.load_state_dict(load_file(directory + "/model.safetensors"))
+with torch.no_grad():
+    torch.save({"hub": hub(x), "named": named(x), "mean": hub.pretrained_cfg["mean"]}, out)
+assert not [m for m in sys.modules if m.startswith("gfm_fast")], "gfm_fast was imported"
+"""
+
+
+def test_timm_layout_loads_in_plain_timm(tmp_path, pretrainer):
+    import subprocess
+    import sys
+
+    from gfm_fast import extract_features
+
+    path = save_model(pretrainer, tmp_path / "timm", layout="timm")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["architecture"] == "swin_base_patch4_window7_224" and meta["model_args"]["window_size"] == 4
+    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", PLAIN_TIMM, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=tmp_path)
+    result = torch.load(tmp_path / "y.pt", weights_only=True)
+    expected = extract_features(pretrainer.encoder, x)
+    torch.testing.assert_close(result["hub"], expected)
+    torch.testing.assert_close(result["named"], expected)
+    assert tuple(result["mean"]) == pretrainer.config.mean
+    loaded = load_model(path)  # and back
+    assert loaded.gfm_config.mean == pretrainer.config.mean and loaded.gfm_config.swin == pretrainer.config.student
+    reference = pretrainer.encoder.state_dict()
+    for key, value in loaded.state_dict().items():  # all but the mask token (plain Swin has none)
+        assert key == "mask_token" or torch.equal(value, reference[key]), key
+    save_model(pretrainer, path, layout="timm")  # ours: may be replaced
+    with pytest.raises(ValueError, match="unknown layout"):
+        save_model(pretrainer, tmp_path / "x", layout="onnx")
+
+
+# --------------------------------------------------------------------------------------------
+# 12-band checkpoints load as saved
+# --------------------------------------------------------------------------------------------
+
+TEACHER_224 = dict(window_size=7, img_size=224)  # what infer_swin_config reads off a window-7 teacher
+
+
+def multispectral_release(tmp_path, teacher_chans):
+    from gfm_fast.models.io import SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD
+
+    teacher_full = full_teacher(**TEACHER_224, in_chans=teacher_chans)
+    bands = tuple(range(12)) if teacher_chans == 12 else (3, 2, 1)
+    original = tiny_pretrainer(student=dict(in_chans=12), teacher={**TEACHER_224, "in_chans": teacher_chans},
+                               teacher_bands=bands, mean=SENTINEL2_L2A_MEAN, std=SENTINEL2_L2A_STD,
+                               teacher_state_dict=teacher_full.state_dict())
+    return original, write_release(tmp_path / "gfm12.pth", original, teacher_full)
+
+
+def test_12_band_release_loads_as_saved(tmp_path):
+    from gfm_fast.models.io import SENTINEL2_L2A_MEAN
+
+    original, path = multispectral_release(tmp_path, teacher_chans=12)
+    with pytest.warns(UserWarning, match="Sentinel-2 L2A") as caught:
+        loaded = load_pretrainer(path, ops_backend="reference")
+    assert len([w for w in caught if "Sentinel-2" in str(w.message)]) == 1
+    assert loaded.config.teacher_bands == tuple(range(12)) and loaded.config.mean == SENTINEL2_L2A_MEAN
+    assert loaded.config.student == original.config.student and loaded.config.teacher == original.config.teacher
+    x, mask = torch.randn(2, 12, TINY_IMG, TINY_IMG), random_block_mask(2)
+    same_losses(original, loaded, x, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # given mean/std: no warning
+        load_pretrainer(path, ops_backend="reference", mean=(0.1,) * 12, std=(0.2,) * 12)
+
+
+@pytest.mark.filterwarnings("ignore:12-band weights without mean/std")
+def test_12_band_student_with_rgb_teacher_names_teacher_bands(tmp_path):
+    original, path = multispectral_release(tmp_path, teacher_chans=3)
+    with pytest.raises(CheckpointError, match=r"teacher takes 3 of the student's 12 channels: pass teacher_bands="):
+        load_pretrainer(path, ops_backend="reference")
+    loaded = load_pretrainer(path, ops_backend="reference", teacher_bands=(3, 2, 1))
+    same_losses(original, loaded, torch.randn(2, 12, TINY_IMG, TINY_IMG), random_block_mask(2))

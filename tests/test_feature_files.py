@@ -1,0 +1,123 @@
+"""python -m gfm_fast.features: feature files with ids, in chunks, resumable, equal to extract_features."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import gfm_fast
+import gfm_fast.features
+from gfm_fast import extract_features, save_model
+from gfm_fast.features_cli import main
+
+SAMPLE_SHARDS = Path(gfm_fast.__file__).parent / "data" / "sample" / "shards"
+
+
+@pytest.fixture
+def model(tmp_path):
+    return save_model(timm.create_model("gfm_swin_test_patch4_window2_64").eval(), tmp_path / "model")
+
+
+def write_images(root, count=7):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = root / f"site{i % 2}" / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def read_output(out):
+    return np.load(out), out.with_name(out.name[:-4] + ".ids.txt").read_text().splitlines()
+
+
+def test_directory_in_chunks_equals_extract_features(tmp_path, model):
+    files = write_images(tmp_path / "data")
+    out = tmp_path / "feats.npy"
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--chunk-size", "3",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    features, ids = read_output(out)
+    assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
+    np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "feats.npy.parts").exists()
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, model, monkeypatch, capsys):
+    files = write_images(tmp_path / "data")
+    good = files[4].read_bytes()
+    files[4].write_bytes(b"not a png")  # the run stops in the second chunk (files 3-5)
+    out = tmp_path / "feats.npy"
+    args = ["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--chunk-size", "3",
+            "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image file") and files[4].name in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "feats.npy.parts").glob("chunk-*")) == [
+        "chunk-000000.ids.json", "chunk-000000.npy"]
+    files[4].write_bytes(good)
+    read = []
+    original = gfm_fast.features.read_image
+    monkeypatch.setattr(gfm_fast.features, "read_image", lambda path: read.append(Path(path)) or original(path))
+    assert main(args) == 0
+    assert read == files[3:]  # the first chunk's images are neither decoded nor run again
+    features, ids = read_output(out)
+    assert len(ids) == 7
+    np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def shard_reference(model, size):
+    """The sample shards read with tarfile + Pillow, resized and normalised as documented."""
+    manifest = json.loads((SAMPLE_SHARDS / "manifest.json").read_text())
+    config = json.loads((model / "config.json").read_text())
+    mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    keys, images = [], []
+    for shard in manifest["shards"]:
+        with tarfile.open(SAMPLE_SHARDS / shard["name"]) as tar:
+            for member in tar:
+                stem, ext = os.path.splitext(member.name)
+                if ext in (".jpg", ".png"):  # all 8-bit RGB in the sample
+                    pixels = np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                    keys.append(stem)
+                    images.append((x - mean) / std)
+    return keys, extract_features(model, torch.cat(images)).numpy()
+
+
+def test_shards_with_resize(tmp_path, model):
+    out = tmp_path / "shards.npy"
+    assert main(["--model", str(model), "--data", str(SAMPLE_SHARDS), "--out", str(out), "--image-size", "64",
+                 "--chunk-size", "10", "--no-progress"]) == 0
+    features, ids = read_output(out)
+    keys, expected = shard_reference(model, 64)
+    assert ids == keys and len(ids) == 34
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)  # JPEG decoders may differ by a unit
+
+
+def test_errors_are_one_line(tmp_path, model, capsys):
+    write_images(tmp_path / "data", count=2)
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.parquet")]) == 1
+    assert "must end in .npy" in capsys.readouterr().err
+    out = tmp_path / "f.npy"
+    (tmp_path / "f.npy.parts").mkdir()
+    (tmp_path / "f.npy.parts" / "index.json").write_text(json.dumps({"model": "other"}))
+    (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").write_text("[]")
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 1
+    assert "other settings (chunk_size, data, model)" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),
+                             "--data", str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
