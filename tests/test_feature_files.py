@@ -68,7 +68,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     files[4].write_bytes(good)
     read = []
     original = gfm_fast.features.read_image
-    monkeypatch.setattr(gfm_fast.features, "read_image", lambda path: read.append(Path(path)) or original(path))
+    monkeypatch.setattr(gfm_fast.features, "read_image", lambda path, *args: read.append(Path(path)) or original(path, *args))
     assert main(args) == 0
     assert read == files[3:]  # the first chunk's images are neither decoded nor run again
     features, ids = read_output(out)
