@@ -2,7 +2,7 @@
 
 Public surface (imported lazily so that ``import gfm_fast`` stays light):
 ``GFMPretrainer``, ``load_pretrainer``, ``save_model``, ``load_model``, ``extract_features``,
-``train``, ``ops``, ``__version__``.
+``evaluate``, ``train``, ``ops``, ``__version__``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ _LAZY = {
     "save_model": "gfm_fast.models.io",
     "load_model": "gfm_fast.models.io",
     "extract_features": "gfm_fast.features",
+    "evaluate": "gfm_fast.eval",
     "train": "gfm_fast.training",
     "ops": "gfm_fast.ops",
 }
