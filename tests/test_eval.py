@@ -20,7 +20,7 @@ from gfm_fast.errors import ConfigError, GFMError
 from gfm_fast.eval import EvalError, evaluate, knn_accuracy, open_dataset
 from gfm_fast.eval.__main__ import main
 from gfm_fast.eval.models import random_baseline, resolve_models
-from gfm_fast.eval.protocols import (knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
+from gfm_fast.eval.protocols import (_fit_logistic, _logits, _span_basis, knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
                                      stratified_split)
 from gfm_fast.models.io import save_model
 from gfm_fast.models.swin import EncoderConfig, build_student, swin_kwargs
@@ -113,6 +113,17 @@ def test_linear_probe_separates_separable_features():
     shuffled = labels[torch.randperm(90, generator=gen)]
     predicted, _ = linear_probe_predict(features[~test], shuffled[~test], features[test], 3, seed=0)
     assert (predicted == shuffled[test]).float().mean().item() < 0.7
+
+
+def test_linear_probe_in_the_span_of_the_training_features_is_exact():
+    gen = torch.Generator().manual_seed(1)
+    train, test = torch.randn(12, 40, generator=gen), torch.randn(5, 40, generator=gen)
+    labels = torch.arange(12) % 3
+    full = _fit_logistic(train, labels, 3, 0.1)
+    basis = _span_basis(train)
+    reduced = _fit_logistic(train @ basis, labels, 3, 0.1)
+    assert basis.shape == (40, 12)
+    torch.testing.assert_close(_logits(reduced, test @ basis), _logits(full, test), atol=2e-4, rtol=1e-3)
 
 
 def test_stratified_folds_keep_proportions_and_are_seeded():

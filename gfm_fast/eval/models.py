@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -41,23 +42,30 @@ class EvalModel:
         label: its name in the report (unique within a report).
         kind: ``model``, ``random-init`` or ``teacher``.
         source: the path it came from, or a description.
-        encoder: the Swin encoder (eval mode).
+        config: its architecture and input normalisation.
         fingerprint: identifies its weights for the feature cache; None: not cached (in memory).
+        make_encoder: returns the Swin encoder (eval mode); called once, on first use of
+            ``encoder``, so a baseline whose features are cached is never built.
     """
 
     label: str
     kind: str
     source: str
-    encoder: nn.Module
+    config: EncoderConfig
     fingerprint: Optional[str]
+    make_encoder: Callable[[], nn.Module] = field(repr=False)
 
-    @property
-    def config(self) -> EncoderConfig:
-        return encoder_config_of(self.encoder)
+    @functools.cached_property
+    def encoder(self) -> nn.Module:
+        return self.make_encoder()
 
     @property
     def num_stages(self) -> int:
-        return len(self.encoder.layers)
+        return len(self.config.swin.depths)
+
+
+def _ready(encoder: nn.Module) -> Callable[[], nn.Module]:
+    return lambda: encoder
 
 
 def _digest(value: Any) -> str:
@@ -123,22 +131,30 @@ def resolve_models(models: Union[Any, Sequence[Any]]) -> List[EvalModel]:
         if isinstance(item, (str, os.PathLike)):
             if not Path(item).exists():
                 raise EvalError(f"--model {item} does not exist")
-            resolved.append(EvalModel(label, "model", source, _load(item, "--model"), file_fingerprint(item)))
+            encoder = _load(item, "--model")
+            resolved.append(EvalModel(label, "model", source, encoder_config_of(encoder), file_fingerprint(item),
+                                      _ready(encoder)))
         else:
-            resolved.append(EvalModel(label, "model", source, encoder_of(item), None))
+            encoder = encoder_of(item)
+            resolved.append(EvalModel(label, "model", source, encoder_config_of(encoder), None, _ready(encoder)))
     return resolved
 
 
 def random_baseline(model: EvalModel, seed: int) -> EvalModel:
     """A randomly initialised encoder with ``model``'s architecture and normalisation (seeded; the
     global RNG is left untouched)."""
-    config = model.config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = build_student(config.swin, dynamic_img_size=True)
-    encoder.gfm_config = EncoderConfig(config.swin, config.mean, config.std)
+    config = EncoderConfig(model.config.swin, model.config.mean, model.config.std)
+
+    def make_encoder() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = build_student(config.swin, dynamic_img_size=True)
+        encoder.gfm_config = config
+        return encoder.eval()
+
     fingerprint = _digest(["random-init", dataclasses.asdict(config.swin), config.mean, config.std, seed])
-    return EvalModel(f"random-init {config.model_name}", "random-init", f"seed {seed}", encoder.eval(), fingerprint)
+    return EvalModel(f"random-init {config.model_name}", "random-init", f"seed {seed}", config, fingerprint,
+                     make_encoder)
 
 
 def load_teacher(path: Union[str, os.PathLike], student: EncoderConfig,
@@ -161,7 +177,8 @@ def load_teacher(path: Union[str, os.PathLike], student: EncoderConfig,
         overrides = dict(in_chans=chans, rgb_bands=bands, mean=student.mean, std=student.std)
     encoder = _load(path, "--teacher", **overrides)
     fingerprint = _digest(["teacher", file_fingerprint(path), overrides])
-    return EvalModel(f"teacher {Path(path).name}", "teacher", os.fspath(path), encoder, fingerprint)
+    return EvalModel(f"teacher {Path(path).name}", "teacher", os.fspath(path), encoder_config_of(encoder), fingerprint,
+                     _ready(encoder))
 
 
 def resolve_stage(stage: Optional[int], model: EvalModel) -> Optional[int]:

@@ -16,6 +16,7 @@ from gfm_fast.eval.protocols import (SMALL_SET, TEST_FRACTION, WEIGHT_DECAYS, Sp
                                      linear_probe_predict, macro_f1, majority_rate, stratified_folds, stratified_split,
                                      top1)
 from gfm_fast.eval.report import EvalReport, FoldResult, ModelResult, ProtocolResult
+from gfm_fast.models.swin import encoder_config_of
 
 __all__ = ["evaluate", "knn_accuracy", "plan_splits", "PROTOCOLS"]
 
@@ -192,7 +193,9 @@ def knn_accuracy(model: Any, data: Union[PathLike, LabelledImages], *, k: int = 
     if isinstance(model, (str, os.PathLike)):
         evaluated = resolve_models([model])[0]
     else:
-        evaluated = EvalModel("model", "model", type(model).__name__, encoder_of(model), None)
+        encoder = encoder_of(model)
+        evaluated = EvalModel("model", "model", type(encoder).__name__, encoder_config_of(encoder), None,
+                              lambda: encoder)
     picked = resolve_stage(stage, evaluated)
     size = input_size(evaluated.config, image_size)
     parameter = next(evaluated.encoder.parameters(), None)
