@@ -192,6 +192,15 @@ def test_random_baseline_is_seeded_and_same_architecture(scenes, tiny_model):
     assert first.keys() == model.encoder.state_dict().keys()
 
 
+def test_two_models_one_table(scenes, tiny_model, tmp_path):
+    torch.manual_seed(1)
+    other = save_model(timm.create_model("gfm_swin_test_patch4_window2_64"), tmp_path / "run_b" / "model")
+    report = evaluate([tiny_model, other, tiny_model], scenes, protocol="knn", **QUIET)
+    assert [m.label for m in report.models] == ["tiny #1", "run_b/model", "tiny #2", "random-init"]
+    assert report.models[0].protocols["knn"].confusion == report.models[2].protocols["knn"].confusion
+    assert report.models[1].source == str(other)  # one random-init for the one architecture
+
+
 def test_stage_and_image_size(scenes, tiny_model):
     report = evaluate(tiny_model, scenes, protocol="knn", stage=1, image_size=96, baseline_random=False, **QUIET)
     model = report.models[0]

@@ -110,10 +110,8 @@ def _labels(sources: Sequence[str]) -> List[str]:
         if label in _GENERIC_NAMES and path.parent.name:
             label = f"{path.parent.name}/{label}"
         labels.append(label)
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} #{labels[:i + 1].count(label)}"
-    return labels
+    return [f"{label} #{labels[:i + 1].count(label)}" if labels.count(label) > 1 else label
+            for i, label in enumerate(labels)]
 
 
 def resolve_models(models: Union[Any, Sequence[Any]]) -> List[EvalModel]:
@@ -153,7 +151,7 @@ def random_baseline(model: EvalModel, seed: int) -> EvalModel:
         return encoder.eval()
 
     fingerprint = _digest(["random-init", dataclasses.asdict(config.swin), config.mean, config.std, seed])
-    return EvalModel(f"random-init {config.model_name}", "random-init", f"seed {seed}", config, fingerprint,
+    return EvalModel("random-init", "random-init", f"seed {seed}", config, fingerprint,
                      make_encoder)
 
 

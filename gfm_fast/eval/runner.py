@@ -136,12 +136,15 @@ def evaluate(models: Union[Any, Sequence[Any]], data: Union[PathLike, LabelledIm
     users = resolve_models(models)
     evaluated: List[EvalModel] = list(users)
     if baseline_random:
-        architectures = []
+        architectures, baselines = [], []
         for model in users:
             config = model.config
             if (config.swin, config.mean, config.std) not in architectures:
                 architectures.append((config.swin, config.mean, config.std))
-                evaluated.append(random_baseline(model, seed))
+                baselines.append(random_baseline(model, seed))
+        for baseline in baselines if len(baselines) > 1 else []:  # one per architecture: name them apart
+            baseline.label = f"random-init {baseline.config.model_name}"
+        evaluated += baselines
     if teacher is not None:
         evaluated.append(load_teacher(teacher, users[0].config, teacher_bands))
     stages = [resolve_stage(stage, model) for model in evaluated]
