@@ -280,6 +280,18 @@ def test_labelled_shards(tmp_path, tiny_model):
     assert report.models[0].protocols["knn"].top1 >= 0.9
 
 
+def test_embedded_sample_folders_and_shards_agree(tiny_model):
+    """The sample's neon_sites/<site>/ folders and its shards (json labels) are the same 24 images."""
+    from gfm_fast.data.shards import SAMPLE_SHARDS_DIR
+
+    folders = evaluate(tiny_model, SAMPLE_SHARDS_DIR.parent / "images" / "neon_sites", protocol="knn",
+                       baseline_random=False, **QUIET)
+    shards = evaluate(tiny_model, str(SAMPLE_SHARDS_DIR), protocol="knn", baseline_random=False, **QUIET)
+    assert folders.class_counts == shards.class_counts == {"OSBS": 4, "SOAP": 8, "YELL": 12}
+    assert shards.skipped_unlabelled == 10  # the flat neon_yell source has no labels
+    assert folders.models[0].protocols["knn"].confusion == shards.models[0].protocols["knn"].confusion
+
+
 def test_multiband_tiffs_and_teacher_baseline(tmp_path):
     torch.manual_seed(0)
     swin = SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=2, img_size=64,
@@ -379,8 +391,11 @@ def test_cli_writes_json_markdown_and_png(scenes, tiny_model, tmp_path, capsys):
     assert "top1" in printed and "tiny" in printed and str(out) in printed
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("case", ["empty", "folds", "stage", "model"])
+def test_cli_bad_input_is_one_line_exit_2(case, scenes, tmp_path, tiny_model, capsys):
     (tmp_path / "empty").mkdir()
-    code = main(["--model", str(tiny_model), "--data", str(tmp_path / "empty"), "--no-progress", "--no-cache"])
+    args = {"empty": ["--data", str(tmp_path / "empty")], "folds": ["--folds", "1"], "stage": ["--stage", "-5"],
+            "model": ["--model", str(tmp_path / "empty")]}[case]
+    code = main(["--model", str(tiny_model), "--data", str(scenes), "--no-progress", "--no-cache"] + args)
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error: ") and error.count("\n") == 1 and "Traceback" not in error

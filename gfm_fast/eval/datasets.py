@@ -142,8 +142,9 @@ def _class_root(root: Path) -> Path:
 
 def _read_class_folders(root: Path) -> LabelledImages:
     if not root.is_dir():
-        raise EvalError(f"--data {root} does not exist; expected a folder of class folders (DIR/<class>/<image>) "
-                        f"or WebDataset shards")
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise EvalError(f"--data {root} {problem}; expected a folder of class folders (DIR/<class>/<image>) or "
+                        f"WebDataset shards")
     base = _class_root(root)
     per_class = [(d.name, _images_under(d)) for d in _subdirs(base)]
     per_class = [(name, files) for name, files in per_class if files]

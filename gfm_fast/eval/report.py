@@ -141,7 +141,7 @@ class EvalReport:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(self.to_json())
-        markdown = json_path.with_suffix(".md")
+        markdown = json_path.with_suffix(".md") if json_path.suffix != ".md" else json_path.with_suffix(".report.md")
         markdown.write_text(self.to_markdown())
         written = [json_path, markdown]
         for model in self.models:

@@ -33,10 +33,11 @@ def _protocols(protocol: str) -> List[str]:
 
 
 def _check_options(k: int, temperature: float, folds: int, batch_size: int) -> None:
-    for name, value, ok in (("--k", k, k >= 1), ("--temperature", temperature, temperature > 0),
-                            ("--folds", folds, folds >= 2), ("--batch-size", batch_size, batch_size >= 1)):
-        if not ok:
-            raise EvalError(f"{name} {value} is out of range ({name} must be positive; --folds at least 2)")
+    for option, value, minimum in (("--k", k, 1), ("--folds", folds, 2), ("--batch-size", batch_size, 1)):
+        if value < minimum:
+            raise EvalError(f"{option} {value} is too small; it must be at least {minimum}")
+    if not temperature > 0:
+        raise EvalError(f"--temperature {temperature} must be positive (DINO's k-NN uses 0.07)")
 
 
 def plan_splits(dataset: LabelledImages, folds: int, seed: int) -> Tuple[List[Split], str]:
@@ -119,7 +120,7 @@ def evaluate(models: Union[Any, Sequence[Any]], data: Union[PathLike, LabelledIm
         cache_dir: feature cache directory (default: ``default_cache_dir()``).
         use_cache: False: neither read nor write the cache.
         batch_size: images per forward pass.
-        device: where encoders run (default CUDA when available).
+        device: where encoders run (default CUDA when available); models in memory are moved there.
         progress: progress bars while extracting features.
 
     Returns:
