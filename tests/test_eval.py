@@ -201,6 +201,16 @@ def test_two_models_one_table(scenes, tiny_model, tmp_path):
     assert report.models[1].source == str(other)  # one random-init for the one architecture
 
 
+def test_one_random_baseline_per_architecture(scenes, tiny_model, tmp_path):
+    wider = SwinConfig(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=2, img_size=64)
+    other = save_model(build_student(wider), tmp_path / "wide")
+    report = evaluate([tiny_model, other], scenes, protocol="knn", **QUIET)
+    assert [(m.kind, m.feature_dim) for m in report.models] == [("model", 128), ("model", 192), ("random-init", 128),
+                                                               ("random-init", 192)]
+    assert report.models[2].label == "random-init gfm_swin_test_patch4_window2_64"
+    assert report.models[3].label.startswith("random-init gfm_swin_custom")
+
+
 def test_stage_and_image_size(scenes, tiny_model):
     report = evaluate(tiny_model, scenes, protocol="knn", stage=1, image_size=96, baseline_random=False, **QUIET)
     model = report.models[0]

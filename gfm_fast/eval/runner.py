@@ -94,6 +94,19 @@ def _stage_name(stage: Optional[int]) -> str:
     return "last (pooled)" if stage is None else f"stage {stage} (mean over H, W)"
 
 
+def _random_baselines(users: List[EvalModel], seed: int) -> List[EvalModel]:
+    """One seeded random-init model per distinct architecture (and normalisation) among ``users``."""
+    architectures, baselines = [], []
+    for model in users:
+        config = model.config
+        if (config.swin, config.mean, config.std) not in architectures:
+            architectures.append((config.swin, config.mean, config.std))
+            baselines.append(random_baseline(model, seed))
+    for baseline in baselines if len(baselines) > 1 else []:  # several: name them apart
+        baseline.label = f"random-init {baseline.config.model_name}"
+    return baselines
+
+
 def evaluate(models: Union[Any, Sequence[Any]], data: Union[PathLike, LabelledImages], *, protocol: str = "both",
              stage: Optional[int] = None, image_size: Optional[int] = None, folds: int = 5, seed: int = 0,
              k: int = 20, temperature: float = 0.07, baseline_random: bool = True, teacher: Optional[PathLike] = None,
@@ -135,17 +148,7 @@ def evaluate(models: Union[Any, Sequence[Any]], data: Union[PathLike, LabelledIm
     dataset = open_dataset(data)
     splits, split_text = plan_splits(dataset, folds, seed)
     users = resolve_models(models)
-    evaluated: List[EvalModel] = list(users)
-    if baseline_random:
-        architectures, baselines = [], []
-        for model in users:
-            config = model.config
-            if (config.swin, config.mean, config.std) not in architectures:
-                architectures.append((config.swin, config.mean, config.std))
-                baselines.append(random_baseline(model, seed))
-        for baseline in baselines if len(baselines) > 1 else []:  # one per architecture: name them apart
-            baseline.label = f"random-init {baseline.config.model_name}"
-        evaluated += baselines
+    evaluated = users + (_random_baselines(users, seed) if baseline_random else [])
     if teacher is not None:
         evaluated.append(load_teacher(teacher, users[0].config, teacher_bands))
     stages = [resolve_stage(stage, model) for model in evaluated]
