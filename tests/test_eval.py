@@ -353,7 +353,7 @@ def test_not_a_gfm_model(tmp_path, scenes):
     (tmp_path / "notes.txt").write_text("not weights")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
     for path in (tmp_path / "notes.txt", tmp_path / "other.pth", tmp_path / "nothing"):
-        with pytest.raises(EvalError, match=r"(is not a GFM model|does not exist)") as info:
+        with pytest.raises(EvalError, match=r"(cannot load it as a GFM model|does not exist)") as info:
             evaluate(path, scenes, **QUIET)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
 

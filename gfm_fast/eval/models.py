@@ -97,9 +97,8 @@ def _load(path: Union[str, os.PathLike], what: str, **overrides: Any) -> nn.Modu
         return load_model(path, **overrides)
     except (GFMError, ValueError, TypeError, KeyError, OSError, RuntimeError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EvalError(f"{what} {path} is not a GFM model that gfm_fast.load_model reads ({message}); pass a "
-                        f"save_model directory, a training output directory, a GFM release or a Swin checkpoint") \
-            from None
+        raise EvalError(f"{what} {path}: cannot load it as a GFM model ({message}); pass a save_model directory, "
+                        f"a training output directory, a GFM release or a Swin checkpoint") from None
 
 
 def _labels(sources: Sequence[str]) -> List[str]:
