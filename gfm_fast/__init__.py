@@ -2,7 +2,7 @@
 
 Public surface (imported lazily so that ``import gfm_fast`` stays light):
 ``GFMPretrainer``, ``load_pretrainer``, ``save_model``, ``load_model``, ``extract_features``,
-``train``, ``ops``, ``losses``, ``masking``, ``__version__``.
+``evaluate``, ``train``, ``ops``, ``losses``, ``masking``, ``__version__``.
 
 The ``gfm_swin_*`` names join timm's registry (``timm.create_model``) as soon as timm is imported:
 now if it already is, else right after its own import (timm 1.0 offers no plugin entry point).
@@ -23,6 +23,7 @@ _LAZY = {
     "save_model": "gfm_fast.models.io",
     "load_model": "gfm_fast.models.io",
     "extract_features": "gfm_fast.features",
+    "evaluate": "gfm_fast.eval",
     "train": "gfm_fast.training",
     "ops": "gfm_fast.ops",
     "losses": "gfm_fast.losses",
