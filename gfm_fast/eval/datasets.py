@@ -239,7 +239,7 @@ def _shard_samples(urls: Sequence[str]) -> Iterator[Tuple[str, Dict[str, bytes]]
     from webdataset.handlers import reraise_exception
     from webdataset.tariterators import group_by_keys
 
-    from gfm_fast.data.shards import tar_members
+    from gfm_fast.data.pipeline import tar_members
 
     for url in urls:
         try:
