@@ -97,7 +97,9 @@ def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torc
     q, k, v = qkv.unbind(0)  # (windows, heads, N, head_dim) each
     table = self.relative_position_bias_table
     bias_needs_grad = table.requires_grad and torch.is_grad_enabled()
-    bias = _bias_and_mask(self, mask) if bias_needs_grad else _frozen_bias(self, mask)
+    # Under torch.compile the bias is part of the graph (inductor fuses it); the cache is eager's.
+    cached = not bias_needs_grad and not torch.compiler.is_compiling()
+    bias = _frozen_bias(self, mask) if cached else _bias_and_mask(self, mask)
     groups = bias.shape[0]  # 1, or the windows per image (nW)
     if uses_sdpa(self.gfm_attention, q, bias_needs_grad):
         attn_mask = bias.to(q.dtype).expand(windows // groups, -1, -1, -1, -1).reshape(windows, heads, tokens, tokens)

@@ -82,14 +82,15 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     the wrapped-around rows at the end of the *padded* grid: with padding, rows that wrapped from
     the top share windows with, and attend to, rows at the bottom. Identical to timm's when the
     window divides the feature map (no padding), e.g. at GFM's 192 px, where the shift and the
-    window partition are one gather of the tokens (``attention.to_windows``).
+    window partition are one gather of the tokens (``attention.to_windows``; under torch.compile
+    inductor fuses timm's own roll and partition instead).
     """
     _, height, width, chans = x.shape
     win_h, win_w = block.window_size
     shift = tuple(block.shift_size)
     # Regions of the padded, shifted grid: built for this size only where timm would (dynamic_mask);
     # otherwise the block's buffer, made once for its build size, padded the same way.
-    if height % win_h == 0 and width % win_w == 0:
+    if height % win_h == 0 and width % win_w == 0 and not torch.compiler.is_compiling():
         mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
         windows = block.attn(to_windows(x, block.window_size, shift), mask=mask)
         return from_windows(windows, height, width, block.window_size, shift)
