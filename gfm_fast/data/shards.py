@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -669,7 +670,7 @@ class GeoPileLoader:
         else:
             source = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self._pin_memory,
-                persistent_workers=False))
+                persistent_workers=False, worker_init_fn=_ignore_stop_signals))
         try:
             for payload, meta in source:
                 images = self._finish(payload) if self._finish is not None else payload
@@ -763,6 +764,13 @@ class GeoPileLoader:
                           "every rank's state_dict() to resume exactly", DataWarning)
             self._positions = [self._template.batch_size * _batches_before(self._batches, w, self._workers)
                                for w in range(self._workers)]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler or Ctrl-C signals the whole process
+    group, and the main process owns the shutdown (it saves a checkpoint, then stops them)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _batches_before(batches: int, worker: int, workers: int) -> int:
