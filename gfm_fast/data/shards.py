@@ -767,10 +767,12 @@ class GeoPileLoader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler or Ctrl-C signals the whole process
-    group, and the main process owns the shutdown (it saves a checkpoint, then stops them)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader workers ignore SIGTERM, SIGINT and SIGUSR1: a scheduler or Ctrl-C signals every
+    process of the job or the terminal's group, and the main process owns the shutdown (it saves a
+    checkpoint, then stops the workers)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _batches_before(batches: int, worker: int, workers: int) -> int:

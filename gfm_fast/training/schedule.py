@@ -13,7 +13,7 @@ from typing import Any, Dict
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["lr_at", "Schedule", "make_schedule", "resolve_precision", "compute_dtype_of", "deepspeed_config"]
+__all__ = ["lr_at", "Schedule", "make_schedule", "resolve_precision", "deepspeed_config"]
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
@@ -81,13 +81,6 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
     if precision.startswith("bf16") and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"run.precision={precision}: this GPU has no bf16 support; use run.precision=fp16 or fp32")
     return precision
-
-
-def compute_dtype_of(precision: str):
-    """The dtype DeepSpeed holds the trained weights in (bf16-mixed keeps fp32 weights under autocast)."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
