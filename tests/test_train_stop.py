@@ -248,8 +248,8 @@ def test_train_step_skips_a_non_finite_step_and_reports_a_stop():
     _, pretrainer, engine, _, _ = _tiny_setup()
     before = {k: v.clone() for k, v in pretrainer.student.state_dict().items()}
     nan_images = torch.full((4, 3, 64, 64), float("nan"))
-    result = train_step(engine, pretrainer, lambda: nan_images, 1, stop_requested=lambda: True)
-    assert not result.applied and result.stop
+    result = train_step(engine, pretrainer, lambda: nan_images, 1, stop_signal=lambda: signal.SIGTERM)
+    assert not result.applied and result.stop == signal.SIGTERM
     after = pretrainer.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     result = train_step(engine, pretrainer, lambda: torch.randn(4, 3, 64, 64), 1)

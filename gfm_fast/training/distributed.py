@@ -12,7 +12,7 @@ from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
 __all__ = ["init_distributed", "launcher_env", "first_slurm_host", "pick_device", "set_math_modes",
-           "gather_from_ranks", "any_rank"]
+           "gather_from_ranks", "max_over_ranks"]
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -136,16 +136,15 @@ def gather_from_ranks(value: Any) -> List[Any]:
     return values
 
 
-def any_rank(flags, device) -> List[bool]:
-    """Per entry of ``flags`` (bools or a bool/float tensor): True if it is True on any rank.
+def max_over_ranks(values, device) -> List[float]:
+    """Each entry of ``values`` (numbers, or a tensor on ``device``) maximised over the ranks, as floats.
 
     One all-reduce and one read to the host: the loop's only device-to-host sync per step.
     """
     import torch
     import torch.distributed as dist
 
-    t = torch.as_tensor(flags, dtype=torch.float32, device=device) if not isinstance(flags, torch.Tensor) \
-        else flags.float()
+    t = values.float() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
+    return t.tolist()

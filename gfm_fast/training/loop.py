@@ -189,7 +189,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 group["lr"] = lr
             logs = (step + 1) % cfg.run.log_every == 0 or step + 1 == schedule.stop_step
             result = train_step(engine, pretrainer, batches, cfg.optim.grad_accum, generator=mask_generator,
-                                stop_requested=lambda: stop.requested, measure_grad_norm=logs)
+                                stop_signal=lambda: stop.signum or 0, measure_grad_norm=logs)
             if result.applied:
                 stats["bad_in_row"] = 0
                 step += 1
@@ -209,7 +209,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             if last:
                 export(output_dir / run_dir.MODEL_DIR)
             if result.stop:
-                signum = stop.signum or 15  # ranks that only heard of it from another rank: SIGTERM
+                signum = result.stop  # the same on every rank, also where the signal did not arrive
                 metrics["interrupted"] = float(signum)
                 logger.message(f"signal {signum}: saved checkpoint {checkpoints.root / checkpoints.tag(step)} (step "
                                f"{step}) and {output_dir / run_dir.MODEL_DIR}; exiting with {128 + signum}. Resume "
@@ -217,9 +217,9 @@ def run(cfg: TrainConfig) -> TrainResult:
                 break
         if already_finished:  # the loop had nothing to do
             # A run stopped between its final checkpoint and the export still gets its model/.
-            from gfm_fast.training.distributed import any_rank
+            from gfm_fast.training.distributed import max_over_ranks
 
-            if any_rank([not (output_dir / run_dir.MODEL_DIR / "model.safetensors").is_file()], device)[0]:
+            if max_over_ranks([not (output_dir / run_dir.MODEL_DIR / "model.safetensors").is_file()], device)[0]:
                 export(output_dir / run_dir.MODEL_DIR)
             metrics = last_logged_metrics(output_dir)
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
 
 from gfm_fast.config import TrainConfig
-from gfm_fast.training.distributed import any_rank
+from gfm_fast.training.distributed import max_over_ranks
 from gfm_fast.training.schedule import deepspeed_config
 
 __all__ = ["build_engine", "train_step", "StepResult", "BatchStream", "step_metrics"]
@@ -84,7 +84,7 @@ class StepResult:
 
     Attributes:
         applied: the optimizer ran (False: a loss was non-finite on some rank; nothing applied).
-        stop: a stop was requested on some rank (read with the same sync).
+        stop: the number of a stop signal some rank received (the highest), else 0 (read with the same sync).
         sums: (3,) device tensor: loss, loss_rec, loss_feat summed over the micro-batches.
         micro_batches: how many micro-batches the sums cover.
         wait_s: seconds spent waiting for data.
@@ -94,7 +94,7 @@ class StepResult:
     """
 
     applied: bool
-    stop: bool
+    stop: int
     sums: Any
     micro_batches: int
     wait_s: float
@@ -104,7 +104,7 @@ class StepResult:
 
 
 def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: int, *, generator=None,
-               stop_requested: Callable[[], bool] = lambda: False, measure_grad_norm: bool = False) -> StepResult:
+               stop_signal: Callable[[], int] = lambda: 0, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Each micro-batch runs ``pretrainer(images, generator=generator, student=engine)`` (teacher,
@@ -118,7 +118,8 @@ def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: in
         next_batch: returns the next normalised image batch (B, C, H, W) on the device.
         grad_accum: micro-batches per optimizer step (the engine's ``gradient_accumulation_steps``).
         generator: the random source of the masks.
-        stop_requested: read once per step, at the sync; its answer is all-reduced into ``stop``.
+        stop_signal: the number of a stop signal received (0: none); read once per step, at the sync,
+            and maximised over the ranks into ``StepResult.stop``.
         measure_grad_norm: compute the gradient norm where DeepSpeed records none (for logging).
 
     Returns:
@@ -143,15 +144,15 @@ def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: in
         engine.backward(out.loss)
         if not last:
             engine.step()  # counts the micro-step; no optimizer step before the boundary
-    flags = torch.stack([~finite, torch.tensor(stop_requested(), device=device)])
-    bad, stop = any_rank(flags, device)
+    bad, stop = max_over_ranks(torch.stack([(~finite).float(), torch.tensor(float(stop_signal()), device=device)]),
+                               device)
     grad_norm = None
     if bad:
         _discard_gradients(engine)
     else:
         grad_norm = _grad_norm_before_step(engine) if measure_grad_norm else None
         engine.step()
-    return StepResult(not bad, stop, sums, grad_accum, wait, images, out.mask, grad_norm)
+    return StepResult(not bad, int(stop), sums, grad_accum, wait, images, out.mask, grad_norm)
 
 
 def _grad_norm_before_step(engine):

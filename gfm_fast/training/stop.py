@@ -1,7 +1,7 @@
 """Stop requests from the outside world: a scheduler's SIGTERM, a terminal's Ctrl-C, SLURM's warning signal.
 
-The first SIGTERM, SIGINT or SIGUSR1 sets a flag; the loop reads it with the step's one host sync,
-saves a complete checkpoint at the end of that step and exits with ``exit_code``. A second
+The first SIGTERM, SIGINT or SIGUSR1 sets ``signum``; the loop reads it with the step's one host
+sync, saves a complete checkpoint at the end of that step and exits with 128 + the signal's number. A second
 SIGTERM or SIGINT (a step stuck on data, say) stops at once, as without the handler: the newest
 complete checkpoint stays intact, because a checkpoint counts only once its marker is written
 (see ``gfm_fast.run_dir``). DataLoader workers ignore these signals (``gfm_fast.data``): the
@@ -12,12 +12,11 @@ from __future__ import annotations
 import signal
 from typing import Dict, Optional
 
-__all__ = ["StopRequest", "STOP_SIGNALS", "REQUEUE_EXIT_CODE"]
+__all__ = ["StopRequest", "STOP_SIGNALS"]
 
+# SIGUSR1: SLURM's warning before the time limit (``--signal=B:USR1@120``, docs/scaling.md); the
+# run exits with 138 (128 + 10), which a batch script tests to requeue the job.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
-# SIGUSR1 (SLURM's ``--signal=B:USR1@120`` before the time limit): saved, stopped and worth
-# requeueing. 128 + SIGUSR1 (138 on Linux), as a shell reports a process killed by it.
-REQUEUE_EXIT_CODE = 128 + int(getattr(signal, "SIGUSR1", 10))
 
 
 class StopRequest:
@@ -42,14 +41,6 @@ class StopRequest:
             return
         if self.signum is None:
             self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def exit_code(self, signum: Optional[int] = None) -> int:
-        """The shell's code for the signal: 143 (SIGTERM), 130 (SIGINT), 138 (SIGUSR1)."""
-        return 128 + int(signum or self.signum or signal.SIGTERM)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
