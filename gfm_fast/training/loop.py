@@ -127,7 +127,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     from gfm_fast.data import make_loader
     from gfm_fast.models.pretrainer import GFMPretrainer
     from gfm_fast.training.checkpoints import Checkpoints, client_state, export_model, resolve_resume, restore
-    from gfm_fast.training.distributed import init_distributed, pick_device, set_math_modes
+    from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
     from gfm_fast.training.run_log import RunLogger, Throughput, last_logged_metrics, write_effective_config
     from gfm_fast.training.schedule import deepspeed_config, make_schedule, resolve_precision
     from gfm_fast.training.step import BatchStream, build_engine, train_step
@@ -164,7 +164,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     loader.set_epoch(epoch)
     logger = RunLogger(output_dir, schedule.stop_step, step, is_main, resumed=resume_from is not None)
     already_finished = step >= schedule.stop_step
-    _report_start(logger, cfg, checkpoints, resume_from, step, schedule, is_main)
+    _report_start(logger, checkpoints, resume_from, step, schedule, is_main)
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
                    f"global batch {schedule.global_batch}, {schedule.stop_step} steps, "
                    f"peak lr {schedule.base_lr:.2e}, output {output_dir}")
@@ -217,8 +217,6 @@ def run(cfg: TrainConfig) -> TrainResult:
                 break
         if already_finished:  # the loop had nothing to do
             # A run stopped between its final checkpoint and the export still gets its model/.
-            from gfm_fast.training.distributed import max_over_ranks
-
             if max_over_ranks([not (output_dir / run_dir.MODEL_DIR / "model.safetensors").is_file()], device)[0]:
                 export(output_dir / run_dir.MODEL_DIR)
             metrics = last_logged_metrics(output_dir)
@@ -231,7 +229,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     return TrainResult(str(output_dir), metrics)
 
 
-def _report_start(logger, cfg: TrainConfig, checkpoints, resume_from: Optional[Path], step: int, schedule,
+def _report_start(logger, checkpoints, resume_from: Optional[Path], step: int, schedule,
                   is_main: bool) -> None:
     """Say where the run resumed; set aside checkpoints newer than the one it resumed from."""
     if resume_from is None:

@@ -144,7 +144,7 @@ def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: in
         engine.backward(out.loss)
         if not last:
             engine.step()  # counts the micro-step; no optimizer step before the boundary
-    bad, stop = max_over_ranks(torch.stack([(~finite).float(), torch.tensor(float(stop_signal()), device=device)]),
+    bad, stop = max_over_ranks(torch.stack([(~finite).float(), torch.full((), float(stop_signal()), device=device)]),
                                device)
     grad_norm = None
     if bad:
