@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import tarfile
 import warnings
@@ -211,7 +212,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             if result.stop:
                 signum = result.stop  # the same on every rank, also where the signal did not arrive
                 metrics["interrupted"] = float(signum)
-                logger.message(f"signal {signum}: saved checkpoint {checkpoints.root / checkpoints.tag(step)} (step "
+                logger.message(f"{signal.Signals(signum).name}: saved checkpoint {checkpoints.root / checkpoints.tag(step)} (step "
                                f"{step}) and {output_dir / run_dir.MODEL_DIR}; exiting with {128 + signum}. Resume "
                                f"with: {resume_command(output_dir, world_size, under_srun)}")
                 break
