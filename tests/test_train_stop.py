@@ -206,7 +206,7 @@ def test_cli_prints_a_training_error_as_one_line(tmp_path, capsys):
 
 def _tiny_setup(*extra):
     from gfm_fast.models.pretrainer import GFMPretrainer
-    from gfm_fast.training import build_engine, init_distributed
+    from gfm_fast.training import build_engine, init_distributed, resolve_precision
 
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"), TEST_MODEL + ["optim.clip_grad=0.5", *extra])
     init_distributed("cpu")
@@ -216,7 +216,7 @@ def _tiny_setup(*extra):
         pretrainer = GFMPretrainer(cfg.model)
         reference = GFMPretrainer(cfg.model)
     reference.load_state_dict(pretrainer.state_dict())
-    engine, optimizer = build_engine(cfg, pretrainer, torch.device("cpu"), "fp32")
+    engine, optimizer = build_engine(cfg, pretrainer, torch.device("cpu"), resolve_precision(cfg, "cpu"))
     return cfg, pretrainer, engine, optimizer, reference
 
 
@@ -246,10 +246,13 @@ def test_train_step_is_one_adamw_step_through_the_pretrainer():
         torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_train_step_skips_a_non_finite_step_and_reports_a_stop():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_skips_a_non_finite_step_and_reports_a_stop(precision):
+    """A NaN step changes no weight and leaves no gradient behind (bf16 keeps fp32 gradient copies
+    in its optimizer); the next step trains normally."""
     from gfm_fast.training import train_step
 
-    _, pretrainer, engine, _, _ = _tiny_setup()
+    _, pretrainer, engine, _, _ = _tiny_setup(f"run.precision={precision}")
     before = {k: v.clone() for k, v in pretrainer.student.state_dict().items()}
     nan_images = torch.full((4, 3, 64, 64), float("nan"))
     result = train_step(engine, pretrainer, lambda: nan_images, 1, stop_signal=lambda: signal.SIGTERM)
@@ -258,4 +261,6 @@ def test_train_step_skips_a_non_finite_step_and_reports_a_stop():
     assert all(torch.equal(before[k], after[k]) for k in before)
     result = train_step(engine, pretrainer, lambda: torch.randn(4, 3, 64, 64), 1)
     assert result.applied and not result.stop
+    after = pretrainer.student.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
     assert not all(torch.equal(before[k], after[k]) for k in before)

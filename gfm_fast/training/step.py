@@ -25,6 +25,8 @@ __all__ = ["build_engine", "train_step", "StepResult", "BatchStream", "step_metr
 def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[Any, Any]:
     """DeepSpeed engine and optimizer for ``pretrainer.student``; the teacher goes to ``device``.
 
+    Call ``init_distributed`` first (one process: gloo on CPU, NCCL on GPU, no launcher needed).
+
     torch's AdamW (no DeepSpeed op to compile; its fused multi-tensor kernel on GPU) over
     ``param_groups`` (no decay for norms, biases, mask token, relative position tables); with
     ``run.compile`` the student and teacher are compiled in place first.
@@ -172,8 +174,10 @@ def _grad_norm_before_step(engine):
 def _discard_gradients(engine) -> None:
     """Drop every gradient accumulated since the last optimizer step, so the next step starts clean.
 
-    Where DeepSpeed keeps them between micro-batches (checked against deepspeed==0.19.8):
-    - ZeRO-0, and ZeRO-1 until its boundary reduction: ``param.grad``, cleared by ``engine.zero_grad()``.
+    Where DeepSpeed keeps them (checked against deepspeed==0.19.8):
+    - ``param.grad`` of the module: cleared by ``engine.zero_grad()``.
+    - bf16 without ZeRO (``BF16_Optimizer``): fp32 copies summed at each backward; its ``zero_grad()``
+      clears them. fp16 and torch's own optimizer: their ``zero_grad()`` clears what they hold.
     - ZeRO-3: a flat buffer of reduced gradient partitions that each backward *adds* to while the
       optimizer's ``micro_step_id`` > 0 (stage3.py ``partition_grads``); the optimizer's
       ``zero_grad()`` resets it to 0, so the next step's first micro-batch overwrites the buffer.
@@ -182,10 +186,9 @@ def _discard_gradients(engine) -> None:
       ``_reset_zero12_accumulation``.
     """
     engine.zero_grad()
-    if engine.zero_optimization():
-        engine.optimizer.zero_grad(set_to_none=True)
-        if engine.zero_optimization_stage() in (1, 2):
-            _reset_zero12_accumulation(engine.optimizer)
+    engine.optimizer.zero_grad(set_to_none=True)
+    if engine.zero_optimization_stage() in (1, 2):
+        _reset_zero12_accumulation(engine.optimizer)
 
 
 def _reset_zero12_accumulation(optimizer) -> None:
