@@ -204,7 +204,8 @@ def check_tensors_only(path: Path) -> Dict[str, Any]:
     return ds_config
 
 
-def client_state(cfg: TrainConfig, step: int, epoch: int, loader, mask_generator, stats: Dict[str, int]) -> Dict[str, Any]:
+def client_state(cfg: TrainConfig, step: int, epoch: int, loader, mask_generator,
+                 stats: Dict[str, int]) -> Dict[str, Any]:
     """What resume needs beyond DeepSpeed's model/optimizer state: plain data and tensors only.
     Collective (gathers every rank's loader position and RNG states)."""
     import torch

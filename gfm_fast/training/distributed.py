@@ -58,7 +58,8 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
             if "MASTER_ADDR" not in environ and not nodelist:
                 raise ConfigError("srun without a launcher: set MASTER_ADDR (no SLURM_JOB_NODELIST to read it from)")
             env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or first_slurm_host(nodelist)
-            env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+            job = int(environ.get("SLURM_JOB_ID", "0"))
+            env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(20000 + job % 20000)
             return env
     else:
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}

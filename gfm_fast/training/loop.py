@@ -212,9 +212,10 @@ def run(cfg: TrainConfig) -> TrainResult:
             if result.stop:
                 signum = result.stop  # the same on every rank, also where the signal did not arrive
                 metrics["interrupted"] = float(signum)
-                logger.message(f"{signal.Signals(signum).name}: saved checkpoint {checkpoints.root / checkpoints.tag(step)} (step "
-                               f"{step}) and {output_dir / run_dir.MODEL_DIR}; exiting with {128 + signum}. Resume "
-                               f"with: {resume_command(output_dir, world_size, under_srun)}")
+                saved = checkpoints.root / checkpoints.tag(step)
+                logger.message(f"{signal.Signals(signum).name}: saved checkpoint {saved} (step {step}) and "
+                               f"{output_dir / run_dir.MODEL_DIR}; exiting with {128 + signum}. Resume with: "
+                               f"{resume_command(output_dir, world_size, under_srun)}")
                 break
         if already_finished:  # the loop had nothing to do
             # A run stopped between its final checkpoint and the export still gets its model/.

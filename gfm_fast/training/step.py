@@ -1,4 +1,4 @@
-"""The training step: the DeepSpeed engine around the student, and one optimizer step through the pretrainer's own forward.
+"""The training step: DeepSpeed around the student, one optimizer step through the pretrainer's forward.
 
 ``build_engine`` wraps only the trainable ``pretrainer.student`` (encoder, projector, decoder) in
 DeepSpeed; the frozen teacher stays outside and hands ``z_t`` to the student's loss
