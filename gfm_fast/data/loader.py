@@ -9,6 +9,7 @@ it sits: data -> models/ops -> training.
 """
 from __future__ import annotations
 
+import signal
 import warnings
 from typing import Any, Dict, Iterator, Sequence, Union
 
@@ -90,7 +91,7 @@ class GeoPileLoader:
         else:
             source = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self._pin_memory,
-                persistent_workers=False))
+                persistent_workers=False, worker_init_fn=_ignore_stop_signals))
         try:
             for images, meta in source:
                 self._advance(meta)
@@ -211,3 +212,12 @@ def make_loader(cfg: DataConfig, *, img_size: int = 192, in_chans: int = 3,
     """
     return GeoPileLoader(cfg, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, rank=rank,
                          world_size=world_size)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM, SIGINT and SIGUSR1: a scheduler or Ctrl-C signals every
+    process of the job or the terminal's group, and the main process owns the shutdown (it saves a
+    checkpoint, then stops the workers)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)

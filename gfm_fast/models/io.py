@@ -33,6 +33,7 @@ from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student, encoder_config_of
 from gfm_fast.models.timm_format import (GFM_KEY, is_timm_config, read_timm_config, timm_config_json,
                                          timm_state_dict)
+from gfm_fast.run_dir import CHECKPOINT_CONFIG_FILE, CHECKPOINT_DIR, LATEST_FILE, MODEL_DIR, newest_complete
 
 __all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE", "SENTINEL2_L2A_MEAN",
            "SENTINEL2_L2A_STD"]
@@ -42,11 +43,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "gfm_fast.encoder"
 FORMAT_VERSION = 1
-DEEPSPEED_LATEST = "latest"
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPORT_SUBDIR = "model"  # train.py exports <output_dir>/model/ (always for ZeRO-3)
-RUN_CHECKPOINT_SUBDIR = "checkpoints"  # train.py: <output_dir>/checkpoints/{latest, <tag>/}
-TRAINING_CONFIG_FILE = "gfm_config.json"  # train.py: the run config beside each checkpoint's tensors
 _SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
 _NORMALIZATION = ("mean", "std")
 LAYOUTS = ("gfm_fast", "timm")
@@ -175,12 +172,16 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 def _training_tag_dir(directory: Path) -> Optional[Path]:
     """The DeepSpeed checkpoint (tag) directory ``directory`` designates: itself when it holds
-    ``mp_rank_00_model_states.pt``, else the tag named by its ``latest`` file or by that of its
-    ``checkpoints/`` subdirectory (train.py's run layout)."""
+    ``mp_rank_00_model_states.pt``, else the newest complete checkpoint of a run or checkpoints
+    directory (by its marker, see ``gfm_fast.run_dir``), else the tag its ``latest`` file names
+    (DeepSpeed checkpoints written by other tools have no marker)."""
     if (directory / DEEPSPEED_MODEL_STATES).is_file():
         return directory
-    for root in (directory, directory / RUN_CHECKPOINT_SUBDIR):
-        latest = root / DEEPSPEED_LATEST
+    complete = newest_complete(directory)
+    if complete is not None:
+        return complete
+    for root in (directory, directory / CHECKPOINT_DIR):
+        latest = root / LATEST_FILE
         if latest.is_file():
             tag = latest.read_text().strip()
             if not (root / tag).is_dir():
@@ -208,7 +209,7 @@ def _parse_model_config(data: Any) -> Optional[ModelConfig]:
 def _training_config(checkpoint: Any, states_file: Path) -> Optional[ModelConfig]:
     """The ModelConfig a training run stored: ``gfm_config.json`` beside the DeepSpeed files, or the
     client state's ``gfm_config`` (JSON text) / ``config`` (dict)."""
-    beside = states_file.parent / TRAINING_CONFIG_FILE
+    beside = states_file.parent / CHECKPOINT_CONFIG_FILE
     if beside.is_file():
         config = _parse_model_config(beside.read_text())
         if config is not None:
@@ -286,15 +287,15 @@ def _resolve_dir(directory: Path, prefer_training: bool) -> Union[Path, _Source]
         return _read_model_dir(directory)
     tag = _training_tag_dir(directory)
     states = tag / DEEPSPEED_MODEL_STATES if tag is not None and (tag / DEEPSPEED_MODEL_STATES).is_file() else None
-    exports = [d / EXPORT_SUBDIR for d in (directory, tag) if d is not None]
+    exports = [d / MODEL_DIR for d in (directory, tag) if d is not None]
     export = next((e for e in exports if _is_model_dir(e)), None)
     if states is not None and (prefer_training or export is None):
         return states
     if export is not None:
         return _read_model_dir(export)
     raise CheckpointError(f"{directory} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a "
-                          f"DeepSpeed checkpoint directory ({DEEPSPEED_LATEST} or {DEEPSPEED_MODEL_STATES}), nor a "
-                          f"training output directory ({EXPORT_SUBDIR}/ or {RUN_CHECKPOINT_SUBDIR}/)")
+                          f"DeepSpeed checkpoint directory ({LATEST_FILE} or {DEEPSPEED_MODEL_STATES}), nor a "
+                          f"training output directory ({MODEL_DIR}/ or {CHECKPOINT_DIR}/)")
 
 
 def _read_source(path: PathLike, *, prefer_training: bool = False) -> _Source:
@@ -317,7 +318,7 @@ def _check_not_partitioned(state: Dict[str, torch.Tensor], source: str) -> None:
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise CheckpointError(f"{source} holds empty (ZeRO-3 partitioned) weights, e.g. {empty[0]}; load the "
-                              f"exported model directory ({EXPORT_SUBDIR}/ in the run's output directory) instead")
+                              f"exported model directory ({MODEL_DIR}/ in the run's output directory) instead")
 
 
 # --------------------------------------------------------------------------------------------

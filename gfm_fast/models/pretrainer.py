@@ -1,8 +1,9 @@
-"""GFM pretraining module: masked student + frozen teacher + projector/decoder + losses (shared GFM.md).
+"""GFM pretraining module: masked student + frozen teacher + projector/decoder + losses (docs/method.md).
 
 ``GFMStudent`` is the trainable part and the only module that goes into the DeepSpeed engine;
 ``GFMPretrainer`` adds the frozen teacher, input/mask validation and mask generation for
-single-process use (tests, notebooks, evaluation).
+single-process use (tests, notebooks, evaluation); training runs the same ``forward`` with the
+DeepSpeed engine as its student (``forward(images, student=engine)``).
 """
 from __future__ import annotations
 
@@ -167,15 +168,20 @@ class GFMPretrainer(nn.Module):
         return self.student.encoder
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
-                generator: Optional[torch.Generator] = None, return_recon: bool = False) -> GFMOutput:
+                generator: Optional[torch.Generator] = None, return_recon: bool = False,
+                student: Optional[nn.Module] = None) -> GFMOutput:
         """Compute the GFM losses for a batch.
 
         Args:
             images: normalised images (B, C, H, W) NCHW with C = student in_chans and H = W = img_size.
             mask: optional 0/1 mask at block level (B, H/block, W/block) or token level (B, H/p, W/p)
-                (constant over each block); drawn with ``gfm_fast.masking`` when None.
+                (constant over each block), validated; drawn with ``gfm_fast.masking`` when None
+                (no validation, no host sync: training draws its masks this way).
             generator: random source for the drawn mask.
             return_recon: also return the reconstruction D(r) (detached).
+            student: what runs the student, by default ``self.student``; training passes the
+                DeepSpeed engine that wraps ``self.student`` (the teacher stays outside it). The
+                images reach it in its weights' dtype (bf16 under DeepSpeed's bf16).
 
         Returns:
             ``GFMOutput`` (loss, loss_rec, loss_feat, recon, mask at block level).
@@ -188,7 +194,9 @@ class GFMPretrainer(nn.Module):
         else:
             block_mask = self.block_mask(mask, images)
         z_t = self.teacher(images)
-        output = self.student(images, self.decoder_mask(block_mask), z_t, return_recon=return_recon)
+        student = self.student if student is None else student
+        weights_dtype = next(student.parameters()).dtype
+        output = student(images.to(weights_dtype), self.decoder_mask(block_mask), z_t, return_recon=return_recon)
         return output._replace(mask=block_mask)
 
     def block_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,273 @@
+"""Checkpoints of a run: written complete or not at all, resumed exactly, refused by name when they do not fit.
+
+The names of the run directory live in ``gfm_fast.run_dir``. A checkpoint is DeepSpeed's files
+(model, optimizer) plus the client state below (step, loader positions, RNG states, skipped-step
+counts), the run config and the exported encoder; its ``COMPLETE`` marker is written last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from gfm_fast import run_dir
+from gfm_fast.config import TrainConfig, to_dict
+from gfm_fast.errors import TrainingError
+from gfm_fast.training.distributed import gather_from_ranks
+
+__all__ = ["Checkpoints", "resolve_resume", "check_same_architecture", "check_same_optimizer_layout",
+           "check_tensors_only", "client_state", "restore", "export_model"]
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories, to stable storage."""
+    for path in sorted(root.rglob("*"), key=lambda p: p.is_dir()):  # files first
+        _fsync_path(path)
+    _fsync_path(root)
+
+
+class Checkpoints:
+    """DeepSpeed checkpoints under ``<output>/checkpoints/step_XXXXXXXX``, the newest ``keep_last`` kept.
+
+    A tag counts only once its ``COMPLETE`` marker exists; the marker is written by rank 0 after
+    every rank has finished ``save_checkpoint`` (a barrier), so an interrupted save never shadows
+    the last good checkpoint. ``latest()`` picks the newest complete tag.
+
+    Args:
+        output_dir: the run directory.
+        keep_last: complete checkpoints to keep.
+    """
+
+    def __init__(self, output_dir: Path, keep_last: int):
+        self.root = Path(output_dir) / run_dir.CHECKPOINT_DIR
+        self.keep_last = keep_last
+
+    tag = staticmethod(run_dir.checkpoint_tag)
+
+    def complete_tags(self, root: Optional[Path] = None) -> List[str]:
+        return run_dir.complete_tags(root or self.root)
+
+    def latest(self) -> Optional[Path]:
+        tags = self.complete_tags()
+        return self.root / tags[-1] if tags else None
+
+    def save(self, engine, step: int, client_state: Dict[str, Any], rank: int,
+             export: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective: every rank calls it. The run config is written beside the tensors, and
+        ``export(dir)`` (also collective) adds the model file that ``load_model`` reads."""
+        import torch.distributed as dist
+
+        tag = self.tag(step)
+        target = self.root / tag
+        if rank == 0 and target.exists():  # a partial save from an interrupted run: replace it
+            shutil.rmtree(target)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if export is not None:
+            export(target / run_dir.MODEL_DIR)
+        dist.barrier()
+        if rank == 0:
+            (target / run_dir.CHECKPOINT_CONFIG_FILE).write_text(client_state["gfm_config"])
+            _fsync_tree(target)  # the tensors are on disk before the marker says so (power loss)
+            marker = target / run_dir.COMPLETE_MARKER
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+            os.replace(tmp, marker)
+            _fsync_path(target)  # the marker is durable before pruning removes older checkpoints
+            self._prune()
+            run_dir.write_latest(self.root)
+        dist.barrier()
+        return target
+
+    def set_aside_after(self, step: int) -> List[Path]:
+        """Move this run's complete checkpoints newer than ``step`` (left by a run that went further
+        before this one resumed from an older checkpoint) to ``checkpoints/abandoned/``: otherwise
+        they would pass for the newest on the next ``--resume auto``, and pruning by step would
+        delete the checkpoints this run writes. Kept, not deleted; ``latest`` then names the newest
+        remaining one. Rank 0 only."""
+        moved = []
+        for tag in self.complete_tags():
+            if run_dir.tag_step(tag) > step:
+                dest = self.root / run_dir.ABANDONED_DIR / tag
+                if dest.exists():
+                    dest = dest.with_name(f"{tag}.{time.strftime('%Y%m%d-%H%M%S')}")
+                dest.parent.mkdir(exist_ok=True)
+                os.rename(self.root / tag, dest)
+                moved.append(dest)
+        if moved:
+            run_dir.write_latest(self.root)
+        return moved
+
+    def _prune(self) -> None:
+        tags = self.complete_tags()
+        for old in tags[: max(0, len(tags) - self.keep_last)]:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+def resolve_resume(spec: Optional[str], checkpoints: Checkpoints) -> Optional[Path]:
+    """``auto``: newest complete checkpoint of this run (or none); ``none`` (or None: an override
+    ``run.resume=none`` parses as null); or an explicit path (a checkpoint, a run or a checkpoints directory)."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "auto":
+        return checkpoints.latest()
+    path = Path(spec)
+    if (path / run_dir.COMPLETE_MARKER).is_file():
+        return path
+    newest = run_dir.newest_complete(path)
+    if newest is not None:
+        return newest
+    raise TrainingError(f"--resume {spec}: no complete checkpoint there (a checkpoint directory has a "
+                        f"{run_dir.COMPLETE_MARKER} marker); use --resume auto or --resume none")
+
+
+def check_same_architecture(saved: Dict[str, Any], current: Dict[str, Any], where: Path) -> None:
+    """A checkpoint from another model config is a clear error naming what differs."""
+    keys = ("student", "teacher", "mask_block", "teacher_bands")
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+             for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise TrainingError(f"checkpoint {where} was trained with a different architecture:\n  " + "\n  ".join(diffs) +
+                            "\nuse the config it was trained with, or --resume none to start afresh")
+
+
+def _weights_dtype(ds_config: Dict[str, Any]) -> str:
+    """The dtype DeepSpeed holds the trained weights in; it fixes the optimizer state's layout
+    (fp32 and bf16-mixed share one: fp32 weights and a plain torch optimizer)."""
+    for dtype in ("bf16", "fp16"):
+        if ds_config.get(dtype, {}).get("enabled"):
+            return dtype
+    return "fp32"
+
+
+def check_same_optimizer_layout(saved: Dict[str, Any], current: Dict[str, Any], where: Path) -> None:
+    """DeepSpeed cannot load optimizer state written under another ZeRO stage or weight dtype (it
+    fails deep inside with a missing file or key): name the difference and the fix instead."""
+    stages = [(saved.get("zero_optimization") or {}).get("stage", 0),
+              (current.get("zero_optimization") or {}).get("stage", 0)]
+    dtypes = [_weights_dtype(saved), _weights_dtype(current)]
+    diffs = []
+    if stages[0] != stages[1]:
+        diffs.append(f"ZeRO stage: checkpoint {stages[0]} vs config {stages[1]} (use run.zero_stage={stages[0]})")
+    if dtypes[0] != dtypes[1]:
+        same = {"fp32": "fp32 or bf16-mixed", "bf16": "bf16", "fp16": "fp16"}[dtypes[0]]
+        diffs.append(f"weights: checkpoint {dtypes[0]} vs config {dtypes[1]} (use run.precision={same})")
+    if diffs:
+        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load:\n  "
+                            + "\n  ".join(diffs) + "\nresume with the checkpoint's settings, or start a new run "
+                            "(--resume none or another --output-dir)")
+
+
+def check_tensors_only(path: Path) -> Dict[str, Any]:
+    """Refuse a checkpoint whose files hold anything but tensors and plain data; return the
+    DeepSpeed config it was written with (recorded in its model-states file, read in the same pass).
+
+    DeepSpeed unpickles its files without ``weights_only``; reading each one with
+    ``weights_only=True`` first (memory-mapped, so cheap) means no code from a tampered file runs.
+    Allowed beyond tensors and plain data: DeepSpeed's own state records (no code, just fields).
+    """
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    deepspeed_records = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    ds_config = None
+    for file in sorted(path.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(deepspeed_records):
+                contents = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise TrainingError(f"checkpoint file {file} holds objects other than tensors and plain data; refusing "
+                                f"to unpickle it ({str(exc).splitlines()[0]}). Resume from a checkpoint written by "
+                                f"gfm_fast, or --resume none") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise TrainingError(f"checkpoint file {file} is unreadable or truncated ({exc}); resume from an "
+                                f"earlier checkpoint (--resume PATH) or --resume none") from None
+        if ds_config is None and file.name.endswith("model_states.pt"):
+            ds_config = contents.get("ds_config") or {}
+    if ds_config is None:
+        raise TrainingError(f"checkpoint {path} has no DeepSpeed model-states file; resume from another "
+                            f"checkpoint (--resume PATH) or --resume none")
+    return ds_config
+
+
+def client_state(cfg: TrainConfig, step: int, epoch: int, loader, mask_generator,
+                 stats: Dict[str, int]) -> Dict[str, Any]:
+    """What resume needs beyond DeepSpeed's model/optimizer state: plain data and tensors only.
+    Collective (gathers every rank's loader position and RNG states)."""
+    import torch
+
+    return {
+        "gfm_step": step,
+        "gfm_epoch": epoch,
+        "gfm_config": json.dumps(to_dict(cfg)),
+        "gfm_loader": json.dumps(gather_from_ranks(loader.state_dict())),
+        # Per-rank RNG states, as byte tensors stacked by rank (ZeRO 0-2 store rank 0's file only).
+        "gfm_mask_rng": torch.stack(gather_from_ranks(mask_generator.get_state().cpu())),
+        "gfm_torch_rng": torch.stack(gather_from_ranks(torch.get_rng_state())),
+        "gfm_stats": json.dumps(stats),
+    }
+
+
+def _saved_config(path: Path) -> Optional[Dict[str, Any]]:
+    """The run config stored beside the checkpoint (read before any tensor file is)."""
+    config_file = path / run_dir.CHECKPOINT_CONFIG_FILE
+    return json.loads(config_file.read_text()) if config_file.is_file() else None
+
+
+def restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], loader,
+            mask_generator) -> Tuple[int, int, Dict[str, int]]:
+    """Load the checkpoint at ``path`` into the engine, loader and mask RNG, after checking it fits.
+
+    Returns:
+        (step, epoch, skipped-step counts) of the checkpoint.
+    """
+    import torch
+    import torch.distributed as dist
+
+    saved_cfg = _saved_config(path)
+    if saved_cfg is not None:
+        check_same_architecture(saved_cfg.get("model", {}), to_dict(cfg)["model"], path)
+    saved_ds_config = check_tensors_only(path)
+    check_same_optimizer_layout(saved_ds_config, ds_config, path)
+    load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None or state is None:
+        raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
+    loader.load_state_dict(json.loads(state["gfm_loader"]))  # picks this rank's entry
+    rank, saved_ranks = dist.get_rank(), state["gfm_mask_rng"].shape[0]
+    if rank < saved_ranks and dist.get_world_size() == saved_ranks:
+        mask_generator.set_state(state["gfm_mask_rng"][rank].clone())
+        torch.set_rng_state(state["gfm_torch_rng"][rank].clone())
+    else:  # resumed at another world size: fresh, rank- and step-dependent mask stream
+        mask_generator.manual_seed(cfg.run.seed * 100_003 + rank + 7919 * int(state["gfm_step"]))
+    # The restored position's epoch (older checkpoints saved a stale one); the skipped-step counts.
+    saved_stats = {k: int(v) for k, v in json.loads(state.get("gfm_stats", "{}")).items()}
+    return int(state["gfm_step"]), loader.epoch, saved_stats
+
+
+def export_model(student, path: Path, zero_stage: int, rank: int) -> None:
+    """Write the student encoder as safetensors + config (gathered from ZeRO-3 partitions). Collective."""
+    import deepspeed
+
+    from gfm_fast.models.io import save_model
+
+    if zero_stage == 3:
+        params = list(student.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                save_model(student, str(path))
+    elif rank == 0:
+        save_model(student, str(path))

@@ -1,0 +1,266 @@
+"""How a run stops and starts: scheduler and terminal signals, SLURM tasks, the run directory's
+pointers, one-line errors, and the training step that the loop, benchmarks and tests share.
+
+Signal tests run the real ``python gfm_fast/train.py`` in its own session with two loader
+workers and signal the whole process group, as a scheduler (every process of the job) or a
+terminal (Ctrl-C) does.
+"""
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+
+import pytest
+import torch
+
+import gfm_fast
+from gfm_fast.config import load_config
+from gfm_fast.training import Checkpoints, build_config, check_paths, main
+from gfm_fast.training.distributed import first_slurm_host, launcher_env
+
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, losses, run_tiny, subprocess_env
+
+# Trains until stopped; a fixed schedule length, so that a shorter resumed run has the same LRs.
+UNTIL_STOPPED = ["--max-steps", "100000", "optim.schedule_steps=100000", "data.num_workers=2"]
+
+
+def _start(run_dir, log, *extra, env=None):
+    cmd = [sys.executable, str(TRAIN_PY), "--output-dir", str(run_dir), *TEST_MODEL, *UNTIL_STOPPED, *extra]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or subprocess_env(), cwd=REPO,
+                            start_new_session=True)
+
+
+def _wait_for_logged_steps(proc, run_dir, log_file, count, timeout=300):
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no {count} logged steps in {timeout} s: {log_file.read_text()[-3000:]}")
+
+
+def _group(pgid):
+    """The live (not zombie) processes of process group ``pgid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_until_gone(pgid, timeout=15):
+    deadline = time.time() + timeout
+    while _group(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    return _group(pgid)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, signum):
+    run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
+    with open(log_file, "w") as log:
+        proc = _start(run_dir, log)
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)
+        assert len(_group(proc.pid)) >= 3  # the trainer and its two loader workers, all signalled below
+        start = time.time()
+        os.killpg(proc.pid, signum)
+        code = proc.wait(timeout=120)
+    elapsed = time.time() - start
+    output = log_file.read_text()
+    assert code == 128 + signum, output[-3000:]  # 143, 130, 138: as a shell reports them
+    assert elapsed < 30, elapsed  # DeepSpeed's launcher SIGKILLs what is left after 30 s
+    assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
+    reached = max(losses(run_dir))
+    latest = Checkpoints(run_dir, 5).latest()
+    assert latest is not None and latest.name == Checkpoints.tag(reached)  # the step reached, not a periodic one
+    assert (run_dir / "checkpoints" / "latest").read_text() == latest.name
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert f"saved checkpoint {latest}" in output
+    # The printed command resumes the run; two more steps land where an uninterrupted run does.
+    command = shlex.split(re.search(r"Resume with: (.*)", output).group(1))
+    assert command[:2] == ["python", "gfm_fast/train.py"] and command[-2:] == ["--resume", "auto"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(command[2:] + ["--max-steps", str(reached + 2)]) == 0
+    run_tiny(tmp_path / "reference", f"run.max_steps={reached + 2}", *UNTIL_STOPPED[2:])
+    resumed, reference = losses(run_dir), losses(tmp_path / "reference")
+    assert sorted(resumed) == list(range(1, reached + 3))
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(tmp_path):
+    run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
+    with open(log_file, "w") as log:
+        proc = _start(run_dir, log, "run.ckpt_every=2")
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)  # step 2's periodic checkpoint is complete
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)  # the first one is handled (two pending SIGINTs would make one call)
+        start = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    # Interrupted as without the handler (KeyboardInterrupt), not after a save (130).
+    assert code == -signal.SIGINT, (code, log_file.read_text()[-3000:])
+    assert time.time() - start < 10
+    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
+    latest = Checkpoints(run_dir, 5).latest()
+    assert latest is not None
+    step = int(latest.name.split("_")[1])
+    result = run_tiny(run_dir, f"run.max_steps={step + 1}", *UNTIL_STOPPED[2:])  # --resume auto
+    assert result.metrics["step"] == step + 1
+
+
+def test_srun_tasks_train_without_a_launcher(tmp_path):
+    """Two tasks as ``srun --ntasks 2`` starts them: rank, world size and master from SLURM's variables."""
+    job = 100 + os.getpid() % 5000
+    procs = []
+    for rank in (0, 1):
+        env = {**subprocess_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job)}
+        cmd = [sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path), "--max-steps", "2", *TEST_MODEL]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      cwd=REPO))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in outputs[0]
+    assert sorted(losses(tmp_path)) == [1, 2]
+    assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(2)
+
+
+def test_launcher_variables_from_slurm():
+    slurm = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+    assert launcher_env(slurm) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+                                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert launcher_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "29400"})["MASTER_ADDR"] == "head"
+    assert launcher_env({**slurm, "RANK": "0"}) == {}  # a launcher's variables win
+    single = launcher_env({})
+    assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("gpu[07-09,12],cpu1", "gpu07"),
+                                            ("a[3,5]-ib", "a3-ib"), ("n[001-004]", "n001")])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_latest_follows_checkpoints_set_aside(tmp_path):
+    """Set aside step 4 (as a resume from step 2 does): ``latest`` names step 2 at once, and
+    load_model of the checkpoints directory reads step 2, before any new save."""
+    run_tiny(tmp_path, "run.max_steps=4", "run.ckpt_every=2")
+    checkpoints = Checkpoints(tmp_path, 5)
+    assert (checkpoints.root / "latest").read_text() == Checkpoints.tag(4)
+    checkpoints.set_aside_after(2)
+    assert (checkpoints.root / "latest").read_text() == Checkpoints.tag(2)
+    loaded = gfm_fast.load_model(checkpoints.root).state_dict()
+    step2 = gfm_fast.load_model(checkpoints.root / Checkpoints.tag(2)).state_dict()
+    step4 = gfm_fast.load_model(checkpoints.root / "abandoned" / Checkpoints.tag(4)).state_dict()
+    assert all(torch.equal(loaded[k], step2[k]) for k in step2)
+    assert not all(torch.equal(loaded[k], step4[k]) for k in step4)
+
+
+def test_cli_names_a_shard_that_is_not_a_tar(tmp_path, capsys):
+    fake = tmp_path / "shard-000000.tar"
+    fake.write_bytes(b"\x89PNG not a tar archive" * 100)
+    assert main(["--data", str(fake), "--output-dir", str(tmp_path / "run"), *TEST_MODEL]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: data.shards") and str(fake) in line and "not a tar" in line
+    real = tmp_path / "real.tar"
+    with tarfile.open(real, "w") as tar:
+        tar.add(fake, arcname="sample.png")
+    check_paths(build_config("tiny", [f"data.shards={real}"]))  # a real tar passes
+
+
+def test_cli_prints_a_training_error_as_one_line(tmp_path, capsys):
+    run_tiny(tmp_path, "run.max_steps=1")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["--output-dir", str(tmp_path), "--max-steps", "2", *TEST_MODEL, "model.student.embed_dim=32",
+                     "model.student.num_heads=[2,4,8,16]"])
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "different architecture" in errors[0] and "model.student" in errors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The training step, with an engine a caller builds
+# --------------------------------------------------------------------------------------------
+
+def _tiny_setup(*extra):
+    from gfm_fast.models.pretrainer import GFMPretrainer
+    from gfm_fast.training import build_engine, init_distributed, resolve_precision
+
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), TEST_MODEL + ["optim.clip_grad=0.5", *extra])
+    init_distributed("cpu")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random teacher
+        pretrainer = GFMPretrainer(cfg.model)
+        reference = GFMPretrainer(cfg.model)
+    reference.load_state_dict(pretrainer.state_dict())
+    engine, optimizer = build_engine(cfg, pretrainer, torch.device("cpu"), resolve_precision(cfg, "cpu"))
+    return cfg, pretrainer, engine, optimizer, reference
+
+
+def test_train_step_is_one_adamw_step_through_the_pretrainer():
+    """train_step with an engine from build_engine == plain PyTorch: the pretrainer's forward with
+    the same mask, backward, clipping by the global norm, torch's AdamW with the same groups."""
+    from gfm_fast.models.pretrainer import param_groups
+    from gfm_fast.training import train_step
+
+    cfg, pretrainer, engine, optimizer, reference = _tiny_setup()
+    images = torch.randn(4, 3, 64, 64)
+    result = train_step(engine, pretrainer, lambda: images, 1, generator=torch.Generator().manual_seed(3),
+                        measure_grad_norm=True)
+    assert result.applied and not result.stop
+
+    ref_opt = torch.optim.AdamW(param_groups(reference.student, cfg.optim.weight_decay), lr=cfg.optim.base_lr,
+                                betas=cfg.optim.betas, eps=cfg.optim.eps)
+    out = reference(images, generator=torch.Generator().manual_seed(3))
+    out.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.student.parameters(), cfg.optim.clip_grad)
+    ref_opt.step()
+    torch.testing.assert_close(result.sums[0], out.loss.detach())
+    torch.testing.assert_close(result.grad_norm, norm)
+    assert torch.equal(result.mask, out.mask)
+    trained = dict(pretrainer.student.named_parameters())
+    for name, param in reference.student.named_parameters():
+        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_skips_a_non_finite_step_and_reports_a_stop(precision):
+    """A NaN step changes no weight and leaves no gradient behind (bf16 keeps fp32 gradient copies
+    in its optimizer); the next step trains normally."""
+    from gfm_fast.training import train_step
+
+    _, pretrainer, engine, _, _ = _tiny_setup(f"run.precision={precision}")
+    before = {k: v.clone() for k, v in pretrainer.student.state_dict().items()}
+    nan_images = torch.full((4, 3, 64, 64), float("nan"))
+    result = train_step(engine, pretrainer, lambda: nan_images, 1, stop_signal=lambda: signal.SIGTERM)
+    assert not result.applied and result.stop == signal.SIGTERM
+    after = pretrainer.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    result = train_step(engine, pretrainer, lambda: torch.randn(4, 3, 64, 64), 1)
+    assert result.applied and not result.stop
+    after = pretrainer.student.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not all(torch.equal(before[k], after[k]) for k in before)
