@@ -7,10 +7,11 @@ Both sides run one optimizer step on the same weights, batch and losses:
 - ``reference``: ``gfm_fast.models.reference.ReferenceGFM``, the reference code's way (timm's
   explicit window attention, full-resolution reconstruction and per-pixel L1, fp32 teacher weights
   under the student's autocast, per-image host masks), ``clip_grad_norm_`` and torch's AdamW;
-- ``ours``: the step the training loop runs (``gfm_fast.training.train_step`` through the
-  DeepSpeed engine: fused ops, measured attention paths, teacher cast once to the run's dtype,
-  device masks), with the same AdamW (``ours``) and with the project's own choice on top
-  (``ours+fused_adamw``: torch's fused AdamW).
+- ``ours``: the step the training loop runs (``gfm_fast.training.step.train_step`` through the
+  DeepSpeed engine made by ``build_engine``: fused ops, measured attention paths, teacher cast once
+  to the run's dtype, device masks, one host sync), with the same AdamW as the reference
+  (``ours``: ``optim.fused=false``, DeepSpeed's clipping) and with the project's own choice on top
+  (``ours+fused_adamw``: the default, torch's fused AdamW with the clipping folded in).
 "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
 interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
 
@@ -83,26 +84,27 @@ def datasheet_peak(device: torch.device) -> Optional[float]:
 
 
 class OurStep:
-    """Our training step on a ``GFMPretrainer`` (teacher cast once to the run's dtype, device masks)."""
+    """The training loop's own step: ``build_engine`` + ``train_step`` (DeepSpeed ZeRO-0, one process)."""
 
-    def __init__(self, cfg, batch: int, precision: str, device: torch.device, fused_adamw: bool):
-        from gfm_fast.models.pretrainer import GFMPretrainer, param_groups
+    def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool):
+        from gfm_fast.config import TrainConfig
+        from gfm_fast.models.pretrainer import GFMPretrainer
+        from gfm_fast.training.distributed import init_distributed
+        from gfm_fast.training.step import build_engine
 
-        self.pretrainer = GFMPretrainer(cfg).to(device)
-        self.pretrainer.teacher.set_run_precision("bf16-mixed" if precision == "bf16" else "fp32")
-        self.autocast = precision == "bf16"
-        student = self.pretrainer.student
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, fused=fused_adamw or None)
+        init_distributed(device.type)
+        cfg = TrainConfig()
+        cfg.model = model_config(size)
+        cfg.data.batch_size, cfg.optim.clip_grad, cfg.optim.fused = batch, CLIP_GRAD, fused_adamw
+        self.pretrainer = GFMPretrainer(cfg.model).to(device)
+        run_precision = "bf16-mixed" if precision == "bf16" else "fp32"  # bf16: autocast, as the reference
+        self.engine, _ = build_engine(cfg, self.pretrainer, device, run_precision)
         self.generator = torch.Generator(device=device).manual_seed(0)
 
     def __call__(self, images: torch.Tensor) -> None:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.pretrainer(images, generator=self.generator)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        from gfm_fast.training.step import train_step
+
+        train_step(self.engine, self.pretrainer, lambda: images, 1, generator=self.generator)
 
 
 class ReferenceStep:
@@ -182,14 +184,13 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
     from gfm_fast.models.reference import ReferenceGFM
 
     torch.manual_seed(0)
-    cfg = model_config(size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random teacher's warning
-        ours = OurStep(cfg, batch, precision, device, fused_adamw=False)
-        ours_fused = OurStep(cfg, batch, precision, device, fused_adamw=True)
+        ours = OurStep(size, batch, precision, device, fused_adamw=False)
+        ours_fused = OurStep(size, batch, precision, device, fused_adamw=True)
         reference = ReferenceGFM(model_config(size)).to(device)
     reference.load_state_dict({k: v.float() for k, v in ours.pretrainer.state_dict().items()}, strict=False)
-    ours_fused.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+    ours_fused.pretrainer.load_state_dict(ours.pretrainer.state_dict())  # the same weights on every side
     ref_step = ReferenceStep(reference, batch, precision, device)
     images = torch.randn(batch, 3, 192, 192, device=device)
     sides: Dict[str, Callable[[], None]] = {"reference": lambda: ref_step(images), "ours": lambda: ours(images),

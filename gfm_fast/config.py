@@ -172,6 +172,10 @@ class OptimConfig:
     warmup_epochs: int = 10
     clip_grad: float = 5.0
     grad_accum: int = 1
+    # torch's fused AdamW kernel (CPU and GPU), with the gradient clipping folded into it where the
+    # optimizer sees the module's gradients (ZeRO-0, fp32 weights); false: torch's default AdamW
+    # (a loop over the parameters on CPU) and DeepSpeed's clipping, as the reference code runs.
+    fused: bool = True
     schedule_steps: int = 0  # LR schedule length in optimizer steps; 0: run.max_steps if set, else all epochs
 
     def validate(self, prefix: str = "optim") -> None:

@@ -27,17 +27,23 @@ def _timed(record) -> bool:
     return record["median_ms"] > 0 and record["images_per_s"] > 0
 
 
-def test_throughput_step_times_every_variant(tmp_path):
+def test_throughput_step_times_ours_against_the_reference_at_each_precision(tmp_path):
     out = tmp_path / "step.json"
-    _run_benchmark("throughput.py", "--only", "step", "--batch", "2", "--runs", "1", "--warmup", "0", "--mixed",
-                   "--out", str(out))
+    _run_benchmark("throughput.py", "--only", "step", "--model", "tiny", "--batch", "2", "--runs", "1", "--warmup",
+                   "0", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["environment"]["device_type"] == "cpu"
-    steps = {r["backend"]: r for r in result["records"] if r["case"] == "train_step_tiny"}
-    assert sorted(steps) == ["auto", "auto+mixed", "reference"]
-    assert all(_timed(r) and r["batch"] == 2 for r in steps.values())
-    assert steps["reference"]["speedup"] == 1.0 and steps["auto+mixed"]["dtype"] == "bf16-mixed"
-    assert any(r["case"] == "teacher_forward_tiny" and _timed(r) for r in result["records"])
+    steps = {(r["side"], r["precision"]): r for r in result["records"] if r["case"] == "train_step_tiny"}
+    sides = ("reference", "ours", "ours+fused_adamw")
+    assert sorted(steps) == sorted((side, p) for side in sides for p in ("fp32", "bf16"))
+    for (side, precision), r in steps.items():
+        assert _timed(r) and r["batch"] == 2 and r["runs"] == 1
+        assert r["flops_per_image"] > 1e9  # tiny student fwd+bwd + tiny teacher fwd at 192/224 px
+        assert 0 < r["mfu"] < 1.5 and r["matmul_GFLOPs"] > 0 and r["copy_calls"] > 0
+        assert r["speedup"] == 1.0 if side == "reference" else r["speedup"] > 0
+    # One FLOP count for every side: the model FLOPs, counted on the reference step.
+    assert len({r["flops_per_image"] for r in steps.values()}) == 1
+    assert (tmp_path / "step.png").stat().st_size > 10_000
 
 
 def test_ops_bench_covers_every_op_mode_and_baseline(tmp_path):

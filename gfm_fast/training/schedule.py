@@ -83,12 +83,21 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
     return precision
 
 
+def clips_itself(zero_stage: int, precision: str) -> bool:
+    """Whether the torch optimizer sees the module's own gradients and so clips them itself (with
+    ``optim.fused``): ZeRO-0 with fp32 weights (fp32, bf16-mixed); elsewhere DeepSpeed's optimizer
+    wrapper clips its flat buffers."""
+    return zero_stage == 0 and precision in ("fp32", "bf16-mixed")
+
+
 def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
     """The DeepSpeed JSON: micro-batch, accumulation, clipping, precision and ZeRO stage live here."""
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad,
+        # Clipped inside the optimizer's fused kernel where it sees the module's own gradients.
+        "gradient_clipping": 0.0 if cfg.optim.fused and clips_itself(cfg.run.zero_stage, precision)
+        else cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.run.zero_stage},
         "steps_per_print": 10 ** 9,  # our own logger prints progress
         "wall_clock_breakdown": False,

@@ -27,8 +27,9 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
 
     Call ``init_distributed`` first (one process: gloo on CPU, NCCL on GPU, no launcher needed).
 
-    torch's AdamW (no DeepSpeed op to compile; its fused multi-tensor kernel on GPU) over
-    ``param_groups`` (no decay for norms, biases, mask token, relative position tables); with
+    torch's AdamW (no DeepSpeed op to compile; its fused kernel with the clipping folded in, see
+    ``training.optimizer``) over ``param_groups`` (no decay for norms, biases, mask token, relative
+    position tables). The teacher's weights are cast once to the run's compute dtype; with
     ``run.compile`` the student and teacher are compiled in place first.
 
     Args:
@@ -45,12 +46,13 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
 
     from gfm_fast.models.compile import compile_in_place
     from gfm_fast.models.pretrainer import param_groups
+    from gfm_fast.training.optimizer import build_optimizer
 
     pretrainer.teacher.to(device)
+    pretrainer.teacher.set_run_precision(precision)  # its weights cast once, not on every step
     if cfg.run.compile:
         compile_in_place(pretrainer.student, pretrainer.teacher)
-    optimizer = torch.optim.AdamW(param_groups(pretrainer.student, cfg.optim.weight_decay), lr=cfg.optim.base_lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
+    optimizer = build_optimizer(param_groups(pretrainer.student, cfg.optim.weight_decay), cfg, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=pretrainer.student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))
     return engine, optimizer
@@ -154,6 +156,8 @@ def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: in
     else:
         grad_norm = _grad_norm_before_step(engine) if measure_grad_norm else None
         engine.step()
+        if measure_grad_norm and grad_norm is None:  # ClippedAdamW measured it in its step
+            grad_norm = getattr(engine.optimizer, "last_grad_norm", None)
     return StepResult(not bad, int(stop), sums, grad_accum, wait, images, out.mask, grad_norm)
 
 
@@ -163,6 +167,8 @@ def _grad_norm_before_step(engine):
     import torch
 
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    if hasattr(engine.optimizer, "last_grad_norm"):  # ClippedAdamW measures it in its own step
         return None
     grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
     if not grads:
