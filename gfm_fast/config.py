@@ -214,6 +214,7 @@ class RunConfig:
     resume: Optional[str] = "auto"  # auto | none (null: the same) | PATH
     max_bad_steps: int = 10  # consecutive non-finite losses before stopping
     compile: bool = False  # torch.compile the student and the teacher (not with ZeRO-3)
+    compile_scope: str = "regional"  # regional: each Swin block (compiled once per stage); full: whole modules
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA
     eval_data: Optional[str] = None  # labelled images (root/<class>/<image> or shards) for k-NN during training
     eval_every: int = 0  # steps between k-NN evaluations on eval_data; 0: never
@@ -228,6 +229,7 @@ class RunConfig:
         _require(self.eval_every >= 0, f"{prefix}.eval_every", "must be >= 0 (0 disables the k-NN evaluation)")
         _require(self.eval_every == 0 or bool(self.eval_data), f"{prefix}.eval_data",
                  "must name a labelled folder (root/<class>/<image>) or shards when run.eval_every > 0")
+        _require(self.compile_scope in ("regional", "full"), f"{prefix}.compile_scope", "must be regional or full")
         _require(not (self.compile and self.zero_stage == 3), f"{prefix}.compile",
                  "supports ZeRO stages 0-2 only (ZeRO-3 gathers parameters in module hooks, "
                  "which a compiled module does not run as eager code does); use zero_stage <= 2 or compile=false")

@@ -3,15 +3,22 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["compile_in_place"]
+__all__ = ["COMPILE_SCOPES", "compile_in_place"]
+
+COMPILE_SCOPES = ("regional", "full")
 
 
-def compile_in_place(*modules: nn.Module) -> None:
+def compile_in_place(*modules: nn.Module, scope: str = "regional") -> None:
     """torch.compile each module in place (``nn.Module.compile``).
+
+    ``regional`` compiles every Swin block (timm's ``SwinTransformerBlock``: norms, attention,
+    MLP, residuals; most of the step) and leaves the rest eager: blocks of one stage share their
+    compiled code, so the compile is a few graphs per stage instead of the whole network's, and
+    the fused ops and losses stay on their own kernels. ``full`` compiles each whole module.
 
     Parameter names, state dicts and the module DeepSpeed wraps stay the same, so checkpoints are
     interchangeable with eager runs. The fused ops are torch.library ops with fake kernels, so they
-    sit in the graph as single nodes; their backends are imported here, because dynamo cannot trace
+    sit in a graph as single nodes; their backends are imported here, because dynamo cannot trace
     an import (a graph break per op). Static shapes (every batch has the same shape): without
     ``dynamic=False``, a function compiled earlier in the process at another shape (e.g. a fused
     op's wrapper) makes dynamo recompile with symbolic shapes, whose reasoning over the Swin graph
@@ -19,9 +26,19 @@ def compile_in_place(*modules: nn.Module) -> None:
 
     Args:
         *modules: the modules to compile (e.g. the student and the teacher).
+        scope: ``regional`` or ``full``.
     """
+    from timm.models.swin_transformer import SwinTransformerBlock
+
     from gfm_fast.ops import available_backends
 
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     available_backends()
     for module in modules:
-        module.compile(dynamic=False)
+        if scope == "full":
+            module.compile(dynamic=False)
+            continue
+        for block in module.modules():
+            if isinstance(block, SwinTransformerBlock):
+                block.compile(dynamic=False)

@@ -151,6 +151,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                          mean=cfg.model.mean, std=cfg.model.std, seed=cfg.run.seed, rank=rank, world_size=world_size)
     schedule = make_schedule(cfg, loader.steps_per_epoch, world_size)
     pretrainer = GFMPretrainer(cfg.model)
+    eval_set = _open_eval_set(cfg) if is_main else None  # a bad folder fails now, not after hours
     restore_math_modes = set_math_modes(cfg, device)
     engine, optimizer = build_engine(cfg, pretrainer, device, precision)
     mask_generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + rank)  # per rank
@@ -188,7 +189,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logs = (step + 1) % cfg.run.log_every == 0 or step + 1 == schedule.stop_step
+            evaluates = cfg.run.eval_every > 0 and (step + 1) % cfg.run.eval_every == 0
+            logs = (step + 1) % cfg.run.log_every == 0 or step + 1 == schedule.stop_step or evaluates
             result = train_step(engine, pretrainer, batches, cfg.optim.grad_accum, generator=mask_generator,
                                 stop_signal=lambda: stop.signum or 0, measure_grad_norm=logs)
             if result.applied:
@@ -198,6 +200,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                 speed.step()
                 if logs:
                     metrics = _metrics(result, engine, lr, loader, stats, batches, speed)
+                    if evaluates:
+                        metrics.update(_knn_eval(pretrainer, eval_set, cfg.run.zero_stage, is_main))
                     logger.scalars(step, metrics)
                 if step % cfg.run.preview_every == 0:
                     _log_preview(pretrainer, engine, result, cfg, logger, step)
@@ -259,6 +263,32 @@ def _metrics(result, engine, lr: float, loader, stats: Dict[str, int], batches, 
     if images_per_s is not None:
         metrics["perf/images_per_s"] = images_per_s
     return metrics
+
+
+def _open_eval_set(cfg: TrainConfig):
+    """The labelled set of ``run.eval_data``, listed once (None when ``run.eval_every`` is 0)."""
+    if cfg.run.eval_every <= 0:
+        return None
+    from gfm_fast.eval import open_dataset
+
+    return open_dataset(cfg.run.eval_data)
+
+
+def _knn_eval(pretrainer, eval_set, zero_stage: int, is_main: bool) -> Dict[str, float]:
+    """k-NN top-1 of the student encoder on ``run.eval_data`` (rank 0; under ZeRO-3 every rank
+    first gathers the partitioned weights, a collective)."""
+    import contextlib
+
+    from gfm_fast.eval import knn_accuracy
+
+    encoder = pretrainer.student.encoder
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(encoder.parameters()), modifier_rank=None)
+    with gather:
+        return {"eval/knn_top1": knn_accuracy(encoder, eval_set)} if is_main else {}
 
 
 def _log_preview(pretrainer, engine, result, cfg: TrainConfig, logger, step: int) -> None:

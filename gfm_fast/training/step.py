@@ -51,7 +51,7 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     pretrainer.teacher.to(device)
     pretrainer.teacher.set_run_precision(precision)  # its weights cast once, not on every step
     if cfg.run.compile:
-        compile_in_place(pretrainer.student, pretrainer.teacher)
+        compile_in_place(pretrainer.student, pretrainer.teacher, scope=cfg.run.compile_scope)
     optimizer = build_optimizer(param_groups(pretrainer.student, cfg.optim.weight_decay), cfg, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=pretrainer.student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))
