@@ -1,6 +1,7 @@
 """``torch.compile`` for GFM modules, in place, so that checkpoints stay interchangeable with eager runs."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 __all__ = ["COMPILE_SCOPES", "compile_in_place"]
@@ -35,6 +36,10 @@ def compile_in_place(*modules: nn.Module, scope: str = "regional") -> None:
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     available_backends()
+    if scope == "regional":
+        # Every block shares SwinTransformerBlock.forward's code: one graph per stage shape and shift,
+        # student and teacher (about 14 for Swin-B), more than dynamo keeps per code object by default.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in modules:
         if scope == "full":
             module.compile(dynamic=False)
