@@ -156,7 +156,7 @@ def training_hours(rate: float, efficiency: Dict[int, float], images: int, epoch
     rows = []
     for gpus, eff in sorted(efficiency.items()):
         hours = images * epochs / (rate * gpus * eff) / 3600
-        rows.append({"gpus": gpus, "efficiency": eff, "images_per_s": rate * gpus * eff, "hours": hours,
+        rows.append({"gpus": gpus, "efficiency": eff, "images_per_s": round(rate * gpus * eff), "hours": hours,
                      "gpu_hours": hours * gpus, "vs_paper_gpu_hours": PAPER_V100_GPU_HOURS / (hours * gpus)})
     return rows
 
