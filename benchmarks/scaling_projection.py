@@ -14,9 +14,10 @@ Memory per GPU = model states + the frozen teacher + per-GPU batch x activation 
   forward + backward at 192 px, at two batch sizes, differenced (so autocast's weight casts, the same
   at every batch, drop out; the gradients already exist). They are the bytes of the same tensors a GPU
   allocates in that dtype; on GPU, SDPA keeps no attention probabilities, so there it needs less.
-  Other widths of the family (head dim 32, the measured depths) are interpolated linearly in width.
+  Other widths of the family (head dim 32, the measured depths) are extrapolated linearly in width.
 Hours = images / (one-device rate x GPUs x scaling efficiency); the rate comes from ``--images-per-s``,
-else the newest committed GPU step result under benchmarks/results/, else issue 21's H100 target.
+else the newest committed GPU step result under benchmarks/results/, else the project's H100 target
+(3,000 images/s).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ GIB = 2 ** 30
 MODELS = {"base": ((2, 2, 18, 2), (128, 192)), "tiny": ((2, 2, 2, 2), (32, 64))}
 GPU_MEMORY_GB = (40, 80, 141)
 GPU_COUNTS = (1, 8, 64)
-TARGET_RATE = 3000.0  # issue 21's H100 target for the Swin-B step, bf16, batch 128: a target, not measured
+TARGET_RATE = 3000.0  # the project's H100 target for the Swin-B step (bf16, batch 128 per GPU): not measured
 PAPER_V100_GPU_HOURS = 93.3  # GFM paper, 100 epochs on GeoPile
 
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="base",
                         help="student family: base (Swin-B depths, measured at widths 128 and 192) or tiny")
     parser.add_argument("--images-per-s", type=float, help="one-device rate (default: newest committed GPU "
-                        "result, else issue 21's H100 target of 3000)")
+                        "result, else the project's H100 target of 3000)")
     parser.add_argument("--efficiency", type=parse_efficiency, default=parse_efficiency("8=0.9,64=0.8"),
                         help="scaling efficiency per GPU count, an assumption (default 8=0.9,64=0.8)")
     parser.add_argument("--batch", type=int, default=128, help="per-GPU batch of the memory table")
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     if args.images_per_s:
         rate, source = args.images_per_s, "given on the command line"
     else:
-        rate, source = committed_gpu_rate() or (TARGET_RATE, "issue 21's H100 target, not measured")
+        rate, source = committed_gpu_rate() or (TARGET_RATE, "the project's H100 target, not measured")
     hours = training_hours(rate, args.efficiency, args.images, args.epochs)
 
     print("PROJECTION, NOT A MEASUREMENT (only the activation bytes per image are measured, on this CPU)")
