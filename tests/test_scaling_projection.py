@@ -2,6 +2,7 @@
 the choice of the one-device rate, and the whole script at the tiny size."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,10 @@ def test_efficiency_parsing():
             sp.parse_efficiency(bad)
 
 
-def _git(cwd, *args):
+def _git(cwd, *args, date=None):
+    env = dict(os.environ, GIT_COMMITTER_DATE=date, GIT_AUTHOR_DATE=date) if date else None
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
 
 
 def test_rate_comes_from_the_newest_committed_gpu_result(tmp_path):
@@ -61,15 +63,16 @@ def test_rate_comes_from_the_newest_committed_gpu_result(tmp_path):
     _git(tmp_path, "init", "-q")
     assert sp.committed_gpu_rate(tmp_path) is None
     write("cpu.json", "cpu", 5.0)
-    write("old_throughput.json", "cuda", 1000.0)
+    # The newest commit wins, not the last name nor the fastest rate.
+    write("a_newer_throughput.json", "cuda", 1000.0)
     _git(tmp_path, "add", ".")
-    _git(tmp_path, "commit", "-q", "-m", "old", "--date", "2020-01-01T00:00:00")
-    write("new_throughput.json", "cuda", 2000.0)
-    _git(tmp_path, "add", "new_throughput.json")
-    _git(tmp_path, "commit", "-q", "-m", "new")
+    _git(tmp_path, "commit", "-q", "-m", "newer", date="2024-01-01T00:00:00")
+    write("z_older_throughput.json", "cuda", 2000.0)
+    _git(tmp_path, "add", "z_older_throughput.json")
+    _git(tmp_path, "commit", "-q", "-m", "older", date="2020-01-01T00:00:00")
     write("uncommitted_throughput.json", "cuda", 4000.0)  # not committed: not a result yet
     rate, source = sp.committed_gpu_rate(tmp_path)
-    assert rate == 2000.0 and "new_throughput.json" in source
+    assert rate == 1000.0 and "a_newer_throughput.json" in source
 
 
 def test_script_end_to_end_tiny(tmp_path, capsys):
