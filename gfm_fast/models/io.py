@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -33,6 +32,7 @@ from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student, encoder_config_of
 from gfm_fast.models.timm_format import (GFM_KEY, is_timm_config, read_timm_config, timm_config_json,
                                          timm_state_dict)
+from gfm_fast.models.normalization import SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD, default_normalization
 from gfm_fast.run_dir import CHECKPOINT_CONFIG_FILE, CHECKPOINT_DIR, LATEST_FILE, MODEL_DIR, newest_complete
 
 __all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE", "SENTINEL2_L2A_MEAN",
@@ -48,17 +48,6 @@ _SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
 _NORMALIZATION = ("mean", "std")
 LAYOUTS = ("gfm_fast", "timm")
 
-# Default normalisation of 12-band input: Sentinel-2 L2A bands B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9,
-# B11, B12 (reflectance x 10000 in uint16 files). Mean and std in those units are SSL4EO-S12's
-# (Wang et al. 2022, "SSL4EO-S12", computed on 50k patches; the statistics of its pretraining code,
-# S2A_MEAN / S2A_STD); divided by 65535 because gfm_fast scales uint16 pixels to [0, 1] first.
-_S2_UINT16 = 65535.0
-SENTINEL2_L2A_MEAN = tuple(m / _S2_UINT16 for m in (
-    752.40087073, 884.29673756, 1144.16202635, 1297.47289228, 1624.90992062, 2194.6423161,
-    2422.21248945, 2517.76053101, 2581.64687018, 2645.51888987, 2368.51236873, 1805.06846033))
-SENTINEL2_L2A_STD = tuple(s / _S2_UINT16 for s in (
-    1108.02887453, 1155.15170768, 1183.6292542, 1368.11351514, 1370.265037, 1355.55390699,
-    1416.51487101, 1474.78900051, 1439.3086061, 1582.28010962, 1455.52084939, 1343.48379601))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,25 +371,6 @@ def _encoder_config(swin: SwinConfig, saved: Optional[EncoderConfig], mean: Any,
         default_mean, default_std = default_normalization(swin.in_chans)
         mean, std = (default_mean if mean is None else mean), (default_std if std is None else std)
     return EncoderConfig(swin, tuple(mean), tuple(std))
-
-
-def default_normalization(chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """mean/std for weights saved without them: ImageNet's for 3 bands, Sentinel-2 L2A's for 12
-    (``SENTINEL2_L2A_MEAN``; with a warning naming the band order); other counts must be given.
-
-    Raises:
-        ConfigError: neither 3 nor 12 channels.
-    """
-    if chans == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    if chans == 12:
-        warnings.warn("12-band weights without mean/std: using Sentinel-2 L2A statistics (SSL4EO-S12; bands B1-B9, "
-                      "B8A, B11, B12 in that order, uint16 reflectance x 10000). Pass mean=..., std=... (12 values, "
-                      "for pixels scaled to [0, 1]) if your bands, order or product level differ", UserWarning,
-                      stacklevel=3)
-        return SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD
-    raise ConfigError(f"the model takes {chans} input channels: pass mean=... and std=... ({chans} values each, for "
-                      f"pixels scaled to [0, 1]) to normalise them")
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
-from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention, window_partition,
-                                          window_reverse)
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
 from gfm_fast import ops

@@ -42,7 +42,6 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
         (engine, optimizer): the optimizer's LR is set per step by the caller.
     """
     import deepspeed
-    import torch
 
     from gfm_fast.models.compile import compile_in_place
     from gfm_fast.models.pretrainer import param_groups
