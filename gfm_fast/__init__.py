@@ -13,7 +13,8 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-from typing import Any
+
+from gfm_fast._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -33,18 +34,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gfm_fast' has no attribute {name!r}")
-    imported = importlib.import_module(module)
-    value = imported if module.endswith("." + name) else getattr(imported, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, extra=["__version__"])
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):

@@ -12,8 +12,7 @@ failures.py (skipped shards and samples), loader.py (epochs, resume), decode.py 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gfm_fast._lazy import lazy_attributes
 
 _LAZY = {
     "make_loader": "gfm_fast.data.loader",
@@ -27,14 +26,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gfm_fast.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

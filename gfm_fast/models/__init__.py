@@ -5,8 +5,7 @@ the rest is imported on first use, so that registering stays light (no fused ops
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gfm_fast._lazy import lazy_attributes
 
 import gfm_fast.models.registry  # noqa: F401  (registers the timm names)
 
@@ -31,14 +30,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gfm_fast.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__ + ["registry"]
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, extra=["registry"])
