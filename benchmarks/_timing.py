@@ -128,6 +128,25 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _cpu_flags_and_model() -> tuple:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set(), platform.processor() or "cpu"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    clean = {k.strip(): v.strip() for k, v in fields.items()}
+    return set(clean.get("flags", "").split()), clean.get("model name", platform.processor() or "cpu")
+
+
+def _cpu_model() -> str:
+    return _cpu_flags_and_model()[1]
+
+
+def _cpu_has_bf16() -> bool:
+    flags = _cpu_flags_and_model()[0]
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     """What produced a number: device, versions, threads, git sha (``+dirty`` when the working tree
     had uncommitted changes outside benchmarks/results, so the sha alone does not name the code that ran)."""
@@ -135,7 +154,9 @@ def environment(device: torch.device) -> Dict[str, object]:
     if sha and _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"):
         sha += "+dirty"
     info: Dict[str, object] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        # bf16 matmuls need AVX512-BF16 or AMX on x86 CPUs; without them they run emulated, slower than fp32
+        "cpu_bf16_instructions": _cpu_has_bf16(),
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

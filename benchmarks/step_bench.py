@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -86,7 +86,8 @@ def datasheet_peak(device: torch.device) -> Optional[float]:
 class OurStep:
     """The training loop's own step: ``build_engine`` + ``train_step`` (DeepSpeed ZeRO-0, one process)."""
 
-    def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool):
+    def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool,
+                 checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False):
         from gfm_fast.config import TrainConfig
         from gfm_fast.models.pretrainer import GFMPretrainer
         from gfm_fast.training.distributed import init_distributed
@@ -95,6 +96,8 @@ class OurStep:
         init_distributed(device.type)
         cfg = TrainConfig()
         cfg.model = model_config(size)
+        cfg.model.checkpoint_stages = tuple(checkpoint_stages)
+        cfg.run.compile = compile_  # run.compile_scope: regional (each Swin block)
         cfg.data.batch_size, cfg.optim.clip_grad, cfg.optim.fused = batch, CLIP_GRAD, fused_adamw
         self.pretrainer = GFMPretrainer(cfg.model).to(device)
         run_precision = "bf16-mixed" if precision == "bf16" else "fp32"  # bf16: autocast, as the reference
@@ -179,15 +182,15 @@ def interleaved_medians(steps: Dict[str, Callable[[], None]], device: torch.devi
 
 
 def bench_precision(size: str, batch: int, precision: str, device: torch.device, warmup: int, runs: int,
-                    compile_mode: bool) -> List[Dict]:
+                    compile_mode: bool, checkpoint_stages: Tuple[int, ...] = ()) -> List[Dict]:
     """Records of every side of one (model size, precision) pair."""
     from gfm_fast.models.reference import ReferenceGFM
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random teacher's warning
-        ours = OurStep(size, batch, precision, device, fused_adamw=False)
-        ours_fused = OurStep(size, batch, precision, device, fused_adamw=True)
+        ours = OurStep(size, batch, precision, device, fused_adamw=False, compile_=compile_mode)
+        ours_fused = OurStep(size, batch, precision, device, fused_adamw=True, compile_=compile_mode)
         reference = ReferenceGFM(model_config(size)).to(device)
     reference.load_state_dict({k: v.float() for k, v in ours.pretrainer.state_dict().items()}, strict=False)
     ours_fused.pretrainer.load_state_dict(ours.pretrainer.state_dict())  # the same weights on every side
@@ -195,7 +198,13 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
     images = torch.randn(batch, 3, 192, 192, device=device)
     sides: Dict[str, Callable[[], None]] = {"reference": lambda: ref_step(images), "ours": lambda: ours(images),
                                             "ours+fused_adamw": lambda: ours_fused(images)}
-    if compile_mode:
+    if checkpoint_stages:  # the speed cost of activation checkpointing (model.checkpoint_stages)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours_ckpt = OurStep(size, batch, precision, device, fused_adamw=True, checkpoint_stages=checkpoint_stages)
+        ours_ckpt.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+        sides["ours+fused_adamw+checkpoint_stages=" + ",".join(map(str, checkpoint_stages))] = lambda: ours_ckpt(images)
+    if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
         reference.student.compile(dynamic=False)
         reference.teacher.compile(dynamic=False)
     compile_s = {}
@@ -262,10 +271,11 @@ TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p
 
 
 def run_step(device: torch.device, size: str, batch: int, precisions: List[str], warmup: int, runs: int,
-             compile_mode: bool = False) -> List[Dict]:
+             compile_mode: bool = False, checkpoint_stages: Tuple[int, ...] = ()) -> List[Dict]:
     records = []
     for precision in precisions:
-        records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=False)
+        records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=False,
+                                   checkpoint_stages=checkpoint_stages)
         if compile_mode:
             records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=True)
     return records
@@ -281,6 +291,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
     parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
+    parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
+                        help="also ours with activation checkpointing of these stages (e.g. 2)")
     parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
     parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
     args = parser.parse_args(argv)
@@ -289,7 +301,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 4)
     records = run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
-                       args.compile)
+                       args.compile, tuple(args.checkpoint_stages))
     env = environment(device)
     print(json.dumps({"environment": env}))
     print_table(records, TABLE_COLUMNS)

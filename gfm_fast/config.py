@@ -88,7 +88,8 @@ class ModelConfig:
     mean: Tuple[float, ...] = IMAGENET_MEAN
     std: Tuple[float, ...] = IMAGENET_STD
     ops_backend: str = "auto"
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute every stage's activations in the backward (less memory)
+    checkpoint_stages: Tuple[int, ...] = ()  # or only these stages (0-based), e.g. [2]: Swin-B's 18-block stage
     # Window attention: auto (the path measured fastest per device, precision and use: SDPA on CUDA;
     # on CPU plain bmm + softmax, SDPA's flash kernel only for the fp32 teacher), sdpa or explicit.
     attention: str = "auto"
@@ -122,6 +123,8 @@ class ModelConfig:
         _require(all(s > 0 for s in self.std), f"{prefix}.std", "must be positive")
         _require(self.ops_backend in OPS_BACKENDS, f"{prefix}.ops_backend",
                  f"must be one of {', '.join(OPS_BACKENDS)}")
+        _require(all(0 <= i < len(self.student.depths) for i in self.checkpoint_stages), f"{prefix}.checkpoint_stages",
+                 f"stage indices must lie in [0, {len(self.student.depths)})")
         _require(self.attention in ATTENTION_PATHS, f"{prefix}.attention", f"must be one of {', '.join(ATTENTION_PATHS)}")
 
 

@@ -140,6 +140,12 @@ def _window_order(height: int, width: int, window: Tuple[int, int], shift: Tuple
     timm's ``window_partition(roll(x, -shift))``, which its shifted-window mask is built for.
     """
     (win_h, win_w), (shift_h, shift_w) = window, shift
+    with torch.inference_mode(False):  # cached across calls: never inference tensors (training reuses them)
+        return _orders(height, width, win_h, win_w, shift_h, shift_w, device)
+
+
+def _orders(height: int, width: int, win_h: int, win_w: int, shift_h: int, shift_w: int,
+            device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     rows = (torch.arange(height).view(height // win_h, win_h) + shift_h) % height  # (nWh, wh)
     cols = (torch.arange(width).view(width // win_w, win_w) + shift_w) % width  # (nWw, ww)
     order = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
@@ -154,13 +160,12 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+        ctx.inverse = inverse  # a constant index (cached per shape), not an activation to save
         return x.index_select(1, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.contiguous().index_select(1, inverse), None, None
+        return grad.contiguous().index_select(1, ctx.inverse), None, None
 
 
 def to_windows(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:

@@ -101,6 +101,8 @@ class GFMStudent(nn.Module):
         set_attention(self.encoder, config.attention_path)
         if config.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
+        for stage in config.checkpoint_stages:  # activation checkpointing of chosen stages only
+            self.encoder.layers[stage].grad_checkpointing = True
         width, teacher_width = self.encoder.num_features, config.teacher.num_features
         self.projector = nn.Linear(width, teacher_width)
         self.decoder = nn.Sequential(DecoderConv(width, cfg.in_chans, self.stride, backend=config.ops_backend),

@@ -111,3 +111,14 @@ def test_window_order_gather_is_roll_then_partition(shift):
     assert torch.equal(grad_got, grad_want)
     reversed_timm = torch.roll(window_reverse(want.view(-1, 6, 6, 5), window, 12, 18), shifts=shift, dims=(1, 2))
     assert torch.equal(from_windows(want, 12, 18, window, shift), reversed_timm)
+
+
+def test_window_orders_first_made_in_inference_mode_serve_training():
+    """The cached window orders are normal tensors even when first built under inference_mode
+    (extract_features), so a later training step can use them."""
+    block = pad_before_shift(_block(2))
+    x = torch.randn(1, SIZE, SIZE, DIM)
+    with torch.inference_mode():
+        block(x)
+    block(x.requires_grad_()).sum().backward()
+    assert x.grad is not None

@@ -226,3 +226,23 @@ def test_student_compiles_as_one_graph():
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
     for (name, _), g, w in zip(model.student.named_parameters(), got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("option", [{"checkpoint_stages": (2,)}, {"checkpoint_stages": (0, 3)},
+                                    {"grad_checkpointing": True}])
+def test_activation_checkpointing_keeps_losses_and_gradients(option):
+    """model.checkpoint_stages / grad_checkpointing recompute activations in the backward: same
+    numbers, and the chosen stages (only those) are checkpointed."""
+    torch.manual_seed(0)
+    plain = tiny_pretrainer()
+    ckpt = tiny_pretrainer(**option)
+    ckpt.load_state_dict(plain.state_dict())
+    stages = option.get("checkpoint_stages", range(4))
+    assert [layer.grad_checkpointing for layer in ckpt.encoder.layers] == [i in stages for i in range(4)]
+    images, mask = torch.randn(2, 3, TINY_IMG, TINY_IMG), random_block_mask(2)
+    out_p, out_c = plain(images, mask), ckpt(images, mask)
+    out_p.loss.backward()
+    out_c.loss.backward()
+    torch.testing.assert_close(out_c.loss, out_p.loss, rtol=0, atol=0)
+    for (name, p_p), p_c in zip(plain.student.named_parameters(), ckpt.student.parameters()):
+        torch.testing.assert_close(p_c.grad, p_p.grad, rtol=1e-6, atol=1e-7, msg=name)
