@@ -266,8 +266,11 @@ def test_bf16_runs_track_fp32(tmp_path, precision, stage):
          f"run.zero_stage={stage}")
     fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2, 3, 4] and any(bf16[s] != fp32[s] for s in fp32)  # really ran in bf16
+    # Before any update the runs differ by bf16 rounding only; then the trajectories (bf16 weights,
+    # a bf16 teacher) drift apart by a few percent as the loss falls (0.86 -> 0.17 in 4 steps).
+    assert bf16[1] == pytest.approx(fp32[1], abs=0.01)
     for step, loss in fp32.items():
-        assert bf16[step] == pytest.approx(loss, abs=0.03), step
+        assert bf16[step] == pytest.approx(loss, rel=0.15, abs=0.01), step
     if stage < 3:  # ZeRO-3 checkpoints hold partitions, not the module
         want = torch.bfloat16 if precision == "bf16" else torch.float32
         assert _trained_weight_dtypes(tmp_path / "bf16") == {want}
@@ -329,7 +332,7 @@ def test_cli_reports_missing_shards_in_one_line_before_any_work(tmp_path):
                           timeout=300)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: data.shards") and str(tmp_path / "nowhere") in line
+    assert line.startswith("error: ") and "data.shards" in line and str(tmp_path / "nowhere") in line
     assert not (tmp_path / "run").exists()
 
 

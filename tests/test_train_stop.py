@@ -181,7 +181,7 @@ def test_cli_names_a_shard_that_is_not_a_tar(tmp_path, capsys):
     fake.write_bytes(b"\x89PNG not a tar archive" * 100)
     assert main(["--data", str(fake), "--output-dir", str(tmp_path / "run"), *TEST_MODEL]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: data.shards") and str(fake) in line and "not a tar" in line
+    assert line.startswith("error: ") and "data.shards" in line and str(fake) in line and "not a tar" in line
     real = tmp_path / "real.tar"
     with tarfile.open(real, "w") as tar:
         tar.add(fake, arcname="sample.png")
