@@ -54,6 +54,10 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     optimizer = build_optimizer(param_groups(pretrainer.student, cfg.optim.weight_decay), cfg, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=pretrainer.student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every
+        # gradient into buckets, all-reduce and copy them back (Swin-B, CPU: ~180 ms of a 2.2 s step).
+        engine.enable_backward_allreduce = False
     return engine, optimizer
 
 
