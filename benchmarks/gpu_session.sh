@@ -4,7 +4,7 @@
 #   setup   builds gfm_fast._C with its CUDA kernels for this card (every fresh machine needs it first)
 #   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
 #   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
-#   step    the whole training step (Swin-B student + teacher), eager and torch.compile
+#   step    the whole training step (Swin-B student + teacher, batch 128), ours vs the reference GFM step in bf16, eager and torch.compile
 #   train   a short bf16 pretraining run through the real entry point, stopped and resumed
 #   bench32 the fused ops in fp32
 # Works on a GPU box with .venv (scripts/install.sh), or on the lent device machine, which has
@@ -74,7 +74,7 @@ phase_bench32() {
 }
 
 phase_step() {
-    "$PY" benchmarks/throughput.py --device cuda --only step --compile --out "$RESULTS/$(card)_throughput.json"
+    "$PY" benchmarks/throughput.py --device cuda --only step --precision bf16 --compile --out "$RESULTS/$(card)_throughput.json"
 }
 
 phase_train() {

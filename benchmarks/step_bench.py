@@ -258,7 +258,8 @@ def write_chart(records: List[Dict], path: Path) -> None:
                   [f"{case.replace('train_step_', '')}\n{precision}, batch {records[0]['batch']}"
                    for case, precision in groups])
     ax.set_ylabel("images / s (median)")
-    ax.set_title("GFM training step: ours vs the reference code (MFU vs the measured matmul rate)")
+    ax.set_title("GFM training step, ours vs the reference code\n(speed-up; MFU against the matmul rate measured in the run)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     ax.margins(y=0.25)
     fig.tight_layout()
