@@ -43,3 +43,26 @@ def test_build_optimizer_by_zero_stage_and_precision():
     assert type(plain) is torch.optim.AdamW and plain.defaults["fused"]
     cfg.optim.fused = False
     assert build_optimizer(params(), cfg, "fp32").defaults["fused"] is None  # torch's default AdamW
+
+
+def test_resumes_from_a_checkpoint_of_torchs_default_adamw():
+    """Optimizer state written by torch's default AdamW (older runs, optim.fused=false) loads into
+    ClippedAdamW, which keeps its fused kernel (torch's loader would take the file's kernel choice,
+    which cannot apply the clip factor) and continues as clip_grad_norm_ + AdamW would."""
+    ours, ref = _model(), _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    x = torch.randn(8, 16)
+    (ref(x).square().sum() * 100).backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    ours.load_state_dict(ref.state_dict())
+    opt = ClippedAdamW(ours.parameters(), max_norm=1.0, lr=1e-2, weight_decay=0.05)
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    assert all(group["fused"] for group in opt.param_groups)
+    for model in (ours, ref):
+        (model(x).square().sum() * 100).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt.step()
+    opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

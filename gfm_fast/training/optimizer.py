@@ -39,6 +39,14 @@ class ClippedAdamW(torch.optim.AdamW):
         self.max_norm = float(max_norm)
         self.last_grad_norm: Optional[torch.Tensor] = None
 
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's loader takes each group's settings from the file, the kernel choice included: a
+        checkpoint written with torch's default AdamW (older runs, ``optim.fused=false``) would turn the
+        fused kernel off, and with it the clipping's ``grad_scale``. Keep the fused kernel."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
