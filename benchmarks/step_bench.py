@@ -137,26 +137,26 @@ class ReferenceStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def count_flops(step: Callable[[torch.Tensor], None], images: torch.Tensor) -> int:
+def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one step as ``torch.utils.flop_counter`` counts them (matmuls, convolutions, SDPA)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step(images)
+        step()
     return counter.get_total_flops()
 
 
-def profile_counts(step: Callable[[torch.Tensor], None], images: torch.Tensor) -> Dict[str, object]:
+def profile_counts(step: Callable[[], None], device: torch.device) -> Dict[str, object]:
     """Per step: ``aten::copy_`` calls, host syncs and the attention kernels that ran."""
     from torch.profiler import ProfilerActivity, profile
 
     from _timing import _native_stderr_silenced
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.is_cuda else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _native_stderr_silenced(), profile(activities=activities) as prof:
-        step(images)
-        _sync(images.device)
+        step()
+        _sync(device)
     counts: Dict[str, int] = {}
     for event in prof.events():
         counts[event.name] = counts.get(event.name, 0) + 1
@@ -204,6 +204,7 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
             ours_ckpt = OurStep(size, batch, precision, device, fused_adamw=True, checkpoint_stages=checkpoint_stages)
         ours_ckpt.pretrainer.load_state_dict(ours.pretrainer.state_dict())
         sides["ours+fused_adamw+checkpoint_stages=" + ",".join(map(str, checkpoint_stages))] = lambda: ours_ckpt(images)
+    flops = count_flops(sides["reference"])  # model FLOPs, counted on the eager reference step
     if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
         reference.student.compile(dynamic=False)
         reference.teacher.compile(dynamic=False)
@@ -214,8 +215,6 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         _sync(device)
         compile_s[name] = time.perf_counter() - t0
     timings = interleaved_medians(sides, device, warmup, runs)
-    flops = count_flops(ref_step, images) if not compile_mode else count_flops(
-        ReferenceStep(ReferenceGFM(model_config(size)).to(device), batch, precision, device), images)
     rate = matmul_rate(device, PRECISIONS[precision])
     peak = datasheet_peak(device)
     records = []
@@ -227,7 +226,7 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
                   "flops_per_image": flops / batch, "achieved_GFLOPs": achieved / 1e9,
                   "matmul_GFLOPs": rate / 1e9, "mfu": achieved / rate,
                   "mfu_datasheet": achieved / peak if peak else None,
-                  "first_step_s": compile_s[name], **profile_counts(lambda x, s=step: s(), images)}
+                  "first_step_s": compile_s[name], **profile_counts(step, device)}
         records.append(record)
     ref_ms = timings["reference"]["median_ms"]
     for record in records:

@@ -44,7 +44,6 @@ from gfm_fast.config import ATTENTION_PATHS
 __all__ = ["ATTENTION_PATHS", "set_attention", "uses_sdpa", "window_attention", "to_windows", "from_windows"]
 
 
-
 def uses_sdpa(path: str, x: torch.Tensor, bias_needs_grad: bool) -> bool:
     """Whether ``path`` runs SDPA for scores computed from ``x`` (the q/k/v dtype after autocast)."""
     if path != "auto":

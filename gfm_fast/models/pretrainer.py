@@ -162,7 +162,7 @@ class GFMPretrainer(nn.Module):
         config.validate("model")
         self.config = config
         self.student = GFMStudent(config)
-        self.teacher = set_attention(FrozenTeacher(config, state_dict=teacher_state_dict), config.attention_path)
+        self.teacher = FrozenTeacher(config, state_dict=teacher_state_dict)
 
     @property
     def encoder(self) -> GFMSwinTransformer:

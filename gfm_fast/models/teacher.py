@@ -2,8 +2,9 @@
 
 Frozen by construction, not by path strings: the parameters never require grad, the module is
 always in eval mode (``train()`` cannot switch it), it lives outside the DeepSpeed engine and runs
-under ``torch.no_grad()`` in the run's precision, its weights cast once. What GFM never runs (last-stage blocks, final norm,
-head) is deleted, so it costs no memory and is absent from the state dict.
+under ``torch.no_grad()`` in the run's precision, its weights cast once. What GFM never runs
+(last-stage blocks, final norm, head) is deleted, so it costs no memory and is absent from the state
+dict.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class FrozenTeacher(SwinTransformer):
         cfg.validate("model.teacher")
         super().__init__(**swin_kwargs(cfg))
         pad_before_shift(self)  # the official Swin's order wherever the window does not tile a stage
-        set_attention(self, "auto")
+        set_attention(self, config.attention_path)
         prune_to_trunk(self)
         self.bands = tuple(int(b) for b in config.teacher_bands)
         self.dtype_name = config.teacher_dtype

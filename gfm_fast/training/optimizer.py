@@ -12,13 +12,19 @@ clips them in its flat buffers, and the optimizer is torch's plain fused AdamW.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
 from gfm_fast.training.schedule import clips_itself
 
-__all__ = ["ClippedAdamW", "build_optimizer"]
+__all__ = ["ClippedAdamW", "build_optimizer", "global_grad_norm"]
+
+
+def global_grad_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``grads`` together, as ``clip_grad_norm_`` computes it: one foreach pass, a
+    device tensor (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]))
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -51,7 +57,7 @@ class ClippedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+            norm = global_grad_norm(grads)
             self.last_grad_norm = norm
             if self.max_norm > 0:
                 # The fused kernel divides every gradient by grad_scale: (norm / max_norm) when the norm

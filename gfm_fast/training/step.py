@@ -167,17 +167,14 @@ def train_step(engine, pretrainer, next_batch: Callable[[], Any], grad_accum: in
 def _grad_norm_before_step(engine):
     """The gradients' global L2 norm (before clipping) where DeepSpeed records none: ZeRO-0 with
     torch's optimizer in fp32 or bf16-mixed. Elsewhere ``engine.get_global_grad_norm()`` has it."""
-    import torch
+    from gfm_fast.training.optimizer import global_grad_norm
 
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
     if hasattr(engine.optimizer, "last_grad_norm"):  # ClippedAdamW measures it in its own step
         return None
     grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    norms = torch._foreach_norm(grads)  # one fused pass, as torch.nn.utils.clip_grad_norm_
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return global_grad_norm(grads) if grads else None
 
 
 def _discard_gradients(engine) -> None:
