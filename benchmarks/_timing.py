@@ -128,23 +128,15 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _cpu_flags_and_model() -> tuple:
+def _cpu() -> tuple:
+    """(model name, has bf16 instructions) of this CPU, from /proc/cpuinfo where there is one."""
     try:
-        text = open("/proc/cpuinfo").read()
+        lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return set(), platform.processor() or "cpu"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    clean = {k.strip(): v.strip() for k, v in fields.items()}
-    return set(clean.get("flags", "").split()), clean.get("model name", platform.processor() or "cpu")
-
-
-def _cpu_model() -> str:
-    return _cpu_flags_and_model()[1]
-
-
-def _cpu_has_bf16() -> bool:
-    flags = _cpu_flags_and_model()[0]
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return platform.processor() or "cpu", False
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.processor() or "cpu"), bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def environment(device: torch.device) -> Dict[str, object]:
@@ -153,10 +145,11 @@ def environment(device: torch.device) -> Dict[str, object]:
     sha = _git("rev-parse", "--short", "HEAD")
     if sha and _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"):
         sha += "+dirty"
+    cpu_model, cpu_bf16 = _cpu()
     info: Dict[str, object] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
         # bf16 matmuls need AVX512-BF16 or AMX on x86 CPUs; without them they run emulated, slower than fp32
-        "cpu_bf16_instructions": _cpu_has_bf16(),
+        "cpu_bf16_instructions": cpu_bf16,
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -20,6 +20,7 @@ IMAGENET_MEAN: Tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, ...] = (0.229, 0.224, 0.225)
 OPS_BACKENDS = ("auto", "reference", "cpp", "triton")
 ATTENTION_PATHS = ("auto", "sdpa", "explicit")  # gfm_fast.models.attention
+COMPILE_SCOPES = ("regional", "full")  # gfm_fast.models.compile
 
 
 
@@ -232,7 +233,8 @@ class RunConfig:
         _require(self.eval_every >= 0, f"{prefix}.eval_every", "must be >= 0 (0 disables the k-NN evaluation)")
         _require(self.eval_every == 0 or bool(self.eval_data), f"{prefix}.eval_data",
                  "must name a labelled folder (root/<class>/<image>) or shards when run.eval_every > 0")
-        _require(self.compile_scope in ("regional", "full"), f"{prefix}.compile_scope", "must be regional or full")
+        _require(self.compile_scope in COMPILE_SCOPES, f"{prefix}.compile_scope",
+                 f"must be one of {', '.join(COMPILE_SCOPES)}")
         _require(not (self.compile and self.zero_stage == 3), f"{prefix}.compile",
                  "supports ZeRO stages 0-2 only (ZeRO-3 gathers parameters in module hooks, "
                  "which a compiled module does not run as eager code does); use zero_stage <= 2 or compile=false")

@@ -8,7 +8,6 @@ their documented public name. Formulas: docs/method.md.
 """
 from __future__ import annotations
 
-from gfm_fast.ops._common import check_float, check_mask_values  # noqa: F401  (GFMPretrainer imports them here)
 from gfm_fast.ops.reference import COS_EPS, REC_EPS, cosine_distillation, reconstruction_l1, upsample_mask
 
 __all__ = ["reconstruction_l1", "cosine_distillation", "upsample_mask", "REC_EPS", "COS_EPS"]

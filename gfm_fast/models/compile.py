@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_SCOPES", "compile_in_place"]
+from gfm_fast.config import COMPILE_SCOPES
 
-COMPILE_SCOPES = ("regional", "full")
+__all__ = ["COMPILE_SCOPES", "compile_in_place"]
 
 
 def compile_in_place(*modules: nn.Module, scope: str = "regional") -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from gfm_fast import ops
 from gfm_fast.config import ModelConfig
-from gfm_fast.losses import check_float, check_mask_values
+from gfm_fast.ops._common import check_float, check_mask_values
 from gfm_fast.masking import generate_block_mask
 from gfm_fast.models.attention import set_attention
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
