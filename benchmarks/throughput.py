@@ -26,12 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
-from step_bench import MODEL_SIZES, run_step, write_chart  # noqa: E402
+from step_bench import MODEL_SIZES, PRECISIONS, run_step, write_chart  # noqa: E402
+from step_bench import TABLE_COLUMNS as STEP_COLUMNS  # noqa: E402
 
 TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
                  "images_per_s", "img_s", "peak_MiB", "speedup"]
-STEP_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p80_ms", "runs", "images_per_s",
-                "achieved_GFLOPs", "matmul_GFLOPs", "mfu", "copy_calls", "host_syncs", "speedup"]
 
 
 def main(argv=None) -> int:
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base", help="step model size")
     parser.add_argument("--batch", type=int, help="step batch (default: 128 on GPU, 4 on CPU)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), action="append",
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
                         help="step precisions, repeatable (default: fp32 and bf16; bf16 = autocast on both sides)")
     parser.add_argument("--ops-batch", type=int, default=16, help="batch of the fused-op benchmarks (GFM shapes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (recorded)")
