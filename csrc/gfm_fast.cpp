@@ -37,6 +37,17 @@ TORCH_LIBRARY(gfm_fast, m) {
   m.def(
       "_cosine_distillation_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor row_stats, "
       "float eps) -> Tensor");
+  // Swin window attention core softmax(scale * q k^T + bias) v per (window, head). qkv (W, N, 3C) as the
+  // qkv projection writes it (q | k | v, each heads x head_dim); bias (G, heads, N, N) in the accumulation
+  // dtype (float32, float64 for float64), window w adding bias[w % G] (relative position bias plus
+  // shift mask). -> (out (W, N, C) heads side by side, as the output projection reads it; probs
+  // (W, heads, N, N) the softmax, saved for the backward when needs_grad, else (0,)).
+  m.def("window_attention(Tensor qkv, Tensor bias, int heads, float scale, bool needs_grad) -> (Tensor, Tensor)");
+  // -> (grad_qkv (W, N, 3C); grad_scores (W, heads, N, N) in the accumulation dtype, the gradient of the
+  // scores before the softmax (= of the bias, per window), when bias_grad, else (0,)).
+  m.def(
+      "_window_attention_backward(Tensor grad_out, Tensor qkv, Tensor probs, int heads, float scale, "
+      "bool bias_grad) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

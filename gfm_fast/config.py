@@ -19,7 +19,7 @@ from gfm_fast.errors import ConfigError
 IMAGENET_MEAN: Tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, ...] = (0.229, 0.224, 0.225)
 OPS_BACKENDS = ("auto", "reference", "cpp", "triton")
-ATTENTION_PATHS = ("auto", "sdpa", "explicit")  # gfm_fast.models.attention
+ATTENTION_PATHS = ("auto", "cpp", "sdpa", "explicit")  # gfm_fast.models.attention
 COMPILE_SCOPES = ("regional", "full")  # gfm_fast.models.compile
 
 
@@ -91,8 +91,8 @@ class ModelConfig:
     ops_backend: str = "auto"
     grad_checkpointing: bool = False  # recompute every stage's activations in the backward (less memory)
     checkpoint_stages: Tuple[int, ...] = ()  # or only these stages (0-based), e.g. [2]: Swin-B's 18-block stage
-    # Window attention: auto (the path measured fastest per device, precision and use: SDPA on CUDA;
-    # on CPU plain bmm + softmax, SDPA's flash kernel only for the fp32 teacher), sdpa or explicit.
+    # Window attention: auto (the path measured fastest per device, precision and use: SDPA on CUDA,
+    # the fused C++ kernel on CPU), cpp, sdpa or explicit (timm's bmm + softmax).
     attention: str = "auto"
     fused_attn: Optional[bool] = None  # older name: true = attention sdpa, false = explicit; null: use attention
 

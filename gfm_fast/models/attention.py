@@ -1,9 +1,11 @@
 """Swin window attention on the fastest path measured for each device, precision and use.
 
 timm's ``WindowAttention`` has two paths: explicit (``q @ k^T``, + bias, softmax, ``@ v``) and
-``F.scaled_dot_product_attention`` with the bias as an additive ``attn_mask``. Which one is faster
-depends on where it runs (measured with torch 2.14 on a 2-thread AVX-512 CPU, Swin-B stage 3,
-batch 4: 16 windows x 16 heads x 36 or 49 tokens x 32; see docs/method.md):
+``F.scaled_dot_product_attention`` with the bias as an additive ``attn_mask``. This module adds a
+third, ``cpp``: gfm_fast's fused C++ window attention (``gfm_fast.ops.window_attention``), which
+reads q, k, v in place from the qkv projection and computes each (window, head) in cache.
+Measured with torch 2.14 on a 2-thread AVX-512 CPU, Swin-B stage 3, batch 4 (16 windows x 16 heads
+x 36 or 49 tokens x 32; see docs/method.md and benchmarks/results/):
 
 ==============================  ========  =======================  ==========================
 stage-3 attention core          explicit  SDPA, bias needs a grad  SDPA, frozen bias (teacher)
@@ -14,10 +16,11 @@ teacher fwd, fp32               3.6 ms    -                        1.9 ms (CPU f
 teacher fwd, bf16               1.35 ms   -                        1.9 ms
 ==============================  ========  =======================  ==========================
 
-A trainable relative-position bias sends CPU SDPA to its unfused math path, and the CPU flash
-kernel loses to plain bmm at these tiny windows in bf16. So ``auto`` takes SDPA on CUDA (fused
-kernels with the bias gradient), and on CPU only where the flash kernel wins: fp32 without a
-gradient through the bias. ``sdpa`` and ``explicit`` force a path. Both compute the same function.
+A trainable relative-position bias sends CPU SDPA to its unfused math path, and batched GEMM runs
+these tiny matrices far below the machine's matmul rate. So ``auto`` takes SDPA on CUDA (fused
+kernels with the bias gradient) and the ``cpp`` kernel on CPU (where it is built, and without
+attention dropout); without it, SDPA's flash kernel for the fp32 teacher and bmm + softmax
+otherwise. ``cpp``, ``sdpa`` and ``explicit`` force a path. All compute the same function.
 
 Beyond the path, three things timm repeats on every call are done once here:
 - the relative-position bias and the shifted-window mask are added together while they are small
@@ -40,25 +43,33 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from gfm_fast.config import ATTENTION_PATHS
+from gfm_fast.ops import reference
+from gfm_fast.ops.window_attention import kernel_available
+from gfm_fast.ops.window_attention import window_attention as fused_window_attention
 
-__all__ = ["ATTENTION_PATHS", "set_attention", "uses_sdpa", "window_attention", "to_windows", "from_windows"]
+__all__ = ["ATTENTION_PATHS", "set_attention", "resolve_path", "window_attention", "to_windows", "from_windows"]
 
 
-def uses_sdpa(path: str, x: torch.Tensor, bias_needs_grad: bool) -> bool:
-    """Whether ``path`` runs SDPA for scores computed from ``x`` (the q/k/v dtype after autocast)."""
+def resolve_path(path: str, x: torch.Tensor, bias_needs_grad: bool, dropout: float = 0.0) -> str:
+    """The path (cpp | sdpa | explicit) that ``path`` runs for q/k/v like ``x`` (after autocast):
+    ``auto`` resolved as the module docstring says."""
     if path != "auto":
-        return path == "sdpa"
+        return path
     if x.device.type != "cpu":
-        return True
-    return x.dtype == torch.float32 and not bias_needs_grad
+        return "sdpa"
+    if kernel_available(x.device) and dropout == 0.0:
+        return "cpp"
+    return "sdpa" if x.dtype == torch.float32 and not bias_needs_grad else "explicit"
 
 
-def _bias_and_mask(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The additive attention bias: (1 or nW, heads, N, N), rel-pos bias plus the shift mask."""
+def _bias_and_mask(attn: WindowAttention, mask: Optional[torch.Tensor],
+                   dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The additive attention bias: (1 or nW, heads, N, N), rel-pos bias plus the shift mask, in
+    ``dtype`` (None: the table's)."""
     bias = attn._get_rel_pos_bias()  # (1, heads, N, N)
     if mask is not None:
         bias = bias + mask.unsqueeze(1).to(bias.dtype)  # (nW, 1, N, N) -> (nW, heads, N, N)
-    return bias
+    return bias if dtype is None else bias.to(dtype)
 
 
 def _version(tensor: Optional[torch.Tensor]) -> int:
@@ -66,18 +77,18 @@ def _version(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
-def _frozen_bias(attn: WindowAttention, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _frozen_bias(attn: WindowAttention, mask: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> torch.Tensor:
     """``_bias_and_mask`` of a block whose bias needs no gradient, cached until the table or the mask
     is replaced (``.to()``, a new size's mask) or written in place (``load_state_dict``). The cache
     holds the tensors it was made from, so their memory cannot be reused by others meanwhile."""
     table = attn.relative_position_bias_table
     cached = getattr(attn, "_gfm_bias_cache", None)
     if (cached is None or cached[0] is not table or cached[1] != _version(table) or cached[2] is not mask
-            or cached[3] != _version(mask)):
+            or cached[3] != _version(mask) or cached[4] != dtype):
         with torch.no_grad():
-            cached = (table, _version(table), mask, _version(mask), _bias_and_mask(attn, mask))
+            cached = (table, _version(table), mask, _version(mask), dtype, _bias_and_mask(attn, mask, dtype))
         attn._gfm_bias_cache = cached
-    return cached[4]
+    return cached[5]
 
 
 def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -92,24 +103,26 @@ def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torc
     """
     windows, tokens, chans = x.shape
     heads = self.num_heads
-    qkv = self.qkv(x).reshape(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (windows, heads, N, head_dim) each
+    qkv = self.qkv(x)  # (windows, N, 3 * C)
     table = self.relative_position_bias_table
     bias_needs_grad = table.requires_grad and torch.is_grad_enabled()
+    dropout = self.attn_drop.p if self.training else 0.0
+    path = resolve_path(self.gfm_attention, qkv, bias_needs_grad, dropout)
+    # The bias in the dtype the path adds it in: the kernel's accumulation dtype, SDPA's q dtype.
+    bias_dtype = {"cpp": torch.float64 if qkv.dtype == torch.float64 else torch.float32, "sdpa": qkv.dtype}.get(path)
     # Under torch.compile the bias is part of the graph (inductor fuses it); the cache is eager's.
     cached = not bias_needs_grad and not torch.compiler.is_compiling()
-    bias = _frozen_bias(self, mask) if cached else _bias_and_mask(self, mask)
-    groups = bias.shape[0]  # 1, or the windows per image (nW)
-    if uses_sdpa(self.gfm_attention, q, bias_needs_grad):
-        attn_mask = bias.to(q.dtype).expand(windows // groups, -1, -1, -1, -1).reshape(windows, heads, tokens, tokens)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+    bias = _frozen_bias(self, mask, bias_dtype) if cached else _bias_and_mask(self, mask, bias_dtype)
+    if path == "cpp":
+        out = fused_window_attention(qkv, bias, heads, self.scale)
+    elif path == "sdpa":
+        q, k, v = qkv.reshape(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        groups = bias.shape[0]  # 1, or the windows per image (nW)
+        attn_mask = bias.expand(windows // groups, -1, -1, -1, -1).reshape(windows, heads, tokens, tokens)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(windows, tokens, -1)
     else:
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (windows, heads, N, N)
-        scores = scores.view(-1, groups, heads, tokens, tokens) + bias  # one pass: bias and mask together
-        probs = self.attn_drop(scores.softmax(dim=-1)).view(windows, heads, tokens, tokens)
-        out = probs.to(v.dtype) @ v
-    out = out.transpose(1, 2).reshape(windows, tokens, -1)
+        out = reference.window_attention(qkv, bias, heads, self.scale, self.attn_drop)
     return self.proj_drop(self.proj(out))
 
 

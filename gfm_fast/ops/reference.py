@@ -8,16 +8,20 @@ fused ops skip. The formulas, with their place in the method: docs/method.md.
 - ``masked_patch_embed``: patchify conv -> LayerNorm -> mask-token blend.
 - ``decoder_l1_loss``: ``reconstruction_l1`` (L_rec) of the decoder's ``decoder_logits``.
 - ``cosine_distillation``: L_feat.
+- ``window_attention``: Swin's window attention core (timm's explicit path).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gfm_fast.ops._common import check_feature_pair, check_float, check_mask, check_mask_values
 
 __all__ = ["REC_EPS", "COS_EPS", "masked_patch_embed", "decoder_logits", "decoder_l1_loss", "reconstruction_l1",
-           "cosine_distillation", "upsample_mask"]
+           "cosine_distillation", "upsample_mask", "window_attention"]
 
 REC_EPS = 1e-5  # added to sum(M) in L_rec, as in the reference implementation
 COS_EPS = 1e-8  # per-vector norm clamp of the cosine similarity (torch.nn.functional.cosine_similarity)
@@ -110,3 +114,31 @@ def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     check_float("teacher", teacher)
     check_feature_pair(student, teacher)
     return -F.cosine_similarity(student, teacher.detach().to(student.dtype), dim=-1, eps=COS_EPS).mean()
+
+
+# ---------------------------------------------------------------- window attention core
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: float,
+                     dropout: Optional[nn.Module] = None) -> torch.Tensor:
+    """Swin's window attention core the way timm's explicit path computes it (the reference of
+    ``gfm_fast.ops.window_attention``): softmax(scale * q k^T + bias) v.
+
+    Args:
+        qkv: (windows, N, 3 * C), the qkv projection's output.
+        bias: (groups, heads, N, N), window w adds ``bias[w % groups]``.
+        heads: attention heads.
+        scale: the scores' factor.
+        dropout: attention dropout on the probabilities (timm's ``attn_drop``), if any.
+
+    Returns:
+        (windows, N, C).
+    """
+    windows, tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (q * scale) @ k.transpose(-2, -1)  # (windows, heads, N, N)
+    scores = scores.view(-1, bias.shape[0], heads, tokens, tokens) + bias  # bias and shift mask in one pass
+    probs = scores.softmax(dim=-1).view(windows, heads, tokens, tokens)
+    if dropout is not None:
+        probs = dropout(probs)
+    return (probs.to(v.dtype) @ v).transpose(1, 2).reshape(windows, tokens, -1)

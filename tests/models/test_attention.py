@@ -14,7 +14,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 
 from timm.models.swin_transformer import window_partition, window_reverse
 
-from gfm_fast.models.attention import from_windows, set_attention, to_windows, uses_sdpa
+from gfm_fast.models.attention import from_windows, resolve_path, set_attention, to_windows
 from gfm_fast.models.swin import pad_before_shift
 from model_helpers import tiny_pretrainer
 
@@ -38,7 +38,7 @@ def _run(block, x):
 
 
 @pytest.mark.parametrize("shift", [0, 2])
-@pytest.mark.parametrize("path", ["auto", "sdpa", "explicit"])
+@pytest.mark.parametrize("path", ["auto", "cpp", "sdpa", "explicit"])
 def test_paths_match_timm_values_and_gradients(shift, path):
     reference = _block(shift)
     ours = set_attention(pad_before_shift(copy.deepcopy(reference)), path)  # + the window-order gather
@@ -52,7 +52,7 @@ def test_paths_match_timm_values_and_gradients(shift, path):
     assert want[2]["attn.relative_position_bias_table"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("path", ["auto", "sdpa", "explicit"])
+@pytest.mark.parametrize("path", ["auto", "cpp", "sdpa", "explicit"])
 def test_bf16_autocast_close_to_fp32(path):
     block = set_attention(_block(2), path)
     x = torch.randn(2, SIZE, SIZE, DIM)
@@ -77,12 +77,20 @@ def test_frozen_bias_is_cached_and_follows_the_weights():
         torch.testing.assert_close(frozen(x), reference(x))
 
 
-def test_auto_picks_the_measured_fastest_path():
+def test_auto_picks_the_measured_fastest_path(monkeypatch):
     fp32, bf16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
-    assert uses_sdpa("auto", fp32, bias_needs_grad=False)  # CPU flash kernel: the fp32 teacher
-    assert not uses_sdpa("auto", fp32, bias_needs_grad=True)  # SDPA's math fallback: the student
-    assert not uses_sdpa("auto", bf16, bias_needs_grad=False)  # bmm beats the flash kernel in bf16
-    assert uses_sdpa("sdpa", bf16, bias_needs_grad=True) and not uses_sdpa("explicit", fp32, False)
+    assert resolve_path("auto", fp32, bias_needs_grad=True) == "cpp"  # the fused C++ kernel on CPU
+    assert resolve_path("auto", bf16, bias_needs_grad=False) == "cpp"
+    assert resolve_path("auto", fp32, bias_needs_grad=True, dropout=0.1) == "explicit"  # no dropout in the kernel
+    assert resolve_path("auto", torch.zeros(1, device="meta"), bias_needs_grad=True) == "sdpa"  # not CPU: SDPA
+    assert resolve_path("sdpa", bf16, bias_needs_grad=True) == "sdpa"
+    assert resolve_path("explicit", fp32, bias_needs_grad=False) == "explicit"
+    import gfm_fast.models.attention as attention  # without the extension built:
+
+    monkeypatch.setattr(attention, "kernel_available", lambda device: False)
+    assert resolve_path("auto", fp32, bias_needs_grad=False) == "sdpa"  # CPU flash kernel: the fp32 teacher
+    assert resolve_path("auto", fp32, bias_needs_grad=True) == "explicit"  # SDPA's math fallback: the student
+    assert resolve_path("auto", bf16, bias_needs_grad=False) == "explicit"  # bmm beats the flash kernel in bf16
     with pytest.raises(ValueError, match="attention path"):
         set_attention(_block(0), "flash")
 
