@@ -41,7 +41,8 @@ TORCH_LIBRARY(gfm_fast, m) {
   // qkv projection writes it (q | k | v, each heads x head_dim); bias (G, heads, N, N) in the accumulation
   // dtype (float32, float64 for float64), window w adding bias[w % G] (relative position bias plus
   // shift mask). -> (out (W, N, C) heads side by side, as the output projection reads it; probs
-  // (W, heads, N, N) the softmax, saved for the backward when needs_grad, else (0,)).
+  // (W, heads, N, N rounded up to 16, zero-padded) the softmax, saved for the backward when needs_grad,
+  // else (0,)).
   m.def("window_attention(Tensor qkv, Tensor bias, int heads, float scale, bool needs_grad) -> (Tensor, Tensor)");
   // -> (grad_qkv (W, N, 3C); grad_scores (W, heads, N, N) in the accumulation dtype, the gradient of the
   // scores before the softmax (= of the bias, per window), when bias_grad, else (0,)).

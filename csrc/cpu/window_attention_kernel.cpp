@@ -21,6 +21,12 @@
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 
+// The row copies here are 32-50 elements: GCC would turn their loops into memcpy/memmove calls,
+// which cost more than the copies (17% of the kernels' time when it did).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 namespace gfm_fast {
 namespace {
 
@@ -29,20 +35,17 @@ using cpu::acc_type;
 constexpr const char* kForward = "window_attention";
 constexpr const char* kBackward = "_window_attention_backward";
 
-#if GFM_HAS_VECTOR_EXT
-template <typename T>
-constexpr int64_t kLanes = cpu::Vec<T>::lanes;
-#else
-template <typename T>
-constexpr int64_t kLanes = 1;
-#endif
+// Rows of the scratch and of the saved probabilities are padded to this many elements (one fp32
+// SIMD vector, two fp64 ones), so that every row is whole vectors. Must match the fake kernel.
+constexpr int64_t kRowPad = 16;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// ---- micro-kernel: C (RB x NV vectors) = A (RB x K, row stride lda) @ B (K x NV vectors, row stride ldb) ----
+// ---- micro-kernel: C (RB x NV vectors) = op(A) (RB x K) @ B (K x NV vectors) ----
+// op(A) = A (row stride lda) or, with kTransA, A^T of a (K x RB) block (A[k * lda + r]).
 
 #if GFM_HAS_VECTOR_EXT
-template <typename T, int RB, int NV>
+template <typename T, bool kTransA, int RB, int NV>
 GFM_ALWAYS_INLINE void gemm_tile(const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
                                  T* __restrict C, int64_t ldc, int64_t K) {
   using V = typename cpu::Vec<T>::type;
@@ -54,7 +57,7 @@ GFM_ALWAYS_INLINE void gemm_tile(const T* __restrict A, int64_t lda, const T* __
     V b[NV];
     for (int v = 0; v < NV; ++v) b[v] = cpu::vload(B + k * ldb + v * L);
     for (int r = 0; r < RB; ++r) {
-      const T a = A[r * lda + k];
+      const T a = kTransA ? A[k * lda + r] : A[r * lda + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -62,52 +65,81 @@ GFM_ALWAYS_INLINE void gemm_tile(const T* __restrict A, int64_t lda, const T* __
     for (int v = 0; v < NV; ++v) cpu::vstore(C + r * ldc + v * L, acc[r][v]);
 }
 
-template <typename T, int NV>
+template <typename T, bool kTransA, int NV>
 GFM_ALWAYS_INLINE void gemm_columns(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M,
                                     int64_t K) {
   constexpr int RB = NV <= 2 ? 6 : 4;  // RB * NV accumulators + NV operands stay within 32 zmm registers
+  const int64_t step = kTransA ? 1 : lda;  // from one row of op(A) to the next
   int64_t m = 0;
-  for (; m + RB <= M; m += RB) gemm_tile<T, RB, NV>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K);
-  for (; m < M; ++m) gemm_tile<T, 1, NV>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K);
+  for (; m + RB <= M; m += RB) gemm_tile<T, kTransA, RB, NV>(A + m * step, lda, B, ldb, C + m * ldc, ldc, K);
+  for (; m < M; ++m) gemm_tile<T, kTransA, 1, NV>(A + m * step, lda, B, ldb, C + m * ldc, ldc, K);
 }
 #endif
 
-// C (M x cols) = A (M x K) @ B (K x cols), all row-major with the given row strides; cols is a
+// C (M x cols) = op(A) (M x K) @ B (K x cols), row-major with the given row strides; cols is a
 // multiple of the SIMD width (the scratch pads every row to one).
-template <typename T>
+template <bool kTransA, typename T>
 GFM_ALWAYS_INLINE void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K,
                             int64_t cols) {
 #if GFM_HAS_VECTOR_EXT
   constexpr int64_t L = cpu::Vec<T>::lanes;
   const int64_t vecs = cols / L;
   int64_t v = 0;
-  for (; v + 4 <= vecs; v += 4) gemm_columns<T, 4>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K);
+  for (; v + 4 <= vecs; v += 4) gemm_columns<T, kTransA, 4>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K);
   switch (vecs - v) {
-    case 3: gemm_columns<T, 3>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
-    case 2: gemm_columns<T, 2>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
-    case 1: gemm_columns<T, 1>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
+    case 3: gemm_columns<T, kTransA, 3>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
+    case 2: gemm_columns<T, kTransA, 2>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
+    case 1: gemm_columns<T, kTransA, 1>(A, lda, B + v * L, ldb, C + v * L, ldc, M, K); break;
     default: break;
   }
 #else
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < cols; ++c) {
       T sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += A[m * lda + k] * B[k * ldb + c];
+      for (int64_t k = 0; k < K; ++k) sum += (kTransA ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + c];
       C[m * ldc + c] = sum;
     }
   }
 #endif
 }
 
-// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T.
-template <typename T>
-GFM_ALWAYS_INLINE void transpose(const T* __restrict src, int64_t lds, int64_t rows, int64_t cols, T* __restrict dst,
-                                 int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+// ---- rows in and out of the scratch ----
+
+// dst[i] = T(src[i]) * factor. fp32 -> fp32 in whole vectors plus a scalar tail (a plain loop
+// would become a memcpy call, which at 32 floats costs more than the copy).
+template <typename T, typename S>
+GFM_ALWAYS_INLINE void row_in(T* __restrict dst, const S* __restrict src, int64_t n, T factor = T(1)) {
+  int64_t i = 0;
+#if GFM_HAS_VECTOR_EXT
+  if constexpr (std::is_same_v<T, S>) {
+    constexpr int64_t L = cpu::Vec<T>::lanes;
+    for (; i + L <= n; i += L) cpu::vstore(dst + i, cpu::vload(src + i) * factor);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]) * factor;
 }
 
-// ---- softmax of one row: p[j] = exp(x[j] - max) / sum, x = s + bias, j < n ----
+template <typename S, typename T>
+GFM_ALWAYS_INLINE void row_out(S* __restrict dst, const T* __restrict src, int64_t n, T factor = T(1)) {
+  int64_t i = 0;
+#if GFM_HAS_VECTOR_EXT
+  if constexpr (std::is_same_v<T, S>) {
+    constexpr int64_t L = cpu::Vec<T>::lanes;
+    for (; i + L <= n; i += L) cpu::vstore(dst + i, cpu::vload(src + i) * factor);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
+}
+
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T, converting.
+template <typename T, typename S>
+GFM_ALWAYS_INLINE void transpose_in(const S* __restrict src, int64_t lds, int64_t rows, int64_t cols,
+                                    T* __restrict dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
+}
+
+// ---- softmax of one padded row: s[j] <- softmax(s + bias)[j] for j < n, 0 for n <= j < padded ----
 
 #if GFM_HAS_VECTOR_EXT
 // exp(x) for 16 floats: Cephes' expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial,
@@ -133,39 +165,71 @@ GFM_ALWAYS_INLINE cpu::Vec<float>::type vexp(cpu::Vec<float>::type x) {
   const V result = y * (V)bits;  // a vector cast is a bit cast
   return x < lo ? V{} : result;
 }
+
+// Max and sum over the 16 lanes: a tree of 4 shuffles (not 16 lane extractions).
+typedef int32_t Lanes16 __attribute__((vector_size(64)));
+template <bool kMax>
+GFM_ALWAYS_INLINE float reduce_lanes(cpu::Vec<float>::type v) {
+  using V = cpu::Vec<float>::type;
+  const Lanes16 halves = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+  const Lanes16 quarters = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+  const Lanes16 pairs = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const Lanes16 neighbours = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  for (const Lanes16& order : {halves, quarters, pairs, neighbours}) {
+    const V other = __builtin_shuffle(v, order);
+    v = kMax ? (other > v ? other : v) : v + other;
+  }
+  return v[0];
+}
 #endif
 
 template <typename T>
 GFM_ALWAYS_INLINE void softmax_row(T* __restrict s, const T* __restrict bias, int64_t n, int64_t padded) {
-  T row_max = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] += bias[j];
-    row_max = std::max(row_max, s[j]);
-  }
-  T sum = 0;
 #if GFM_HAS_VECTOR_EXT
   if constexpr (std::is_same_v<T, float>) {
     using V = cpu::Vec<float>::type;
     constexpr int64_t L = cpu::Vec<float>::lanes;
-    for (int64_t j = n; j < padded; ++j) s[j] = -std::numeric_limits<float>::infinity();  // exp -> 0
+    const V neg_inf = V{} - std::numeric_limits<float>::infinity();
+    V lane;
+    for (int64_t l = 0; l < L; ++l) lane[l] = static_cast<float>(l);
+    V vmax = neg_inf;
+    for (int64_t j = 0; j < padded; j += L) {
+      V x;
+      if (j + L <= n) {
+        x = cpu::vload(s + j) + cpu::vload(bias + j);
+      } else {  // the last, partial vector: the padding becomes -inf (exp 0)
+        float tail[L] = {};
+        for (int64_t t = j; t < n; ++t) tail[t - j] = bias[t];
+        x = cpu::vload(s + j) + cpu::vload(tail);
+        x = lane < static_cast<float>(n - j) ? x : neg_inf;
+      }
+      cpu::vstore(s + j, x);
+      vmax = x > vmax ? x : vmax;
+    }
+    const float row_max = reduce_lanes<true>(vmax);
     V total = V{};
     for (int64_t j = 0; j < padded; j += L) {
       const V e = vexp(cpu::vload(s + j) - row_max);
       cpu::vstore(s + j, e);
       total += e;
     }
-    for (int64_t l = 0; l < L; ++l) sum += total[l];
-  } else
-#endif
-  {
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - row_max);
-      sum += s[j];
-    }
+    const float inv = 1.0f / reduce_lanes<false>(total);
+    for (int64_t j = 0; j < padded; j += L) cpu::vstore(s + j, cpu::vload(s + j) * inv);
+    return;
   }
-  const T inv = T(1) / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+#endif
+  T row_max = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] += bias[j];
+    row_max = std::max(row_max, s[j]);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - row_max);
+    sum += s[j];
+  }
+  for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+  for (int64_t j = n; j < padded; ++j) s[j] = 0;
 }
 
 // ---- one (window, head) ----
@@ -175,14 +239,14 @@ struct Geometry {
   double scale;
 };
 
-// One thread's scratch, rows padded to the SIMD width: five (tokens x head_dim) matrices (or their
-// transposes) and three (tokens x tokens) ones. Padding columns stay zero.
+// One thread's scratch, rows padded: five (tokens x head_dim) matrices (or their transposes) and
+// three (tokens x tokens) ones. Padding columns stay zero.
 template <typename T>
 struct Scratch {
   int64_t np, dp;  // tokens, head_dim, padded
   std::vector<T> buffer;
   Scratch(int64_t tokens, int64_t head_dim)
-      : np(round_up(tokens, kLanes<T>)), dp(round_up(head_dim, kLanes<T>)),
+      : np(round_up(tokens, kRowPad)), dp(round_up(head_dim, kRowPad)),
         buffer(static_cast<size_t>(5 * np * dp + 3 * np * np), T(0)) {}
   T* thin(int i) { return buffer.data() + i * np * dp; }             // i < 5
   T* square(int i) { return buffer.data() + (5 * dp + i * np) * np; }  // i < 3
@@ -193,38 +257,19 @@ GFM_ALWAYS_INLINE void forward_task(int64_t task, const Geometry& g, const scala
                                     scalar_t* out, scalar_t* probs, Scratch<T>& sc) {
   const int64_t w = task / g.heads, h = task % g.heads, N = g.tokens, D = g.head_dim, C = g.chans;
   const int64_t np = sc.np, dp = sc.dp;
-  const T scale = static_cast<T>(g.scale);
   T *q = sc.thin(0), *kt = sc.thin(1), *v = sc.thin(2), *o = sc.thin(3), *s = sc.square(0);
-  for (int64_t i = 0; i < N; ++i) {  // q (N x dp, scaled), k^T (D x np), v (N x dp)
-    const scalar_t* row = qkv + (w * N + i) * 3 * C + h * D;
-    T* qi = q + i * dp;
-    cpu::load_row(qi, row, D);
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) qi[d] *= scale;
-    for (int64_t d = 0; d < D; ++d) kt[d * np + i] = static_cast<T>(row[C + d]);
-    cpu::load_row(v + i * dp, row + 2 * C, D);
+  const scalar_t* rows = qkv + w * N * 3 * C + h * D;
+  for (int64_t i = 0; i < N; ++i) {  // q (N x dp, scaled), v (N x dp)
+    row_in(q + i * dp, rows + i * 3 * C, D, static_cast<T>(g.scale));
+    row_in(v + i * dp, rows + i * 3 * C + 2 * C, D);
   }
-  gemm(q, dp, kt, np, s, np, N, D, np);  // scores (N x np)
+  transpose_in(rows + C, 3 * C, N, D, kt, np);  // k^T (D x np)
+  gemm<false>(q, dp, kt, np, s, np, N, D, np);  // scores (N x np)
   const T* b = bias + ((w % g.groups) * g.heads + h) * N * N;
   for (int64_t i = 0; i < N; ++i) softmax_row(s + i * np, b + i * N, N, np);
-  if (probs != nullptr) {
-    for (int64_t i = 0; i < N; ++i) cpu::store_row(probs + (task * N + i) * N, s + i * np, N);
-  }
-  gemm(s, np, v, dp, o, dp, N, N, dp);  // out (N x dp)
-  for (int64_t i = 0; i < N; ++i) cpu::store_row(out + (w * N + i) * C + h * D, o + i * dp, D);
-}
-
-// Rows of a (N x dp) result, times factor, into part `part` (q, k or v) of head h in grad_qkv.
-template <typename scalar_t, typename T>
-GFM_ALWAYS_INLINE void store_part(scalar_t* grad_qkv, const Geometry& g, int64_t w, int64_t h, int part,
-                                  const T* src, int64_t dp, T factor) {
-  const int64_t N = g.tokens, D = g.head_dim, C = g.chans;
-  for (int64_t i = 0; i < N; ++i) {
-    scalar_t* dst = grad_qkv + (w * N + i) * 3 * C + part * C + h * D;
-    const T* r = src + i * dp;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(r[d] * factor);
-  }
+  if (probs != nullptr) row_out(probs + task * N * np, s, N * np);  // padded rows, as the backward reads them
+  gemm<false>(s, np, v, dp, o, dp, N, N, dp);  // out (N x dp)
+  for (int64_t i = 0; i < N; ++i) row_out(out + (w * N + i) * C + h * D, o + i * dp, D);
 }
 
 // dv = p^T do; dp = do v^T; ds = p * (dp - rowsum(p * dp)); dq = scale ds k; dk = scale ds^T q.
@@ -235,34 +280,33 @@ GFM_ALWAYS_INLINE void backward_task(int64_t task, const Geometry& g, const scal
   const int64_t np = sc.np, dp = sc.dp;
   const T scale = static_cast<T>(g.scale);
   T *q = sc.thin(0), *k = sc.thin(1), *vt = sc.thin(2), *dout = sc.thin(3), *result = sc.thin(4);
-  T *p = sc.square(0), *pt = sc.square(1), *ds = sc.square(2);
+  T *p = sc.square(0), *ds = sc.square(1);
+  const scalar_t* rows = qkv + w * N * 3 * C + h * D;
   for (int64_t i = 0; i < N; ++i) {
-    const scalar_t* row = qkv + (w * N + i) * 3 * C + h * D;
-    cpu::load_row(q + i * dp, row, D);
-    cpu::load_row(k + i * dp, row + C, D);
-    for (int64_t d = 0; d < D; ++d) vt[d * np + i] = static_cast<T>(row[2 * C + d]);
-    cpu::load_row(dout + i * dp, grad_out + (w * N + i) * C + h * D, D);
-    cpu::load_row(p + i * np, probs + (task * N + i) * N, N);
+    row_in(q + i * dp, rows + i * 3 * C, D);
+    row_in(k + i * dp, rows + i * 3 * C + C, D);
+    row_in(dout + i * dp, grad_out + (w * N + i) * C + h * D, D);
   }
-  transpose(p, np, N, N, pt, np);
-  gemm(pt, np, dout, dp, result, dp, N, N, dp);
-  store_part(grad_qkv, g, w, h, 2, result, dp, T(1));
-  gemm(dout, dp, vt, np, ds, np, N, D, np);
+  transpose_in(rows + 2 * C, 3 * C, N, D, vt, np);
+  row_in(p, probs + task * N * np, N * np);
+  scalar_t* grads = grad_qkv + w * N * 3 * C + h * D;  // row i of part (q, k, v) at i * 3C + part * C
+  gemm<true>(p, np, dout, dp, result, dp, N, N, dp);   // dv = p^T do
+  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C + 2 * C, result + i * dp, D);
+  gemm<false>(dout, dp, vt, np, ds, np, N, D, np);  // dp = do v^T
   for (int64_t i = 0; i < N; ++i) {
     T* dsi = ds + i * np;
     const T* pi = p + i * np;
     T dot = 0;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < N; ++j) dot += pi[j] * dsi[j];
+    for (int64_t j = 0; j < np; ++j) dot += pi[j] * dsi[j];  // the padding of p is 0
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) dsi[j] = pi[j] * (dsi[j] - dot);
-    if (grad_scores != nullptr) std::copy(dsi, dsi + N, grad_scores + (task * N + i) * N);
+    for (int64_t j = 0; j < np; ++j) dsi[j] = pi[j] * (dsi[j] - dot);
+    if (grad_scores != nullptr) row_out(grad_scores + (task * N + i) * N, dsi, N);
   }
-  gemm(ds, np, k, dp, result, dp, N, N, dp);
-  store_part(grad_qkv, g, w, h, 0, result, dp, scale);
-  transpose(ds, np, N, N, pt, np);
-  gemm(pt, np, q, dp, result, dp, N, N, dp);
-  store_part(grad_qkv, g, w, h, 1, result, dp, scale);
+  gemm<false>(ds, np, k, dp, result, dp, N, N, dp);  // dq = scale ds k
+  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C, result + i * dp, D, scale);
+  gemm<true>(ds, np, q, dp, result, dp, N, N, dp);  // dk = scale ds^T q
+  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C + C, result + i * dp, D, scale);
 }
 
 // Every task of [begin, end) with one scratch; compiled per ISA (GFM_CPU_CLONES).
@@ -307,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv, c
   TORCH_CHECK(g.groups > 0 && g.windows % g.groups == 0, kForward, ": the windows (", g.windows,
               ") must be a multiple of the bias groups (", g.groups, ")");
   at::Tensor out = at::empty({g.windows, g.tokens, g.chans}, qkv.options());
-  at::Tensor probs = at::empty(needs_grad ? at::IntArrayRef{g.windows, heads, g.tokens, g.tokens} : at::IntArrayRef{0},
+  const int64_t padded = round_up(g.tokens, kRowPad);
+  at::Tensor probs = at::empty(needs_grad ? at::IntArrayRef{g.windows, heads, g.tokens, padded} : at::IntArrayRef{0},
                                qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), kForward, [&] {
     using acc_t = acc_type<scalar_t>;
@@ -328,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(const at::Tenso
   check_input(kBackward, "grad_out", grad_out, qkv, 3);
   check_shape(kBackward, "grad_out", grad_out, {g.windows, g.tokens, g.chans});
   check_input(kBackward, "probs", probs, qkv, 4);
-  check_shape(kBackward, "probs", probs, {g.windows, heads, g.tokens, g.tokens});
+  check_shape(kBackward, "probs", probs, {g.windows, heads, g.tokens, round_up(g.tokens, kRowPad)});
   at::Tensor grad_qkv = at::empty_like(qkv);
   at::Tensor grad_scores =
       at::empty(bias_grad ? at::IntArrayRef{g.windows, heads, g.tokens, g.tokens} : at::IntArrayRef{0},

@@ -122,12 +122,12 @@ def _cosine_distillation_backward_fake(grad_loss, student, teacher, row_stats, e
 @torch.library.register_fake("gfm_fast::window_attention")
 def _window_attention_fake(qkv, bias, heads, scale, needs_grad):
     windows, tokens, width = qkv.shape
-    probs = (windows, heads, tokens, tokens) if needs_grad else (0,)
+    probs = (windows, heads, tokens, -(-tokens // 16) * 16) if needs_grad else (0,)  # rows padded to 16
     return qkv.new_empty((windows, tokens, width // 3)), qkv.new_empty(probs)
 
 
 @torch.library.register_fake("gfm_fast::_window_attention_backward")
 def _window_attention_backward_fake(grad_out, qkv, probs, heads, scale, bias_grad):
     accumulate = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    scores = probs.shape if bias_grad else (0,)
+    scores = (*probs.shape[:3], probs.shape[2]) if bias_grad else (0,)
     return qkv.new_empty(qkv.shape), qkv.new_empty(scores, dtype=accumulate)
