@@ -16,6 +16,7 @@ import yaml
 import gfm_fast
 from gfm_fast import extract_features, save_model
 
+matmul_precision = torch.get_float32_matmul_precision()
 try:
     import terratorch  # noqa: F401
 except ImportError as exc:
@@ -23,6 +24,10 @@ except ImportError as exc:
         pytest.skip(f"the [terratorch] extra is not installed ({exc})", allow_module_level=True)
     raise ImportError(f"GFM_REQUIRE_TERRATORCH is set (as in CI) but terratorch does not import ({exc}); install "
                       "it with GFM_EXTRAS=terratorch bash scripts/install.sh") from exc
+finally:
+    # Importing terratorch sets torch's float32 matmul precision to "medium" for the whole process (bf16 matmuls
+    # on CPUs that have them); this import runs at collection, before every test of the session.
+    torch.set_float32_matmul_precision(matmul_precision)
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "terratorch_segmentation.yaml"
 VARIANT = "gfm_swin_test_patch4_window2_64"
