@@ -112,7 +112,8 @@ setup(
     include_package_data=True,
     package_data={"gfm_fast": ["data/sample/*", "data/sample/**/*", "../configs/*.yaml"]},
     install_requires=["torch>=2.4", "timm>=1.0.9", "numpy", "safetensors", "pyyaml", "tqdm", "pillow", "simplejpeg",
-                      "tifffile", "imagecodecs", "webdataset>=0.2.90", "deepspeed>=0.15", "tensorboard", "pybind11"],
+                      "tifffile", "imagecodecs", "webdataset>=0.2.90", "deepspeed>=0.15", "tensorboard", "pybind11",
+                      "pyarrow>=16"],
     extras_require={"test": ["pytest", "pytest-xdist"], "bench": ["torchvision"],
                     "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],  # python -m gfm_fast.export
                     "terratorch": ["terratorch>=1.2"]},  # docs/terratorch_segmentation.yaml

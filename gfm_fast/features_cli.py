@@ -1,20 +1,25 @@
 """Feature files: ``python -m gfm_fast.features`` writes GFM features of a whole data set to disk.
 
     python -m gfm_fast.features --model runs/gfm/model --data images/ --out feats.npy
-    python -m gfm_fast.features --model gfm.pth --data shards/ --out feats.npy --image-size 192
+    python -m gfm_fast.features --model gfm.pth --data shards/ --out feats.parquet --image-size 192
 
-Writes ``feats.npy`` (N, F) float32, the pooled features of ``extract_features``, and
-``feats.ids.txt`` with one image id per line, row for row: the path relative to ``--data`` for an
-image directory (searched recursively, sorted), the sample key for WebDataset shards (a build
-directory with manifest.json, or a brace pattern / URL list, in shard order). Only ``.npy``:
-Parquet would need pyarrow, which gfm_fast does not depend on.
+The features are the pooled features of ``extract_features``, one row per image, with image ids:
+the path relative to ``--data`` for an image directory (searched recursively, sorted), the sample
+key for WebDataset shards (a build directory with manifest.json, or a brace pattern / URL list, in
+shard order). The suffix of ``--out`` picks the format:
+
+- ``feats.npy``: an (N, F) float32 array, and ``feats.ids.txt`` with one id per line, row for row.
+- ``feats.parquet``: one file with an ``id`` string column and a ``features`` column (fixed-size
+  list of F float32), and the settings in the schema metadata under ``gfm_fast`` (JSON: model,
+  model name, data, image size, pooling, channels, F, mean/std, version); read it with
+  ``pyarrow.parquet.read_table``.
 
 Resumable: images are processed in chunks of ``--chunk-size``, each written atomically to
-``feats.npy.parts/`` beside an index of the settings; re-running the same command after an
+``<out>.parts/`` beside an index of the settings; re-running the same command after an
 interruption (Ctrl-C, a killed job, an unreadable file fixed since) skips the finished chunks
-without decoding or running their images. The parts are joined into the output at the end and
-removed. Corrupt samples in shards are skipped and counted; an unreadable file in a directory
-stops the run, naming the file.
+without decoding or running their images. The parts are joined into the output at the end (via a
+temporary file, renamed into place) and removed. Corrupt samples in shards are skipped and counted;
+an unreadable file in a directory stops the run, naming the file.
 """
 from __future__ import annotations
 
@@ -31,11 +36,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import gfm_fast
 from gfm_fast.errors import GFMError
 
 __all__ = ["write_feature_file", "FeatureFileError", "main"]
 
 IDS_SUFFIX = ".ids.txt"
+FORMATS = (".npy", ".parquet")
+METADATA_KEY = b"gfm_fast"  # Parquet schema metadata: the settings as JSON
+POOLING = "mean over the tokens of the last stage after its norm (extract_features)"
 PARTS_SUFFIX = ".parts"
 INDEX_FILE = "index.json"
 Loader = Callable[[], Optional[Tuple[np.ndarray, float]]]  # -> (pixels, divisor to [0, 1]) or None if corrupt
@@ -183,35 +192,61 @@ def _open_parts(out: Path, settings: Dict[str, Any]) -> Path:
     return parts
 
 
-def _join(parts: Path, chunks: int, out: Path, dim: int) -> int:
-    """Concatenate the chunks into ``out`` (memory-mapped: never all features in RAM) and the ids."""
+def _chunks(parts: Path, chunks: int) -> Iterator[Tuple[List[str], np.ndarray]]:
+    """(ids, features memory-mapped) of each finished chunk, in order."""
+    for i in range(chunks):
+        features_path, ids_path = _chunk_paths(parts, i)
+        yield json.loads(ids_path.read_text()), np.load(features_path, mmap_mode="r")
+
+
+def _write_npy(parts: Path, chunks: int, out: Path, dim: int) -> int:
+    """``out`` (N, dim) float32, filled chunk by chunk through a memory map, and ``<out>.ids.txt``."""
     sizes = [np.load(_chunk_paths(parts, i)[0], mmap_mode="r").shape[0] for i in range(chunks)]
     tmp = out.with_name(out.name + ".tmp.npy")
     joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(sum(sizes), dim))
     ids: List[str] = []
-    row = 0
-    for i, size in enumerate(sizes):
-        features_path, ids_path = _chunk_paths(parts, i)
-        joined[row:row + size] = np.load(features_path, mmap_mode="r")
-        ids += json.loads(ids_path.read_text())
-        row += size
+    for chunk_ids, features in _chunks(parts, chunks):
+        joined[len(ids):len(ids) + len(chunk_ids)] = features
+        ids += chunk_ids
     joined.flush()
     del joined
     os.replace(tmp, out)
-    out.with_name(out.name[: -len(".npy")] + IDS_SUFFIX).write_text("".join(f"{i}\n" for i in ids))
-    shutil.rmtree(parts)
-    return row
+    ids_path = out.with_name(out.name[: -len(".npy")] + IDS_SUFFIX)
+    ids_path.with_suffix(".tmp").write_text("".join(f"{i}\n" for i in ids))
+    os.replace(ids_path.with_suffix(".tmp"), ids_path)
+    return len(ids)
+
+
+def _write_parquet(parts: Path, chunks: int, out: Path, dim: int, metadata: Dict[str, Any]) -> int:
+    """``out`` with columns id (string) and features (fixed-size list of dim float32), one row group
+    per chunk (never all features in RAM), and ``metadata`` as JSON in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("features", pa.list_(pa.float32(), dim))],
+                       metadata={METADATA_KEY: json.dumps(metadata).encode()})
+    tmp = out.with_name(out.name + ".tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for ids, features in _chunks(parts, chunks):
+            values = pa.array(features.reshape(-1), pa.float32())
+            writer.write_table(pa.table([pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
+                                        schema=schema))
+            rows += len(ids)
+    os.replace(tmp, out)
+    return rows
 
 
 def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64, chunk_size: int = 4096,
                        image_size: Optional[int] = None, device: Optional[str] = None,
                        progress: bool = True) -> Tuple[Path, int]:
-    """Write the pooled GFM features of every image in ``data`` to ``out`` (.npy) plus their ids.
+    """Write the pooled GFM features of every image in ``data``, with their ids, to ``out``.
 
     Args:
         model: anything ``gfm_fast.load_model`` reads.
         data: an image directory, or WebDataset shards (build directory, brace pattern, URLs).
-        out: the ``.npy`` file; ids go to ``<out without .npy>.ids.txt``.
+        out: a ``.npy`` file (ids go to ``<out without .npy>.ids.txt``) or a ``.parquet`` file
+            (columns ``id`` and ``features``; see the module docstring).
         batch_size: images per forward pass.
         chunk_size: images per resumable chunk.
         image_size: resize every image to this square size first (default: as stored; sizes must
@@ -225,8 +260,8 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
     from gfm_fast.models.io import load_model
 
     out_path = Path(out)
-    if out_path.suffix != ".npy":
-        raise FeatureFileError(f"--out {out} must end in .npy (Parquet would need pyarrow, not a dependency)")
+    if out_path.suffix not in FORMATS:
+        raise FeatureFileError(f"--out {out} must end in .npy or .parquet (the suffix picks the format)")
     if batch_size <= 0 or chunk_size <= 0:
         raise FeatureFileError("--batch-size and --chunk-size must be positive")
     settings = {"model": str(Path(model).resolve()), "data": str(data), "chunk_size": chunk_size,
@@ -252,12 +287,19 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
                 done += len(chunk)
             chunks += 1
             bar.update(len(chunk))
-    rows = _join(parts, chunks, out_path, encoder.num_features)
+    if out_path.suffix == ".npy":
+        rows = _write_npy(parts, chunks, out_path, encoder.num_features)
+    else:
+        metadata = {**settings, "model_name": config.model_name, "pooling": POOLING,
+                    "in_chans": config.swin.in_chans, "num_features": encoder.num_features,
+                    "mean": list(config.mean), "std": list(config.std), "gfm_fast_version": gfm_fast.__version__}
+        rows = _write_parquet(parts, chunks, out_path, encoder.num_features, metadata)
+    shutil.rmtree(parts)
     if progress:
         note = f", {done} from finished chunks of an earlier run" if done else ""
         skipped = f", {corrupt} corrupt samples skipped" if corrupt else ""
-        print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}) and "
-              f"{out_path.name[:-4]}{IDS_SUFFIX}", file=sys.stderr)
+        beside = f" and {out_path.name[:-4]}{IDS_SUFFIX}" if out_path.suffix == ".npy" else ""
+        print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}){beside}", file=sys.stderr)
     return out_path, rows
 
 
@@ -265,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gfm_fast.features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="anything gfm_fast.load_model reads")
     parser.add_argument("--data", required=True, help="image directory, shard build directory or brace pattern")
-    parser.add_argument("--out", required=True, help="output .npy (ids beside it in .ids.txt)")
+    parser.add_argument("--out", required=True, help="output .npy (ids beside it in .ids.txt) or .parquet "
+                        "(columns id and features)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
     parser.add_argument("--image-size", type=int, default=None, help="resize images to this square size first")

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Create .venv (if missing), install the pinned dependencies and build gfm_fast (C++ ops; CUDA ops
-# too where a CUDA toolkit exists). Re-running is quick: when requirements, setup.py and csrc/ are
-# unchanged since the last successful install, nothing is reinstalled or recompiled.
+# too where a CUDA toolkit exists). Re-running is quick: when requirements, setup.py, csrc/ and the
+# extras asked for are unchanged since the last successful install, nothing is reinstalled or
+# recompiled.
+#
+# GFM_EXTRAS: optional extras of setup.py, comma-separated, e.g. GFM_EXTRAS=terratorch,export
+# (installed under requirements.txt as constraints, so they never move torch, timm or numpy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+extras=$(echo "${GFM_EXTRAS:-}" | tr -d ' ')
+known=$(sed -n '/extras_require=/,/}/p' setup.py | grep -o '"[a-z0-9_-]*": \[' | tr -d '":[ ' | paste -sd, -)
+for extra in ${extras//,/ }; do  # pip would only warn about a misspelt extra, and install nothing for it
+    case ",$known," in
+        *",$extra,"*) ;;
+        *) echo "install.sh: unknown extra '$extra' in GFM_EXTRAS (setup.py has: $known)" >&2; exit 2 ;;
+    esac
+done
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 stamp=.venv/.gfm_fast_install
-digest=$(cat requirements.txt setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+digest=$( (echo "extras=$extras"; cat requirements.txt setup.py $(find csrc -type f | sort)) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && python -c "import torch, gfm_fast._C" 2>/dev/null; then
     echo "gfm_fast: already installed and built (delete $stamp to force a rebuild)"
 else
@@ -16,7 +28,7 @@ else
     pip install -q -r requirements.txt
     # deepspeed and our extension compile against the torch installed above, not a fresh isolated copy.
     pip install -q --no-build-isolation "deepspeed==0.19.8"
-    pip install -q --no-build-isolation -e ".[test]"
+    pip install -q --no-build-isolation -c requirements.txt -e ".[test${extras:+,$extras}]"
     echo "$digest" > "$stamp"
 fi
 python -c "import gfm_fast, gfm_fast.ops as o; print('gfm_fast', gfm_fast.__version__, 'backends', o.available_backends())"

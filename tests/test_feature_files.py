@@ -1,4 +1,5 @@
-"""python -m gfm_fast.features: feature files with ids, in chunks, resumable, equal to extract_features."""
+"""python -m gfm_fast.features: .npy and .parquet feature files with ids, in chunks, resumable, equal to
+extract_features."""
 import io
 import json
 import os
@@ -8,6 +9,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -39,31 +42,54 @@ def write_images(root, count=7):
 
 
 def read_output(out):
-    return np.load(out), out.with_name(out.name[:-4] + ".ids.txt").read_text().splitlines()
+    """(features (N, F), ids) of a .npy (ids in .ids.txt beside it) or .parquet feature file."""
+    if out.suffix == ".npy":
+        return np.load(out), out.with_name(out.name[:-4] + ".ids.txt").read_text().splitlines()
+    table = pq.read_table(out)
+    assert table.schema.field("features").type == pa.list_(pa.float32(), table["features"].type.list_size)
+    return np.stack(table["features"].to_numpy(zero_copy_only=False)), table["id"].to_pylist()
 
 
-def test_directory_in_chunks_equals_extract_features(tmp_path, model):
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_directory_in_chunks_equals_extract_features(tmp_path, model, suffix):
     files = write_images(tmp_path / "data")
-    out = tmp_path / "feats.npy"
+    out = tmp_path / f"feats{suffix}"
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--chunk-size", "3",
                  "--batch-size", "2", "--no-progress"]) == 0
     features, ids = read_output(out)
     assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
+    assert features.dtype == np.float32 and features.shape == (7, 128)
     np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
-    assert not (tmp_path / "feats.npy.parts").exists()
+    written = {out.name, "feats.ids.txt"} if suffix == ".npy" else {out.name}
+    assert {p.name for p in tmp_path.iterdir()} == {"data", "model"} | written  # no parts, no temporary files
 
 
-def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, model, monkeypatch, capsys):
+def test_parquet_records_the_settings(tmp_path, model):
+    write_images(tmp_path / "data", count=2)
+    out = tmp_path / "feats.parquet"
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--image-size", "64",
+                 "--no-progress"]) == 0
+    meta = json.loads(pq.read_schema(out).metadata[b"gfm_fast"])
+    config = json.loads((model / "config.json").read_text())
+    assert meta["model"] == str(model.resolve()) and meta["data"] == str(tmp_path / "data")
+    assert meta["image_size"] == 64 and meta["num_features"] == 128 and meta["in_chans"] == 3
+    assert meta["mean"] == config["mean"] and meta["std"] == config["std"]
+    assert meta["gfm_fast_version"] == gfm_fast.__version__ and "mean over the tokens" in meta["pooling"]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, model, monkeypatch, capsys, suffix):
     files = write_images(tmp_path / "data")
     good = files[4].read_bytes()
     files[4].write_bytes(b"not a png")  # the run stops in the second chunk (files 3-5)
-    out = tmp_path / "feats.npy"
+    out = tmp_path / f"feats{suffix}"
     args = ["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--chunk-size", "3",
             "--no-progress"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read image file") and files[4].name in err and err.count("\n") == 1
-    assert sorted(p.name for p in (tmp_path / "feats.npy.parts").glob("chunk-*")) == [
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / f"feats{suffix}.parts").glob("chunk-*")) == [
         "chunk-000000.ids.json", "chunk-000000.npy"]
     files[4].write_bytes(good)
     read = []
@@ -72,7 +98,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     assert main(args) == 0
     assert read == files[3:]  # the first chunk's images are neither decoded nor run again
     features, ids = read_output(out)
-    assert len(ids) == 7
+    assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
     np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -107,8 +133,8 @@ def test_shards_with_resize(tmp_path, model):
 
 def test_errors_are_one_line(tmp_path, model, capsys):
     write_images(tmp_path / "data", count=2)
-    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.parquet")]) == 1
-    assert "must end in .npy" in capsys.readouterr().err
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.csv")]) == 1
+    assert "must end in .npy or .parquet" in capsys.readouterr().err
     out = tmp_path / "f.npy"
     (tmp_path / "f.npy.parts").mkdir()
     (tmp_path / "f.npy.parts" / "index.json").write_text(json.dumps({"model": "other"}))
