@@ -131,12 +131,52 @@ GFM_ALWAYS_INLINE void row_out(S* __restrict dst, const T* __restrict src, int64
   for (; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
 }
 
-// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T, converting.
+#if GFM_HAS_VECTOR_EXT
+// Lane order of step S of a 16 x 16 transpose on the 32 lanes of a pair of rows (a | b): rows i and
+// i + S (bit S of i clear) swap their off-diagonal S x S blocks.
+typedef int32_t Lanes16 __attribute__((vector_size(64)));
+template <int S, bool kHigh>
+constexpr Lanes16 swap_order() {
+  Lanes16 order{};
+  for (int l = 0; l < 16; ++l) order[l] = (l & S) == 0 ? (kHigh ? l + S : l) : (kHigh ? l + 16 : l - S + 16);
+  return order;
+}
+
+template <int S>
+GFM_ALWAYS_INLINE void transpose_step(cpu::Vec<float>::type* r) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const auto a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, swap_order<S, false>());
+    r[i + S] = __builtin_shuffle(a, b, swap_order<S, true>());
+  }
+}
+#endif
+
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)^T, converting. ldd is a
+// multiple of 16 and >= rows rounded up to 16 (rows past `rows` get zeros).
 template <typename T, typename S>
 GFM_ALWAYS_INLINE void transpose_in(const S* __restrict src, int64_t lds, int64_t rows, int64_t cols,
                                     T* __restrict dst, int64_t ldd) {
+  int64_t c0 = 0;
+#if GFM_HAS_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {  // 16 x 16 blocks in registers
+    using V = cpu::Vec<float>::type;
+    for (; c0 + 16 <= cols; c0 += 16) {
+      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        V r[16];
+        for (int64_t i = 0; i < 16; ++i) r[i] = r0 + i < rows ? cpu::vload(src + (r0 + i) * lds + c0) : V{};
+        transpose_step<8>(r);
+        transpose_step<4>(r);
+        transpose_step<2>(r);
+        transpose_step<1>(r);
+        for (int64_t i = 0; i < 16; ++i) cpu::vstore(dst + (c0 + i) * ldd + r0, r[i]);
+      }
+    }
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
+    for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
 }
 
 // ---- softmax of one padded row: s[j] <- softmax(s + bias)[j] for j < n, 0 for n <= j < padded ----
@@ -167,7 +207,6 @@ GFM_ALWAYS_INLINE cpu::Vec<float>::type vexp(cpu::Vec<float>::type x) {
 }
 
 // Max and sum over the 16 lanes: a tree of 4 shuffles (not 16 lane extractions).
-typedef int32_t Lanes16 __attribute__((vector_size(64)));
 template <bool kMax>
 GFM_ALWAYS_INLINE float reduce_lanes(cpu::Vec<float>::type v) {
   using V = cpu::Vec<float>::type;
