@@ -19,8 +19,9 @@ Every record carries the FLOPs of one image (counted by ``torch.utils.flop_count
 step: student forward + backward, teacher forward), the achieved GFLOP/s, the machine's matmul rate
 at that precision measured in the same run, the MFU against it (and on GPU against the card's
 datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
-(``aten::_local_scalar_dense``: every ``.item()``, ``bool(tensor)``, ``.tolist()``) and which
-attention kernels ran.
+(tensor values read from Python: ``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()`` of a
+tensor, each a device-to-host sync on a GPU; reads inside a kernel, such as torch's CPU AdamW reading
+its step counts, are not syncs) and which attention kernels ran.
 """
 from __future__ import annotations
 
@@ -147,21 +148,38 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor values read from Python while active."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
 def profile_counts(step: Callable[[], None], device: torch.device) -> Dict[str, object]:
-    """Per step: ``aten::copy_`` calls, host syncs and the attention kernels that ran."""
+    """Per step: ``aten::copy_`` calls, host syncs (:class:`HostReads`) and the attention kernels that ran."""
     from torch.profiler import ProfilerActivity, profile
 
     from _timing import _native_stderr_silenced
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _native_stderr_silenced(), profile(activities=activities) as prof:
+    reads = HostReads()
+    with _native_stderr_silenced(), profile(activities=activities) as prof, reads:
         step()
         _sync(device)
     counts: Dict[str, int] = {}
     for event in prof.events():
         counts[event.name] = counts.get(event.name, 0) + 1
-    attention = {name: n for name, n in counts.items() if "attention" in name or name in ("aten::bmm", "aten::_softmax")}
-    return {"copy_calls": counts.get("aten::copy_", 0), "host_syncs": counts.get("aten::_local_scalar_dense", 0),
+    attention = {name: n for name, n in counts.items()
+                 if "attention" in name or name in ("aten::bmm", "aten::_softmax")}
+    return {"copy_calls": counts.get("aten::copy_", 0), "host_syncs": reads.count,
             "attention_kernels": attention}
 
 

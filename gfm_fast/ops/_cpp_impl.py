@@ -52,11 +52,7 @@ def decoder_l1_loss_backward(grad_loss, saved: Tensors, stride: int) -> Tensors:
     if not saved:
         raise RuntimeError("decoder_l1_loss: backward called on a forward run without gradients (needs_grad=False)")
     g_features, g_weight, g_bias = saved
-    # The usual case (the loss feeds a sum) needs no extra pass and no copy. On CUDA the check
-    # would cost a device sync, and under torch.compile it is data-dependent control flow (a graph
-    # break), so there the kernels always scale.
-    if grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
-        return g_features, g_weight, g_bias
+    # Always scaled by the kernel: skipping it when grad_loss is 1 would read grad_loss on the host.
     return tuple(_ops._decoder_l1_loss_backward(grad_loss, g_features, g_weight, g_bias))
 
 
