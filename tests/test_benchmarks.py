@@ -43,6 +43,11 @@ def test_throughput_step_times_ours_against_the_reference_at_each_precision(tmp_
         assert r["speedup"] == 1.0 if side == "reference" else r["speedup"] > 0
     # One FLOP count for every side: the model FLOPs, counted on the reference step.
     assert len({r["flops_per_image"] for r in steps.values()}) == 1
+    # Our default step reads the host once (the skip decision and the stop flag together); torch's
+    # unfused AdamW, which the reference and "ours" share, reads each parameter's step count.
+    for precision in ("fp32", "bf16"):
+        assert steps["ours+fused_adamw", precision]["host_syncs"] == 1
+        assert steps["reference", precision]["host_syncs"] > 100
     assert (tmp_path / "step.png").stat().st_size > 10_000
 
 
