@@ -17,6 +17,11 @@ name everywhere):
   (schemas in ``csrc/gfm_fast.cpp``, shape checks in ``csrc/geometry.h``);
 - tests: ``tests/ops/test_<op>.py``; benchmark: ``benchmarks/ops_bench.py``.
 
+``window_attention`` (Swin's window attention core, the path ``gfm_fast.models.attention`` takes on
+CPU) follows the same layout with one fast backend, C++ on CPU: ``ops/window_attention.py``,
+``csrc/cpu/window_attention_kernel.cpp``, ``reference.window_attention``,
+``tests/ops/test_window_attention.py``.
+
 The method behind the ops: docs/method.md; how the package is layered: docs/architecture.md.
 """
 from gfm_fast.ops import reference
@@ -24,6 +29,7 @@ from gfm_fast.ops._backend import BACKENDS, BackendUnavailableError, available_b
 from gfm_fast.ops.cosine_distillation import cosine_distillation
 from gfm_fast.ops.decoder_l1_loss import decoder_l1_loss
 from gfm_fast.ops.masked_patch_embed import masked_patch_embed
+from gfm_fast.ops.window_attention import window_attention
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "resolve", "reference",
-           "masked_patch_embed", "decoder_l1_loss", "cosine_distillation"]
+           "masked_patch_embed", "decoder_l1_loss", "cosine_distillation", "window_attention"]
