@@ -130,6 +130,7 @@ def export_model(model_or_path: Any, out: Any, *, format: str = "onnx", image_si
             file whose outputs differ from eager by more than ``TOLERANCE``.
     """
     from gfm_fast.features import _stage_indices
+    from gfm_fast.models.attention import attention_path
     from gfm_fast.models.io import load_model
     from gfm_fast.models.swin import allow_any_input_size, encoder_config_of
 
@@ -151,7 +152,8 @@ def export_model(model_or_path: Any, out: Any, *, format: str = "onnx", image_si
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, config.swin.in_chans, size, size, generator=generator)
     check = torch.randn(CHECK_BATCH, config.swin.in_chans, size, size, generator=generator)
-    with torch.no_grad(), allow_any_input_size(encoder):
+    # Standard operators only (SDPA), not gfm_fast's CPU kernel: the file must run without gfm_fast.
+    with torch.no_grad(), allow_any_input_size(encoder), attention_path(encoder, "sdpa"):
         if format == "onnx":
             _export_onnx(module, example, out, names, meta)
         else:

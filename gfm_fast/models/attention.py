@@ -34,8 +34,9 @@ Beyond the path, three things timm repeats on every call are done once here:
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ from gfm_fast.ops import reference
 from gfm_fast.ops.window_attention import kernel_available
 from gfm_fast.ops.window_attention import window_attention as fused_window_attention
 
-__all__ = ["ATTENTION_PATHS", "set_attention", "resolve_path", "window_attention", "to_windows", "from_windows"]
+__all__ = ["ATTENTION_PATHS", "set_attention", "attention_path", "resolve_path", "window_attention", "to_windows",
+           "from_windows"]
 
 
 def resolve_path(path: str, x: torch.Tensor, bias_needs_grad: bool, dropout: float = 0.0) -> str:
@@ -136,6 +138,23 @@ def set_attention(model: nn.Module, path: str) -> nn.Module:
             module.gfm_attention = path
             module.forward = types.MethodType(window_attention, module)
     return model
+
+
+@contextmanager
+def attention_path(model: nn.Module, path: str) -> Iterator[nn.Module]:
+    """Run ``model``'s routed window attentions on ``path`` inside the block (then as before):
+    e.g. ``sdpa`` for an export, whose file must not need gfm_fast's own kernel."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    routed = [m for m in model.modules() if hasattr(m, "gfm_attention")]
+    before = [m.gfm_attention for m in routed]
+    for module in routed:
+        module.gfm_attention = path
+    try:
+        yield model
+    finally:
+        for module, old in zip(routed, before):
+            module.gfm_attention = old
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 
 from timm.models.swin_transformer import window_partition, window_reverse
 
-from gfm_fast.models.attention import from_windows, resolve_path, set_attention, to_windows
+from gfm_fast.models.attention import attention_path, from_windows, resolve_path, set_attention, to_windows
 from gfm_fast.models.swin import pad_before_shift
 from model_helpers import tiny_pretrainer
 
@@ -93,6 +93,21 @@ def test_auto_picks_the_measured_fastest_path(monkeypatch):
     assert resolve_path("auto", bf16, bias_needs_grad=False) == "explicit"  # bmm beats the flash kernel in bf16
     with pytest.raises(ValueError, match="attention path"):
         set_attention(_block(0), "flash")
+
+
+def test_attention_path_is_set_inside_the_block_only():
+    """Export runs the model on SDPA (standard operators) and leaves it as it was afterwards."""
+    model = tiny_pretrainer()
+    modules = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    modules[0].gfm_attention = "explicit"
+    with attention_path(model, "sdpa"):
+        assert all(m.gfm_attention == "sdpa" for m in modules)
+        tokens = modules[0].window_size[0] * modules[0].window_size[1]
+        x = torch.randn(4, tokens, modules[0].qkv.in_features)
+        with torch.profiler.profile() as prof:
+            modules[0](x)
+        assert not any(e.name.startswith("gfm_fast::") for e in prof.events())
+    assert modules[0].gfm_attention == "explicit" and all(m.gfm_attention == "auto" for m in modules[1:])
 
 
 def test_every_window_attention_of_the_models_is_routed():
