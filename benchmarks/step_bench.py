@@ -170,8 +170,11 @@ def profile_counts(step: Callable[[], None], device: torch.device) -> Dict[str, 
     from _timing import _native_stderr_silenced
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    reads = HostReads()
-    with _native_stderr_silenced(), profile(activities=activities) as prof, reads:
+    with _native_stderr_silenced(), profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    reads = HostReads()  # in a step of its own: under torch.compile a function mode makes dynamo retrace
+    with reads:
         step()
         _sync(device)
     counts: Dict[str, int] = {}
