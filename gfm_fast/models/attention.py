@@ -4,23 +4,26 @@ timm's ``WindowAttention`` has two paths: explicit (``q @ k^T``, + bias, softmax
 ``F.scaled_dot_product_attention`` with the bias as an additive ``attn_mask``. This module adds a
 third, ``cpp``: gfm_fast's fused C++ window attention (``gfm_fast.ops.window_attention``), which
 reads q, k, v in place from the qkv projection and computes each (window, head) in cache.
-Measured with torch 2.14 on a 2-thread AVX-512 CPU, Swin-B stage 3, batch 4 (16 windows x 16 heads
-x 36 or 49 tokens x 32; see docs/method.md and benchmarks/results/):
+Measured with torch 2.14, 2 threads, Swin-B stage 3 at batch 4 (16 windows x 16 heads x 36 or 49
+tokens x 32), median ms; the q/k/v permute and output transpose included (docs/method.md):
 
-==============================  ========  =======================  ==========================
-stage-3 attention core          explicit  SDPA, bias needs a grad  SDPA, frozen bias (teacher)
-==============================  ========  =======================  ==========================
-student fwd+bwd, fp32           5.4 ms    5.8 ms (math fallback)   -
-student fwd+bwd, bf16 autocast  3.5 ms    6.0 ms (math fallback)   -
-teacher fwd, fp32               3.6 ms    -                        1.9 ms (CPU flash kernel)
-teacher fwd, bf16               1.35 ms   -                        1.9 ms
-==============================  ========  =======================  ==========================
+==============================  ========  =============================  =====
+stage-3 attention core          explicit  SDPA                           cpp
+==============================  ========  =============================  =====
+student fwd+bwd, fp32           3.54      6.36 (bias grad: math path)    2.45
+teacher fwd, fp32               1.87      1.20 (frozen bias: CPU flash)  1.21
+student fwd+bwd, bf16 autocast  5.19      4.96                           1.94
+teacher fwd, bf16               2.83      1.68                           1.19
+==============================  ========  =============================  =====
 
-A trainable relative-position bias sends CPU SDPA to its unfused math path, and batched GEMM runs
-these tiny matrices far below the machine's matmul rate. So ``auto`` takes SDPA on CUDA (fused
-kernels with the bias gradient) and the ``cpp`` kernel on CPU (where it is built, and without
-attention dropout); without it, SDPA's flash kernel for the fp32 teacher and bmm + softmax
-otherwise. ``cpp``, ``sdpa`` and ``explicit`` force a path. All compute the same function.
+(This Xeon has no bf16 instructions: its bf16 bmm is emulated, while the kernel computes in fp32
+from bf16 inputs. On a CPU with bf16 matmuls the explicit path is faster than here, 3.5 / 1.35 ms
+on an AVX512-BF16 EPYC, so the bf16 choice is one to re-measure there.) A trainable relative-position bias sends CPU SDPA to its unfused math
+path, and batched GEMM runs these tiny matrices far below the machine's matmul rate. So ``auto``
+takes SDPA on CUDA (fused kernels with the bias gradient) and the ``cpp`` kernel on CPU (where it
+is built, and without attention dropout); without it, SDPA's flash kernel for the fp32 teacher and
+bmm + softmax otherwise. ``cpp``, ``sdpa`` and ``explicit`` force a path. All compute the same
+function.
 
 Beyond the path, three things timm repeats on every call are done once here:
 - the relative-position bias and the shifted-window mask are added together while they are small
