@@ -105,30 +105,19 @@ GFM_ALWAYS_INLINE void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T*
 
 // ---- rows in and out of the scratch ----
 
-// dst[i] = T(src[i]) * factor. fp32 -> fp32 in whole vectors plus a scalar tail (a plain loop
-// would become a memcpy call, which at 32 floats costs more than the copy).
-template <typename T, typename S>
-GFM_ALWAYS_INLINE void row_in(T* __restrict dst, const S* __restrict src, int64_t n, T factor = T(1)) {
+// dst[i] = Dst(T(src[i]) * factor), T the scratch's (accumulation) type. Rows of T go in whole
+// vectors plus a scalar tail (a plain loop would become a memcpy call, which at 32 floats costs
+// more than the copy).
+template <typename T, typename Dst, typename Src>
+GFM_ALWAYS_INLINE void copy_row(Dst* __restrict dst, const Src* __restrict src, int64_t n, T factor = T(1)) {
   int64_t i = 0;
 #if GFM_HAS_VECTOR_EXT
-  if constexpr (std::is_same_v<T, S>) {
+  if constexpr (std::is_same_v<Dst, T> && std::is_same_v<Src, T>) {
     constexpr int64_t L = cpu::Vec<T>::lanes;
     for (; i + L <= n; i += L) cpu::vstore(dst + i, cpu::vload(src + i) * factor);
   }
 #endif
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]) * factor;
-}
-
-template <typename S, typename T>
-GFM_ALWAYS_INLINE void row_out(S* __restrict dst, const T* __restrict src, int64_t n, T factor = T(1)) {
-  int64_t i = 0;
-#if GFM_HAS_VECTOR_EXT
-  if constexpr (std::is_same_v<T, S>) {
-    constexpr int64_t L = cpu::Vec<T>::lanes;
-    for (; i + L <= n; i += L) cpu::vstore(dst + i, cpu::vload(src + i) * factor);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<S>(src[i] * factor);
+  for (; i < n; ++i) dst[i] = static_cast<Dst>(static_cast<T>(src[i]) * factor);
 }
 
 #if GFM_HAS_VECTOR_EXT
@@ -299,16 +288,16 @@ GFM_ALWAYS_INLINE void forward_task(int64_t task, const Geometry& g, const scala
   T *q = sc.thin(0), *kt = sc.thin(1), *v = sc.thin(2), *o = sc.thin(3), *s = sc.square(0);
   const scalar_t* rows = qkv + w * N * 3 * C + h * D;
   for (int64_t i = 0; i < N; ++i) {  // q (N x dp, scaled), v (N x dp)
-    row_in(q + i * dp, rows + i * 3 * C, D, static_cast<T>(g.scale));
-    row_in(v + i * dp, rows + i * 3 * C + 2 * C, D);
+    copy_row<T>(q + i * dp, rows + i * 3 * C, D, static_cast<T>(g.scale));
+    copy_row<T>(v + i * dp, rows + i * 3 * C + 2 * C, D);
   }
   transpose_in(rows + C, 3 * C, N, D, kt, np);  // k^T (D x np)
   gemm<false>(q, dp, kt, np, s, np, N, D, np);  // scores (N x np)
   const T* b = bias + ((w % g.groups) * g.heads + h) * N * N;
   for (int64_t i = 0; i < N; ++i) softmax_row(s + i * np, b + i * N, N, np);
-  if (probs != nullptr) row_out(probs + task * N * np, s, N * np);  // padded rows, as the backward reads them
+  if (probs != nullptr) copy_row<T>(probs + task * N * np, s, N * np);  // padded rows, as the backward reads them
   gemm<false>(s, np, v, dp, o, dp, N, N, dp);  // out (N x dp)
-  for (int64_t i = 0; i < N; ++i) row_out(out + (w * N + i) * C + h * D, o + i * dp, D);
+  for (int64_t i = 0; i < N; ++i) copy_row<T>(out + (w * N + i) * C + h * D, o + i * dp, D);
 }
 
 // dv = p^T do; dp = do v^T; ds = p * (dp - rowsum(p * dp)); dq = scale ds k; dk = scale ds^T q.
@@ -322,15 +311,15 @@ GFM_ALWAYS_INLINE void backward_task(int64_t task, const Geometry& g, const scal
   T *p = sc.square(0), *ds = sc.square(1);
   const scalar_t* rows = qkv + w * N * 3 * C + h * D;
   for (int64_t i = 0; i < N; ++i) {
-    row_in(q + i * dp, rows + i * 3 * C, D);
-    row_in(k + i * dp, rows + i * 3 * C + C, D);
-    row_in(dout + i * dp, grad_out + (w * N + i) * C + h * D, D);
+    copy_row<T>(q + i * dp, rows + i * 3 * C, D);
+    copy_row<T>(k + i * dp, rows + i * 3 * C + C, D);
+    copy_row<T>(dout + i * dp, grad_out + (w * N + i) * C + h * D, D);
   }
   transpose_in(rows + 2 * C, 3 * C, N, D, vt, np);
-  row_in(p, probs + task * N * np, N * np);
+  copy_row<T>(p, probs + task * N * np, N * np);
   scalar_t* grads = grad_qkv + w * N * 3 * C + h * D;  // row i of part (q, k, v) at i * 3C + part * C
   gemm<true>(p, np, dout, dp, result, dp, N, N, dp);   // dv = p^T do
-  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C + 2 * C, result + i * dp, D);
+  for (int64_t i = 0; i < N; ++i) copy_row<T>(grads + i * 3 * C + 2 * C, result + i * dp, D);
   gemm<false>(dout, dp, vt, np, ds, np, N, D, np);  // dp = do v^T
   for (int64_t i = 0; i < N; ++i) {
     T* dsi = ds + i * np;
@@ -340,12 +329,12 @@ GFM_ALWAYS_INLINE void backward_task(int64_t task, const Geometry& g, const scal
     for (int64_t j = 0; j < np; ++j) dot += pi[j] * dsi[j];  // the padding of p is 0
 #pragma omp simd
     for (int64_t j = 0; j < np; ++j) dsi[j] = pi[j] * (dsi[j] - dot);
-    if (grad_scores != nullptr) row_out(grad_scores + (task * N + i) * N, dsi, N);
+    if (grad_scores != nullptr) copy_row<T>(grad_scores + (task * N + i) * N, dsi, N);
   }
   gemm<false>(ds, np, k, dp, result, dp, N, N, dp);  // dq = scale ds k
-  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C, result + i * dp, D, scale);
+  for (int64_t i = 0; i < N; ++i) copy_row<T>(grads + i * 3 * C, result + i * dp, D, scale);
   gemm<true>(ds, np, q, dp, result, dp, N, N, dp);  // dk = scale ds^T q
-  for (int64_t i = 0; i < N; ++i) row_out(grads + i * 3 * C + C, result + i * dp, D, scale);
+  for (int64_t i = 0; i < N; ++i) copy_row<T>(grads + i * 3 * C + C, result + i * dp, D, scale);
 }
 
 // Every task of [begin, end) with one scratch; compiled per ISA (GFM_CPU_CLONES).
