@@ -21,6 +21,9 @@ inline void check_input(const char* op, const char* name, const at::Tensor& t, c
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
 }
 
+// What kernels accumulate in and return their fp32 statistics as: fp64 for fp64 inputs, fp32 otherwise.
+inline at::ScalarType accumulate_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   const auto dtype = t.scalar_type();

@@ -119,18 +119,13 @@ inline void check_cosine_inputs(const char* op, const at::Tensor& student, const
   TORCH_CHECK(student.size(0) > 0, op, ": got an empty batch");
 }
 
-// The per-row stats (s.t, |s|, |t|) accumulate in fp64 for fp64 inputs and in fp32 otherwise.
-inline at::ScalarType cosine_stats_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Backward arguments: the inputs again, a scalar grad_loss and the forward's row stats (B, 3).
 inline void check_cosine_backward_inputs(const char* op, const at::Tensor& grad_loss, const at::Tensor& student,
                                          const at::Tensor& teacher, const at::Tensor& row_stats) {
   check_cosine_inputs(op, student, teacher);
   check_scalar_grad(op, grad_loss, student);
   const int64_t B = student.size(0);
-  const at::ScalarType stats = cosine_stats_dtype(student.scalar_type());
+  const at::ScalarType stats = accumulate_dtype(student.scalar_type());
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == B && row_stats.size(1) == kCosineStats &&
                   row_stats.scalar_type() == stats && row_stats.is_contiguous() &&
                   row_stats.device() == student.device(),

@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cpu(const at::Tensor& stu
                                                            double eps, bool needs_grad) {
   check_cosine_inputs(kForward, student, teacher);
   const int64_t B = student.size(0), D = student.size(1);
-  const auto stats_options = student.options().dtype(cosine_stats_dtype(student.scalar_type()));
+  const auto stats_options = student.options().dtype(accumulate_dtype(student.scalar_type()));
   at::Tensor stats = at::empty({B, kCosineStats}, stats_options);
   double cos_sum = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_cpu", [&] {

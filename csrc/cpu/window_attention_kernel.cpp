@@ -268,16 +268,16 @@ struct Geometry {
 };
 
 // One thread's scratch, rows padded: five (tokens x head_dim) matrices (or their transposes) and
-// three (tokens x tokens) ones. Padding columns stay zero.
+// two (tokens x tokens) ones. Padding columns stay zero.
 template <typename T>
 struct Scratch {
   int64_t np, dp;  // tokens, head_dim, padded
   std::vector<T> buffer;
   Scratch(int64_t tokens, int64_t head_dim)
       : np(round_up(tokens, kRowPad)), dp(round_up(head_dim, kRowPad)),
-        buffer(static_cast<size_t>(5 * np * dp + 3 * np * np), T(0)) {}
+        buffer(static_cast<size_t>(5 * np * dp + 2 * np * np), T(0)) {}
   T* thin(int i) { return buffer.data() + i * np * dp; }             // i < 5
-  T* square(int i) { return buffer.data() + (5 * dp + i * np) * np; }  // i < 3
+  T* square(int i) { return buffer.data() + (5 * dp + i * np) * np; }  // i < 2
 };
 
 template <typename scalar_t, typename T>
@@ -363,15 +363,13 @@ Geometry check_qkv(const char* op, const at::Tensor& qkv, int64_t heads, double 
   return Geometry{qkv.size(0), qkv.size(1), chans, heads, chans / heads, 1, scale};
 }
 
-at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv, const at::Tensor& bias, int64_t heads,
                                                         double scale, bool needs_grad) {
   Geometry g = check_qkv(kForward, qkv, heads, scale);
   TORCH_CHECK(bias.defined() && bias.dim() == 4, kForward, ": bias must have shape (groups, heads, N, N), got ",
               bias.defined() ? bias.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(bias.scalar_type() == acc_dtype(qkv.scalar_type()), kForward, ": bias must be ",
-              acc_dtype(qkv.scalar_type()), " for ", qkv.scalar_type(), " qkv, got ", bias.scalar_type());
+  TORCH_CHECK(bias.scalar_type() == accumulate_dtype(qkv.scalar_type()), kForward, ": bias must be ",
+              accumulate_dtype(qkv.scalar_type()), " for ", qkv.scalar_type(), " qkv, got ", bias.scalar_type());
   TORCH_CHECK(bias.is_contiguous() && bias.device() == qkv.device(), kForward,
               ": bias must be contiguous and on the device of qkv");
   g.groups = bias.size(0);
@@ -405,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(const at::Tenso
   at::Tensor grad_qkv = at::empty_like(qkv);
   at::Tensor grad_scores =
       at::empty(bias_grad ? at::IntArrayRef{g.windows, heads, g.tokens, g.tokens} : at::IntArrayRef{0},
-                qkv.options().dtype(acc_dtype(qkv.scalar_type())));
+                qkv.options().dtype(accumulate_dtype(qkv.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), kBackward, [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* go = grad_out.data_ptr<scalar_t>();

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distillation_cuda(const at::Tensor& st
   cuda::check_cuda(kForward, student);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), D = student.size(1);
-  const auto acc_options = student.options().dtype(cosine_stats_dtype(student.scalar_type()));
+  const auto acc_options = student.options().dtype(accumulate_dtype(student.scalar_type()));
   at::Tensor stats = at::empty({B, kCosineStats}, acc_options);
   at::Tensor cosines = at::empty({B}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_cuda", [&] {
@@ -98,7 +98,7 @@ at::Tensor cosine_distillation_backward_cuda(const at::Tensor& grad_loss, const 
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), D = student.size(1);
   // In the accumulation dtype, as the CPU kernel reads it: an fp32 grad_loss is not rounded to 16 bits.
-  const at::Tensor grad = grad_loss.reshape({1}).to(cosine_stats_dtype(student.scalar_type())).contiguous();
+  const at::Tensor grad = grad_loss.reshape({1}).to(accumulate_dtype(student.scalar_type())).contiguous();
   at::Tensor g_student = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distillation_backward_cuda",
                                   [&] {

@@ -18,10 +18,11 @@ teacher fwd, bf16               2.83      1.68                           1.19
 
 (This Xeon has no bf16 instructions: its bf16 bmm is emulated, while the kernel computes in fp32
 from bf16 inputs. On a CPU with bf16 matmuls the explicit path is faster than here, 3.5 / 1.35 ms
-on an AVX512-BF16 EPYC, so the bf16 choice is one to re-measure there.) A trainable relative-position bias sends CPU SDPA to its unfused math
-path, and batched GEMM runs these tiny matrices far below the machine's matmul rate. So ``auto``
-takes SDPA on CUDA (fused kernels with the bias gradient) and the ``cpp`` kernel on CPU (where it
-is built, and without attention dropout); without it, SDPA's flash kernel for the fp32 teacher and
+on an AVX512-BF16 EPYC, so the bf16 choice is one to re-measure there.) A trainable
+relative-position bias sends CPU SDPA to its unfused math path, and batched GEMM runs these tiny
+matrices far below the machine's matmul rate. So ``auto`` takes SDPA on CUDA (fused kernels with
+the bias gradient) and the ``cpp`` kernel on CPU (where it is built, and without attention
+dropout, which the kernel does not do); without it, SDPA's flash kernel for the fp32 teacher and
 bmm + softmax otherwise. ``cpp``, ``sdpa`` and ``explicit`` force a path. All compute the same
 function.
 
@@ -48,6 +49,7 @@ from torch import nn
 
 from gfm_fast.config import ATTENTION_PATHS
 from gfm_fast.ops import reference
+from gfm_fast.ops._common import accumulate_dtype
 from gfm_fast.ops.window_attention import kernel_available
 from gfm_fast.ops.window_attention import window_attention as fused_window_attention
 
@@ -55,9 +57,16 @@ __all__ = ["ATTENTION_PATHS", "set_attention", "attention_path", "resolve_path",
            "from_windows"]
 
 
+def _check_path(path: str) -> None:
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+
+
 def resolve_path(path: str, x: torch.Tensor, bias_needs_grad: bool, dropout: float = 0.0) -> str:
     """The path (cpp | sdpa | explicit) that ``path`` runs for q/k/v like ``x`` (after autocast):
     ``auto`` resolved as the module docstring says."""
+    if path == "cpp" and dropout:
+        raise ValueError(f"model.attention=cpp has no attention dropout (attn_drop {dropout}); use auto or explicit")
     if path != "auto":
         return path
     if x.device.type != "cpu":
@@ -114,7 +123,7 @@ def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torc
     dropout = self.attn_drop.p if self.training else 0.0
     path = resolve_path(self.gfm_attention, qkv, bias_needs_grad, dropout)
     # The bias in the dtype the path adds it in: the kernel's accumulation dtype, SDPA's q dtype.
-    bias_dtype = {"cpp": torch.float64 if qkv.dtype == torch.float64 else torch.float32, "sdpa": qkv.dtype}.get(path)
+    bias_dtype = {"cpp": accumulate_dtype(qkv.dtype), "sdpa": qkv.dtype}.get(path)
     # Under torch.compile the bias is part of the graph (inductor fuses it); the cache is eager's.
     cached = not bias_needs_grad and not torch.compiler.is_compiling()
     bias = _frozen_bias(self, mask, bias_dtype) if cached else _bias_and_mask(self, mask, bias_dtype)
@@ -133,9 +142,8 @@ def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torc
 
 def set_attention(model: nn.Module, path: str) -> nn.Module:
     """Run every window attention of ``model`` through :func:`window_attention` on ``path``
-    (auto | sdpa | explicit), in place; returns ``model``."""
-    if path not in ATTENTION_PATHS:
-        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    (auto | cpp | sdpa | explicit), in place; returns ``model``."""
+    _check_path(path)
     for module in model.modules():
         if isinstance(module, WindowAttention):
             module.gfm_attention = path
@@ -147,8 +155,7 @@ def set_attention(model: nn.Module, path: str) -> nn.Module:
 def attention_path(model: nn.Module, path: str) -> Iterator[nn.Module]:
     """Run ``model``'s routed window attentions on ``path`` inside the block (then as before):
     e.g. ``sdpa`` for an export, whose file must not need gfm_fast's own kernel."""
-    if path not in ATTENTION_PATHS:
-        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    _check_path(path)
     routed = [m for m in model.modules() if hasattr(m, "gfm_attention")]
     before = [m.gfm_attention for m in routed]
     for module in routed:

@@ -89,6 +89,11 @@ def mask_for_kernels(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     return mask.to(torch.float32).contiguous()
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in and return their fp32 statistics as: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def autocast_dtype(device: torch.device, *, loss: bool = False) -> Optional[torch.dtype]:
     """The dtype a fused op computes in under ``torch.autocast`` on ``device``; None outside it.
 

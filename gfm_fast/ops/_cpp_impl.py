@@ -12,6 +12,8 @@ from typing import Tuple
 
 import torch
 
+from gfm_fast.ops._common import accumulate_dtype
+
 try:
     from gfm_fast import _C  # noqa: F401  (loading the library registers torch.ops.gfm_fast.*)
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
@@ -74,10 +76,6 @@ def cosine_distillation_backward(grad_loss, saved: Tensors, eps: float) -> Tenso
 # ---------------------------------------------------------------- fake kernels (torch.compile, opcheck)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("gfm_fast::masked_patch_embed")
 def _masked_patch_embed_fake(images, weight, bias, norm_weight, norm_bias, mask, mask_token, patch_size, eps):
     batch, _, height, width = images.shape
@@ -107,7 +105,7 @@ def _decoder_l1_loss_backward_fake(grad_loss, g_features, g_weight, g_bias):
 @torch.library.register_fake("gfm_fast::cosine_distillation")
 def _cosine_distillation_fake(student, teacher, eps, needs_grad):
     rows = student.shape[0] if needs_grad else 0
-    return student.new_empty(()), student.new_empty((rows, 3), dtype=_stats_dtype(student.dtype))
+    return student.new_empty(()), student.new_empty((rows, 3), dtype=accumulate_dtype(student.dtype))
 
 
 @torch.library.register_fake("gfm_fast::_cosine_distillation_backward")
@@ -124,6 +122,5 @@ def _window_attention_fake(qkv, bias, heads, scale, needs_grad):
 
 @torch.library.register_fake("gfm_fast::_window_attention_backward")
 def _window_attention_backward_fake(grad_out, qkv, probs, heads, scale, bias_grad):
-    accumulate = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     scores = (*probs.shape[:3], probs.shape[2]) if bias_grad else (0,)
-    return qkv.new_empty(qkv.shape), qkv.new_empty(scores, dtype=accumulate)
+    return qkv.new_empty(qkv.shape), qkv.new_empty(scores, dtype=accumulate_dtype(qkv.dtype))

@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from gfm_fast.ops._backend import cpp_available, implementation
-from gfm_fast.ops._common import check_float
+from gfm_fast.ops._common import accumulate_dtype, check_float
 
 
 class WindowAttentionFunction(torch.autograd.Function):
@@ -62,5 +62,5 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: f
                            "gfm_fast.ops.reference.window_attention elsewhere")
     implementation("cpp")  # registers the op's fake kernels, for torch.compile
     needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
-    accumulate = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    return WindowAttentionFunction.apply(qkv.contiguous(), bias.to(accumulate).contiguous(), heads, scale, needs_grad)
+    bias = bias.to(accumulate_dtype(qkv.dtype)).contiguous()
+    return WindowAttentionFunction.apply(qkv.contiguous(), bias, heads, scale, needs_grad)

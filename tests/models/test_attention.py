@@ -82,6 +82,8 @@ def test_auto_picks_the_measured_fastest_path(monkeypatch):
     assert resolve_path("auto", fp32, bias_needs_grad=True) == "cpp"  # the fused C++ kernel on CPU
     assert resolve_path("auto", bf16, bias_needs_grad=False) == "cpp"
     assert resolve_path("auto", fp32, bias_needs_grad=True, dropout=0.1) == "explicit"  # no dropout in the kernel
+    with pytest.raises(ValueError, match="no attention dropout"):
+        resolve_path("cpp", fp32, bias_needs_grad=True, dropout=0.1)
     assert resolve_path("auto", torch.zeros(1, device="meta"), bias_needs_grad=True) == "sdpa"  # not CPU: SDPA
     assert resolve_path("sdpa", bf16, bias_needs_grad=True) == "sdpa"
     assert resolve_path("explicit", fp32, bias_needs_grad=False) == "explicit"
