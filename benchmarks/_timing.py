@@ -128,15 +128,14 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _cpu() -> tuple:
-    """(model name, has bf16 instructions) of this CPU, from /proc/cpuinfo where there is one."""
+def _cpu_model() -> str:
+    """This CPU's model name, from /proc/cpuinfo where there is one."""
     try:
         lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return platform.processor() or "cpu", False
+        return platform.processor() or "cpu"
     fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
-    flags = set(fields.get("flags", "").split())
-    return fields.get("model name", platform.processor() or "cpu"), bool(flags & {"avx512_bf16", "amx_bf16"})
+    return fields.get("model name", platform.processor() or "cpu")
 
 
 def environment(device: torch.device) -> Dict[str, object]:
@@ -145,11 +144,12 @@ def environment(device: torch.device) -> Dict[str, object]:
     sha = _git("rev-parse", "--short", "HEAD")
     if sha and _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"):
         sha += "+dirty"
-    cpu_model, cpu_bf16 = _cpu()
+    from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul
+
     info: Dict[str, object] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
-        # bf16 matmuls need AVX512-BF16 or AMX on x86 CPUs; without them they run emulated, slower than fp32
-        "cpu_bf16_instructions": cpu_bf16,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        # without AVX512-BF16/AMX (x86) torch's bf16 GEMMs are emulated, slower than fp32 (gfm_fast.models.linear)
+        "cpu_bf16_instructions": cpu_has_bf16_matmul(),
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -8,8 +8,9 @@ Both sides run one optimizer step on the same weights, batch and losses:
   explicit window attention, full-resolution reconstruction and per-pixel L1, fp32 teacher weights
   under the student's autocast, per-image host masks), ``clip_grad_norm_`` and torch's AdamW;
 - ``ours``: the step the training loop runs (``gfm_fast.training.step.train_step`` through the
-  DeepSpeed engine made by ``build_engine``: fused ops, measured attention paths, teacher cast once
-  to the run's dtype, device masks, one host sync), with the same AdamW as the reference
+  DeepSpeed engine made by ``build_engine``: fused ops, measured attention paths, bf16 linears on
+  the fastest exact GEMM (``model.bf16_matmul``), teacher cast once to the run's dtype, device
+  masks, one host sync), with the same AdamW as the reference
   (``ours``: ``optim.fused=false``, DeepSpeed's clipping) and with the project's own choice on top
   (``ours+fused_adamw``: the default, torch's fused AdamW with the clipping folded in).
 "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
@@ -17,7 +18,8 @@ interleaved (one of each per round, after a warm-up round), the median of ``--ru
 
 Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
 step: student forward + backward, teacher forward), the achieved GFLOP/s, the machine's matmul rate
-at that precision measured in the same run, the MFU against it (and on GPU against the card's
+at that precision measured in the same run (the fastest GEMM for it: on a CPU without bf16
+instructions, the widened fp32 GEMM for bf16; all in ``matmul_GFLOPs_by_gemm``), the MFU against it (and on GPU against the card's
 datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
 (tensor values read from Python: ``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()`` of a
 tensor, each a device-to-host sync on a GPU; reads inside a kernel, such as torch's CPU AdamW reading
@@ -62,19 +64,30 @@ def model_config(size: str):
     return ModelConfig(student=student, teacher=teacher)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
-    """FLOP/s of one large square matmul at ``dtype``: the machine's practical limit for the step."""
+def matmul_rates(device: torch.device, dtype: torch.dtype, n: int = 2048, runs: int = 5) -> Dict[str, float]:
+    """FLOP/s of one large square matmul at ``dtype``, by every GEMM the step may use for it: torch's
+    (``torch``), and for bf16 on CPU also torch's fp32 GEMM on widened bf16 operands
+    (``widened``, ``gfm_fast.ops.widened_linear``, conversions included). The fastest is the
+    machine's practical limit for the step."""
+    from gfm_fast.ops.widened_linear import widened_linear
+
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    samples = []
-    for i in range(runs + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i:  # the first call warms up
-            samples.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(samples)
+    gemms = {"torch": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        gemms["widened"] = lambda: widened_linear(a, b)
+    rates = {}
+    for name, gemm in gemms.items():
+        samples = []
+        for i in range(runs + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            gemm()
+            _sync(device)
+            if i:  # the first call warms up
+                samples.append(time.perf_counter() - t0)
+        rates[name] = 2 * n ** 3 / statistics.median(samples)
+    return rates
 
 
 def datasheet_peak(device: torch.device) -> Optional[float]:
@@ -236,7 +249,8 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         _sync(device)
         compile_s[name] = time.perf_counter() - t0
     timings = interleaved_medians(sides, device, warmup, runs)
-    rate = matmul_rate(device, PRECISIONS[precision])
+    rates = matmul_rates(device, PRECISIONS[precision])
+    rate = max(rates.values())
     peak = datasheet_peak(device)
     records = []
     for name, step in sides.items():
@@ -245,7 +259,8 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         record = {"section": "step", "case": f"train_step_{size}", "side": name + ("+compile" if compile_mode else ""),
                   "precision": precision, "batch": batch, **t, "images_per_s": batch / (t["median_ms"] / 1e3),
                   "flops_per_image": flops / batch, "achieved_GFLOPs": achieved / 1e9,
-                  "matmul_GFLOPs": rate / 1e9, "mfu": achieved / rate,
+                  "matmul_GFLOPs": rate / 1e9, "matmul_GFLOPs_by_gemm": {k: v / 1e9 for k, v in rates.items()},
+                  "mfu": achieved / rate,
                   "mfu_datasheet": achieved / peak if peak else None,
                   "first_step_s": compile_s[name], **profile_counts(step, device)}
         records.append(record)

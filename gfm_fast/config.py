@@ -20,6 +20,7 @@ IMAGENET_MEAN: Tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, ...] = (0.229, 0.224, 0.225)
 OPS_BACKENDS = ("auto", "reference", "cpp", "triton")
 ATTENTION_PATHS = ("auto", "cpp", "sdpa", "explicit")  # gfm_fast.models.attention
+BF16_MATMUL_PATHS = ("auto", "native", "widened")  # gfm_fast.models.linear
 COMPILE_SCOPES = ("regional", "full")  # gfm_fast.models.compile
 
 
@@ -94,6 +95,10 @@ class ModelConfig:
     # Window attention: auto (the path measured fastest per device, precision and use: SDPA on CUDA,
     # the fused C++ kernel on CPU), cpp, sdpa or explicit (timm's bmm + softmax).
     attention: str = "auto"
+    # bf16 GEMMs of the linear layers: auto (on a CPU without bf16 instructions, the fp32 GEMM on
+    # bf16 operands, exact products and fp32 sums as a bf16 GEMM, ~4x faster than torch's emulated
+    # one; torch's elsewhere), native (torch's) or widened.
+    bf16_matmul: str = "auto"
     fused_attn: Optional[bool] = None  # older name: true = attention sdpa, false = explicit; null: use attention
 
     @property
@@ -127,6 +132,8 @@ class ModelConfig:
         _require(all(0 <= i < len(self.student.depths) for i in self.checkpoint_stages), f"{prefix}.checkpoint_stages",
                  f"stage indices must lie in [0, {len(self.student.depths)})")
         _require(self.attention in ATTENTION_PATHS, f"{prefix}.attention", f"must be one of {', '.join(ATTENTION_PATHS)}")
+        _require(self.bf16_matmul in BF16_MATMUL_PATHS, f"{prefix}.bf16_matmul",
+                 f"must be one of {', '.join(BF16_MATMUL_PATHS)}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from gfm_fast.config import ModelConfig
 from gfm_fast.ops._common import check_float, check_mask_values
 from gfm_fast.masking import generate_block_mask
 from gfm_fast.models.attention import set_attention
+from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
 from gfm_fast.models.teacher import FrozenTeacher
 
@@ -107,6 +108,7 @@ class GFMStudent(nn.Module):
         self.projector = nn.Linear(width, teacher_width)
         self.decoder = nn.Sequential(DecoderConv(width, cfg.in_chans, self.stride, backend=config.ops_backend),
                                      nn.PixelShuffle(self.stride))
+        set_bf16_matmul(self, config.bf16_matmul)  # the encoder's linears and the projector
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, z_t: torch.Tensor,
                 return_recon: bool = False) -> GFMOutput:

@@ -26,6 +26,7 @@ from torch import nn
 from gfm_fast import ops
 from gfm_fast.config import IMAGENET_MEAN, IMAGENET_STD, SwinConfig
 from gfm_fast.models.attention import from_windows, set_attention, to_windows
+from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.registry import ARCH_FIELDS, VARIANTS
 
 __all__ = ["MaskedPatchEmbed", "GFMSwinTransformer", "EncoderConfig", "split_at_last_merging", "swin_kwargs",
@@ -134,6 +135,7 @@ class GFMSwinTransformer(SwinTransformer):
         trunc_normal_(self.mask_token, std=MASK_TOKEN_STD)
         pad_before_shift(self)
         set_attention(self, "auto")  # the fastest measured path per device and precision
+        set_bf16_matmul(self, "auto")  # bf16 linears on the fp32 GEMM where the CPU has no bf16 one
 
     @property
     def ops_backend(self) -> str:

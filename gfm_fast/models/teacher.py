@@ -17,6 +17,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import ModelConfig
 from gfm_fast.models.attention import set_attention
+from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.checkpoint import load_teacher_weights
 from gfm_fast.models.swin import pad_before_shift, prune_to_trunk, split_at_last_merging, swin_kwargs
 
@@ -57,6 +58,7 @@ class FrozenTeacher(SwinTransformer):
         super().__init__(**swin_kwargs(cfg))
         pad_before_shift(self)  # the official Swin's order wherever the window does not tile a stage
         set_attention(self, config.attention_path)
+        set_bf16_matmul(self, config.bf16_matmul)
         prune_to_trunk(self)
         self.bands = tuple(int(b) for b in config.teacher_bands)
         self.dtype_name = config.teacher_dtype

@@ -89,6 +89,12 @@ def mask_for_kernels(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     return mask.to(torch.float32).contiguous()
 
 
+def write_version(tensor: Optional[torch.Tensor]) -> int:
+    """In-place write counter of ``tensor``, for caches of what is made from it (inference tensors
+    have none; they cannot change outside inference mode)."""
+    return 0 if tensor is None or tensor.is_inference() else tensor._version
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernels accumulate in and return their fp32 statistics as: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
