@@ -49,6 +49,17 @@ TORCH_LIBRARY(gfm_fast, m) {
   m.def(
       "_window_attention_backward(Tensor grad_out, Tensor qkv, Tensor probs, int heads, float scale, "
       "bool bias_grad) -> (Tensor, Tensor)");
+  // A bf16 linear on the fp32 GEMM (CPUs without bf16 instructions). x (M, K) float32 or bfloat16;
+  // weight (N, K) and bias (N,) float32 holding bf16 values (round_to_bf16). -> (out (M, N) bfloat16,
+  // x rounded to bfloat16 (M, K) for the backward when x is float32, else (0,)).
+  m.def("widened_linear(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
+  // grad_out (M, N) and x_rounded (M, K) bfloat16 -> float32 (grad_x (M, K), grad_weight (N, K), grad_bias (N,)),
+  // each (0,) when not asked for.
+  m.def(
+      "_widened_linear_backward(Tensor grad_out, Tensor x_rounded, Tensor weight, bool x_grad, bool weight_grad, "
+      "bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  // float32 -> float32 with the values rounded to bfloat16 (round to nearest even).
+  m.def("round_to_bf16(Tensor x) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -124,3 +124,22 @@ def _window_attention_fake(qkv, bias, heads, scale, needs_grad):
 def _window_attention_backward_fake(grad_out, qkv, probs, heads, scale, bias_grad):
     scores = (*probs.shape[:3], probs.shape[2]) if bias_grad else (0,)
     return qkv.new_empty(qkv.shape), qkv.new_empty(scores, dtype=accumulate_dtype(qkv.dtype))
+
+
+@torch.library.register_fake("gfm_fast::widened_linear")
+def _widened_linear_fake(x, weight, bias):
+    rounded = x.shape if x.dtype == torch.float32 else (0,)
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16), x.new_empty(rounded, dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("gfm_fast::_widened_linear_backward")
+def _widened_linear_backward_fake(grad_out, x_rounded, weight, x_grad, weight_grad, bias_grad):
+    def sized(shape, wanted):
+        return grad_out.new_empty(shape if wanted else (0,), dtype=torch.float32)
+
+    return (sized(x_rounded.shape, x_grad), sized(weight.shape, weight_grad), sized((weight.shape[0],), bias_grad))
+
+
+@torch.library.register_fake("gfm_fast::round_to_bf16")
+def _round_to_bf16_fake(x):
+    return torch.empty_like(x)

@@ -21,7 +21,9 @@ from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from gfm_fast.ops._backend import cpp_available, implementation
 __all__ = ["widened_linear", "widen", "cpu_has_bf16_matmul", "cpuinfo_has_bf16"]
 
 _BF16 = torch.bfloat16
@@ -50,41 +52,62 @@ def cpuinfo_has_bf16(cpuinfo: str, machine: str) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def kernels_built() -> bool:
+    """Whether gfm_fast._C's CPU kernels (the conversions fused around the GEMM) are there."""
+    if not cpp_available("cpu"):
+        return False
+    implementation("cpp")  # registers the ops' fake kernels, for torch.compile
+    return True
+
+
 def widen(t: torch.Tensor) -> torch.Tensor:
     """``t`` rounded to bf16 (as a bf16 GEMM's operand is), in fp32."""
+    if t.dtype == torch.float32 and kernels_built():
+        return torch.ops.gfm_fast.round_to_bf16(t.contiguous())  # one pass instead of two
     return t.to(_BF16).float()
 
 
 class WidenedLinearFunction(torch.autograd.Function):
+    """x (rows, in) float32 or bf16; weight32 / bias32: the weight and bias rounded to bf16, in fp32.
+    With gfm_fast._C built, its kernels do the conversions in fewer passes; else torch ops do."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 weight32: torch.Tensor, bias32: Optional[torch.Tensor]) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(_BF16)
-        with torch.autocast("cpu", enabled=False):  # the fp32 GEMM must stay fp32
-            if bias32 is None:
-                out = torch.mm(rows.float(), weight32.t())
-            else:
-                out = torch.addmm(bias32, rows.float(), weight32.t())
-        ctx.save_for_backward(rows, weight32)  # the activation in bf16, as autocast saves it
+        ctx.kernels = kernels_built() and x.dtype in (torch.float32, _BF16)
+        if ctx.kernels:
+            out, rounded = torch.ops.gfm_fast.widened_linear(x, weight32, bias32)
+            rounded = x if x.dtype == _BF16 else rounded
+        else:
+            rounded = x.to(_BF16)
+            with torch.autocast("cpu", enabled=False):  # the fp32 GEMM must stay fp32
+                if bias32 is None:
+                    out = torch.mm(rounded.float(), weight32.t())
+                else:
+                    out = torch.addmm(bias32, rounded.float(), weight32.t())
+            out = out.to(_BF16)
+        ctx.save_for_backward(rounded, weight32)  # the input in bf16, as autocast saves it
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return out.to(_BF16).view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        rows, weight32 = ctx.saved_tensors
+        rounded, weight32 = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)  # bf16 values: exact
-        grad_x = grad_weight = grad_bias = None
-        with torch.autocast("cpu", enabled=False):
-            # Products of bf16 values summed in fp32, as a bf16 GEMM; the sums are returned in each
-            # input's dtype (fp32 gradients are not rounded to bf16 on the way, as autocast's are).
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(grad, weight32).to(x_dtype).view(*grad_out.shape[:-1], -1)
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.mm(grad.t(), rows.float()).to(weight_dtype)
-            if ctx.needs_input_grad[2]:
-                grad_bias = grad.sum(0).to(bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        # Products of bf16 values summed in fp32, as a bf16 GEMM; the sums are returned in each
+        # input's dtype (fp32 gradients are not rounded to bf16 on the way, as autocast's are).
+        wanted = ctx.needs_input_grad[:3]
+        grad_out = grad_out.to(_BF16).contiguous()  # bf16 already: the forward's output is
+        if ctx.kernels:
+            grads = torch.ops.gfm_fast._widened_linear_backward(grad_out, rounded, weight32, *wanted)
+        else:
+            grad = grad_out.float()
+            with torch.autocast("cpu", enabled=False):
+                grads = (grad.mm(weight32) if wanted[0] else None, grad.t().mm(rounded.float()) if wanted[1] else None,
+                         grad.sum(0) if wanted[2] else None)
+        return tuple(g.to(dtype) if want else None
+                     for g, want, dtype in zip(grads, wanted, (x_dtype, weight_dtype, bias_dtype))) + (None, None)
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -112,4 +135,7 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if widened is None:
         with torch.no_grad():
             widened = (widen(weight), None if bias is None else widen(bias))
-    return WidenedLinearFunction.apply(x, weight, bias, *widened)
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows.contiguous() if rows.dtype in (torch.float32, _BF16) else rows.to(_BF16)
+    out = WidenedLinearFunction.apply(rows, weight, bias, *widened)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -1,15 +1,29 @@
 """gfm_fast.ops.widened_linear (a bf16 linear on the fp32 GEMM) against float64 references built from
-the same bf16-rounded operands, and against torch's own bf16 linear under autocast; the CPU flag
-check; input errors."""
+the same bf16-rounded operands, and against torch's own bf16 linear under autocast, with the C++
+conversion kernels and without them (torch ops); opcheck and torch.compile of the kernels; the CPU
+flag check; input errors."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gfm_fast.ops.widened_linear import cpuinfo_has_bf16, widened_linear
+from gfm_fast.ops import widened_linear as module
+from gfm_fast.ops.widened_linear import cpuinfo_has_bf16, kernels_built, widened_linear
 
 BF16 = torch.bfloat16
+needs_kernels = pytest.mark.skipif(not kernels_built(), reason="gfm_fast._C not built")
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def implementation(request, monkeypatch):
+    """Every test runs on the C++ kernels and on the torch-ops fallback."""
+    if request.param == "kernels":
+        if not kernels_built():
+            pytest.skip("gfm_fast._C not built")
+    else:
+        monkeypatch.setattr(module, "kernels_built", lambda: False)
+    return request.param
 
 
 def _operands(shape=(3, 37, 64), out_features=48, bias=True, dtype=torch.float32):
@@ -90,6 +104,24 @@ def test_fp32_gemm_runs_even_under_autocast():
     assert gemm_inputs  # the GEMMs ran through aten, on fp32 operands (no mkldnn bf16 GEMM)
     names = {e.name for e in prof.events()}
     assert not any("mkldnn" in n and ("matmul" in n or "linear" in n) for n in names)
+
+
+@needs_kernels
+def test_kernels_opcheck_and_compile(implementation):
+    if implementation != "kernels":
+        pytest.skip("the C++ ops only")
+    x, weight, b = _operands(shape=(20, 16), out_features=8)
+    weight32, b32 = module.widen(weight.detach()), module.widen(b.detach())
+    ops = torch.ops.gfm_fast
+    for args in ((x.detach(), weight32, b32), (x.detach().to(BF16), weight32, None)):
+        torch.library.opcheck(ops.widened_linear, args)
+    rounded = x.detach().to(BF16)
+    grad = torch.randn(20, 8).to(BF16)
+    torch.library.opcheck(ops._widened_linear_backward, (grad, rounded, weight32, True, True, True))
+    torch.library.opcheck(ops._widened_linear_backward, (grad, rounded, weight32, True, False, False))
+    torch.library.opcheck(ops.round_to_bf16, (weight.detach(),))
+    compiled = torch.compile(lambda a, w, c: widened_linear(a, w, c).float().sum(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, weight, b), widened_linear(x, weight, b).float().sum())
 
 
 @pytest.mark.parametrize("text,machine,expected", [
