@@ -157,8 +157,8 @@ def batch_samples(items: Iterator[Tuple[int, torch.Tensor, np.dtype]], *, batch_
                   worker: int, stats: Dict[str, int]) -> Iterator[Tuple[torch.Tensor, Dict[str, Any]]]:
     """Gather ``batch_size`` samples into a (B, C, S, S) batch (NCHW): uint8 or normalised float32.
 
-    When every sample was stored as uint8 (JPEG/PNG tiles, the common case) the batch holds the
-    resized, flipped uint8 crops and the main process normalises it on the device
+    When every sample was decoded as uint8 (JPEG, PNG, 8-bit TIFF: the common case) the batch
+    holds the resized, flipped uint8 crops and the main process normalises it on the device
     (``GeoPileLoader.normalize``): a quarter of the bytes through shared memory, pinning and the
     host-to-device copy. Otherwise (16-bit or float samples in the batch) every sample is
     normalised here into a float32 batch. In place of ``wds.batched``: each sample is written
