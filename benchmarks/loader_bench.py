@@ -14,7 +14,10 @@ Cases:
   RandomHorizontalFlip + ToTensor + Normalize`` in a DataLoader. ``workers == 0``: both run on
   one core (torch threads = 1), timed in alternating runs: the per-core rate and a fair ratio.
   ``workers > 0``: each loader timed alone at steady state (background prefetch would make
-  alternating runs meaningless); on a shared machine these numbers are noisy.
+  alternating runs meaningless); on a shared machine these numbers are noisy. ``batch_dtype`` /
+  ``batch_bytes``: what one batch carries through worker shared memory, pinning and the copy to
+  the device. Ours is uint8 when every image of the batch is 8-bit: its normalisation runs on the
+  device after the copy (``GeoPileLoader.normalize``, one pass), outside this timing.
 - ``gfm_fast_pillow_jpeg``: our loader with Pillow instead of simplejpeg for JPEG.
 - ``decode`` / ``resize``: per-image cost of the candidate decoders and resizers: how the loader's
   choices were made (simplejpeg, else Pillow, for JPEG; torch uint8 antialiased resize).
@@ -201,24 +204,34 @@ def _time_batches(fn: Callable[[], object], batches: int) -> float:
     return time_fn(lambda: [fn() for _ in range(batches)], device=torch.device("cpu"), warmup=0, runs=1).median_ms / batches
 
 
-def _interleaved(loaders: Dict[str, tuple], rounds: int, batches_per_run: int) -> Dict[str, List[float]]:
-    """In-process loaders (workers == 0), timed in alternating runs: their ratios are fair."""
+def _batch_format(batch: torch.Tensor) -> Dict[str, object]:
+    return {"batch_dtype": str(batch.dtype).replace("torch.", ""), "batch_bytes": batch.nbytes}
+
+
+def _interleaved(loaders: Dict[str, tuple], rounds: int,
+                 batches_per_run: int) -> Tuple[Dict[str, List[float]], Dict[str, Dict]]:
+    """In-process loaders (workers == 0), timed in alternating runs: their ratios are fair.
+    Returns the ms per batch of each run and the format of a batch (_batch_format), per loader."""
     samples: Dict[str, List[float]] = {name: [] for name in loaders}
+    formats = {name: _batch_format(fn()) for name, (fn, _) in loaders.items()}
     for name, (fn, _) in loaders.items():  # warm-up: shuffle buffers fill, caches warm
         _time_batches(fn, 2)
     for _ in range(rounds):
         for name, (fn, _) in loaders.items():
             samples[name].append(_time_batches(fn, batches_per_run))
-    return samples
+    return samples, formats
 
 
-def _sustained(make: Callable[[], tuple], rounds: int, batches_per_run: int, workers: int) -> List[float]:
+def _sustained(make: Callable[[], tuple], rounds: int, batches_per_run: int,
+               workers: int) -> Tuple[List[float], Dict]:
     """One multi-worker loader alone (others stopped: workers prefetch in the background, so
-    alternating runs would time queued batches); warm-up fills the prefetch queues first."""
+    alternating runs would time queued batches); warm-up fills the prefetch queues first.
+    Returns the ms per batch of each run and the format of a batch (_batch_format)."""
     fn, close = make()
     try:
+        batch_format = _batch_format(fn())
         _time_batches(fn, 4 * workers)
-        return [_time_batches(fn, max(batches_per_run, 2 * workers)) for _ in range(rounds)]
+        return [_time_batches(fn, max(batches_per_run, 2 * workers)) for _ in range(rounds)], batch_format
     finally:
         close()
 
@@ -318,19 +331,21 @@ def run_loader(images: int = 192, batch: int = 32, rounds: int = 5, batches_per_
                     args = (folder, shards, batch, num_workers, shuffle_buffer)
                     if num_workers == 0:
                         loaders = {impl: make(*args) for impl, make in LOADERS.items()}
-                        samples = _interleaved(loaders, rounds, batches_per_run)
+                        samples, formats = _interleaved(loaders, rounds, batches_per_run)
                         for _, close in loaders.values():
                             close()
                     else:  # the Pillow variant is a per-core number only
-                        samples = {impl: _sustained(lambda: LOADERS[impl](*args), rounds, batches_per_run, num_workers)
-                                   for impl in ("gfm_fast", "torchvision_imagefolder")}
+                        runs = {impl: _sustained(lambda: LOADERS[impl](*args), rounds, batches_per_run, num_workers)
+                                for impl in ("gfm_fast", "torchvision_imagefolder")}
+                        samples = {impl: times for impl, (times, _) in runs.items()}
+                        formats = {impl: batch_format for impl, (_, batch_format) in runs.items()}
                     base = statistics.median(samples["torchvision_imagefolder"])
                     cores = max(1, num_workers)
                     for impl, times in samples.items():
                         summary = _summary(times, batch)
                         records.append({**env, "case": "loader", "image_set": name, "impl": impl, "workers": num_workers,
                                         "timing": "interleaved" if num_workers == 0 else "sequential",
-                                        "batch": batch, "img_size": IMG_SIZE, **summary,
+                                        "batch": batch, "img_size": IMG_SIZE, **formats[impl], **summary,
                                         "img_s_per_core": summary["img_s"] / cores,
                                         "speedup_vs_imagefolder": base / summary["median_ms"]})
                 if codecs and name in ("jpeg256", "naip512_png"):
@@ -365,7 +380,7 @@ def cores_needed(records: List[Dict], target: float = TARGET_IMG_PER_S) -> List[
 
 def print_table(records: List[Dict]) -> None:
     print(f"{'case':<18} {'set':<34} {'impl':<32} {'workers':>7} {'ms/batch|img':>12} {'p20-p80':>15} "
-          f"{'img/s':>8} {'/core':>8} {'speedup':>8}")
+          f"{'img/s':>8} {'/core':>8} {'speedup':>8} {'batch':>15}")
     for r in records:
         if r["case"] == "cores_for_target":
             print(f"{r['case']:<18} {r['image_set']:<34} {r['impl']:<32} {'':>7} {'':>12} {'':>15} "
@@ -374,7 +389,13 @@ def print_table(records: List[Dict]) -> None:
         spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
         print(f"{r['case']:<18} {r['image_set']:<34} {r['impl'][:32]:<32} {r.get('workers', ''):>7} "
               f"{r['median_ms']:>12.3f} {spread:>15} {r['img_s']:>8.0f} {r.get('img_s_per_core', r['img_s']):>8.0f} "
-              f"{r.get('speedup_vs_imagefolder', float('nan')):>8.2f}")
+              f"{r.get('speedup_vs_imagefolder', float('nan')):>8.2f} {_format_cell(r):>15}")
+
+
+def _format_cell(record: Dict) -> str:
+    if "batch_dtype" not in record:
+        return ""
+    return f"{record['batch_dtype']} {record['batch_bytes'] / 2**20:.1f} MiB"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

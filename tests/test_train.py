@@ -159,7 +159,7 @@ def test_non_finite_losses_are_skipped_then_fatal(tmp_path, monkeypatch):
 
         def __iter__(self):
             for images in self.loader:
-                yield torch.full_like(images, float("nan"))
+                yield torch.full_like(images, float("nan"), dtype=torch.float32)
 
     monkeypatch.setattr(data, "make_loader", lambda *a, **k: NaNEvery(real(*a, **k)))
     with pytest.raises(TrainingError, match="3 consecutive non-finite losses"):
@@ -178,7 +178,7 @@ class _BatchPlan:
     def __iter__(self):
         for images in self.loader:
             if self.served in self.nan_batches:
-                images = torch.full_like(images, float("nan"))
+                images = torch.full_like(images, float("nan"), dtype=torch.float32)
             self.served += 1
             yield images
 

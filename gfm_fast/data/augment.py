@@ -67,8 +67,7 @@ class GFMAugment:
         self.hflip = float(hflip)
         # torchvision computes log(ratio) in float32; keep those exact values for identical draws.
         self._log_ratio = [float(v) for v in torch.log(torch.tensor(self.ratio))]
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self._affine: Dict[np.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- parameters
@@ -148,8 +147,20 @@ class GFMAugment:
 
     def _affine_for(self, dtype: np.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self._affine:
-            self._affine[dtype] = (to_unit_scale(dtype) * self._inv_std, -self._mean * self._inv_std)
+            self._affine[dtype] = normalization_affine(self.mean, self.std, dtype)
         return self._affine[dtype]
+
+
+def normalization_affine(mean: Sequence[float], std: Sequence[float],
+                         dtype: np.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each (C, 1, 1) float32: ``x * scale + bias = (x * to_unit_scale(dtype) - mean) / std``.
+
+    The one computation of the normalisation constants, shared by the workers (normalize_into) and
+    the loader's on-device normalisation of uint8 batches, so both use the same float32 values.
+    """
+    inv_std = 1.0 / torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    return to_unit_scale(np.dtype(dtype)) * inv_std, -mean * inv_std
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,8 @@
     wds.shuffle       sample shuffle buffer (encoded bytes: cheap to hold)
     skip_consumed     number the shuffled stream; resume drops what a checkpoint consumed, undecoded
     decode_augment    decode + GFM RandomResizedCrop/flip; corrupt samples are counted and dropped
-    batch_samples     normalise into a float32 (B, C, H, W) batch, tagged with the stream position
+    batch_samples     a uint8 (B, C, H, W) batch when all samples are 8-bit, else a normalised float32
+                      one; tagged with the stream position
     .with_epoch(n)    every slot yields a fixed number of batches, so every rank yields steps_per_epoch
 
 webdataset's ``split_by_node``/``split_by_worker`` are the same ``islice``, but read the rank from
@@ -154,22 +155,30 @@ def decode_augment(indexed: Iterator[Tuple[int, Dict[str, Any]]], *, augment: GF
 
 def batch_samples(items: Iterator[Tuple[int, torch.Tensor, np.dtype]], *, batch_size: int, augment: GFMAugment,
                   worker: int, stats: Dict[str, int]) -> Iterator[Tuple[torch.Tensor, Dict[str, Any]]]:
-    """Normalise ``batch_size`` samples into a float32 (B, C, S, S) batch (NCHW).
+    """Gather ``batch_size`` samples into a (B, C, S, S) batch (NCHW): uint8 or normalised float32.
 
-    In place of ``wds.batched``: each sample is normalised straight into its row of the batch
-    (no per-sample float tensor, no stack), and each batch carries its slot's stream position
-    (samples consumed, corrupt ones included) and cumulative counters, so the main process can
-    checkpoint exactly what it has received.
+    When every sample was decoded as uint8 (JPEG, PNG, 8-bit TIFF: the common case) the batch
+    holds the resized, flipped uint8 crops and the main process normalises it on the device
+    (``GeoPileLoader.normalize``): a quarter of the bytes through shared memory, pinning and the
+    host-to-device copy. Otherwise (16-bit or float samples in the batch) every sample is
+    normalised here into a float32 batch. In place of ``wds.batched``: each sample is written
+    straight into its row (no stack), and each batch carries its slot's stream position (samples
+    consumed, corrupt ones included) and cumulative counters, so the main process can checkpoint
+    exactly what it has received.
     """
     shape = (batch_size, augment.in_chans, augment.img_size, augment.img_size)
     while True:
-        images = torch.empty(shape, dtype=torch.float32)
-        index = -1
-        for row in range(batch_size):
-            index, pixels, dtype = next(items)
-            augment.normalize_into(images[row], pixels, dtype)
+        samples = [next(items) for _ in range(batch_size)]
+        if all(dtype == np.uint8 for _, _, dtype in samples):
+            images = torch.empty(shape, dtype=torch.uint8)
+            for row, (_, pixels, _) in enumerate(samples):
+                images[row].copy_(pixels)  # channels-last -> NCHW; gray broadcasts to C
+        else:
+            images = torch.empty(shape, dtype=torch.float32)
+            for row, (_, pixels, dtype) in enumerate(samples):
+                augment.normalize_into(images[row], pixels, dtype)
         stats["samples"] += batch_size
-        yield images, {"worker": worker, "position": index + 1, "stats": dict(stats)}
+        yield images, {"worker": worker, "position": samples[-1][0] + 1, "stats": dict(stats)}
 
 
 @dataclass

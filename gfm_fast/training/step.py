@@ -62,7 +62,11 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
 
 
 class BatchStream:
-    """Loader batches across epochs (every rank yields the same count), moved to ``device``."""
+    """Loader batches across epochs (every rank yields the same count), moved to ``device`` and normalised there.
+
+    uint8 batches cross to the device as they are (a quarter of the bytes of float32) and
+    ``loader.normalize`` turns them into the normalised float32 batch there.
+    """
 
     def __init__(self, loader, epoch: int, device):
         self.loader, self.epoch, self.device = loader, epoch, device
@@ -76,7 +80,7 @@ class BatchStream:
             self.loader.set_epoch(self.epoch)
             self.batches = iter(self.loader)
             images = next(self.batches)
-        return images.to(self.device, non_blocking=True)
+        return self.loader.normalize(images.to(self.device, non_blocking=True))
 
     def close(self) -> None:
         """Stop the loader's workers now (the loader's generator shuts them down when closed)."""

@@ -195,9 +195,9 @@ def _loader_pixels(tmp_path, name: str, data: bytes, in_chans: int) -> torch.Ten
     shard = write_tar(tmp_path / f"{name}.tar", [("files/x", {name.rsplit(".", 1)[1]: data})])
     cfg = small_cfg(shard, batch_size=1, samples_per_epoch=1, shuffle_buffer=0, crop_scale=(1.0, 1.0),
                     crop_ratio=(1.0, 1.0), hflip=0.0)
-    (batch,) = list(make_loader(cfg, img_size=SIDE, in_chans=in_chans, mean=[0.0] * in_chans,
-                                std=[1.0] * in_chans))
-    return batch[0]
+    loader = make_loader(cfg, img_size=SIDE, in_chans=in_chans, mean=[0.0] * in_chans, std=[1.0] * in_chans)
+    (batch,) = list(loader)
+    return loader.normalize(batch)[0]
 
 
 def test_training_loader_and_extract_features_decode_every_file_kind_alike(tmp_path):

@@ -62,9 +62,10 @@ def test_epoch_yields_exact_normalised_batches(built):
     loader = make_loader(small_cfg(str(built), samples_per_epoch=42), img_size=IMG, seed=0)
     assert loader.steps_per_epoch == 10 and len(loader) == 10
     first = _epoch(loader)
-    assert len(first) == 10 and all(b.shape == (4, 3, IMG, IMG) and b.dtype == torch.float32 for b in first)
+    assert len(first) == 10 and all(b.shape == (4, 3, IMG, IMG) and b.dtype == torch.uint8 for b in first)  # 8-bit
     assert loader.epoch == 1 and loader.stats["samples"] == 40
-    assert -2.5 < torch.stack(first).mean() < 2.5 and torch.stack(first).std() > 0.1  # normalised imagery
+    images = torch.stack([loader.normalize(b) for b in first])
+    assert images.dtype == torch.float32 and -2.5 < images.mean() < 2.5 and images.std() > 0.1  # normalised imagery
     second = _epoch(loader)  # the loader moved to epoch 1 by itself: a new order
     assert len(second) == 10 and not _same(first, second)
 
