@@ -20,7 +20,11 @@ name everywhere):
 ``window_attention`` (Swin's window attention core, the path ``gfm_fast.models.attention`` takes on
 CPU) follows the same layout with one fast backend, C++ on CPU: ``ops/window_attention.py``,
 ``csrc/cpu/window_attention_kernel.cpp``, ``reference.window_attention``,
-``tests/ops/test_window_attention.py``.
+``tests/ops/test_window_attention.py``. ``widened_linear`` (a bf16 linear on the fp32 GEMM, which
+``gfm_fast.models.linear`` takes on CPUs without bf16 instructions) likewise: ``ops/widened_linear.py``,
+``csrc/cpu/widened_linear_kernel.cpp`` (conversions only; the GEMM is torch's), tested against
+float64 products of the bf16-rounded operands and torch's bf16 linear in
+``tests/ops/test_widened_linear.py``.
 
 The method behind the ops: docs/method.md; how the package is layered: docs/architecture.md.
 """
@@ -29,7 +33,8 @@ from gfm_fast.ops._backend import BACKENDS, BackendUnavailableError, available_b
 from gfm_fast.ops.cosine_distillation import cosine_distillation
 from gfm_fast.ops.decoder_l1_loss import decoder_l1_loss
 from gfm_fast.ops.masked_patch_embed import masked_patch_embed
+from gfm_fast.ops.widened_linear import widened_linear
 from gfm_fast.ops.window_attention import window_attention
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "resolve", "reference",
-           "masked_patch_embed", "decoder_l1_loss", "cosine_distillation", "window_attention"]
+           "masked_patch_embed", "decoder_l1_loss", "cosine_distillation", "window_attention", "widened_linear"]
