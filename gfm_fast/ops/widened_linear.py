@@ -7,8 +7,8 @@ GEMM computes the same thing a bf16 GEMM computes: every product of two bf16 num
 fp32, the sums accumulate in fp32, and the output is rounded to bf16. So this is a bf16 linear (bf16
 operands, fp32 accumulation, bf16 output), not an fp32 one; only the summation order differs from a
 native bf16 GEMM's, and the gradients of fp32 inputs (the weights, LayerNorm outputs) are returned
-as the fp32 sums instead of being rounded to bf16 first. The widening is a pass over the operands,
-small next to the GEMM.
+as the fp32 sums instead of being rounded to bf16 first. The conversions are memory-bound passes
+over the operands, done in as few as possible (csrc/cpu/widened_linear_kernel.cpp).
 
 Reference: ``torch.nn.functional.linear`` on the bf16 operands (under ``torch.autocast``, which casts
 them). Where bf16 GEMMs are native (CUDA, AVX512-BF16, AMX, Arm's BF16) torch's is used
@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from gfm_fast.ops._backend import cpp_available, implementation
+
 __all__ = ["widened_linear", "widen", "cpu_has_bf16_matmul", "cpuinfo_has_bf16"]
 
 _BF16 = torch.bfloat16
@@ -74,7 +75,7 @@ class WidenedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 weight32: torch.Tensor, bias32: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.kernels = kernels_built() and x.dtype in (torch.float32, _BF16)
+        ctx.kernels = kernels_built()
         if ctx.kernels:
             out, rounded = torch.ops.gfm_fast.widened_linear(x, weight32, bias32)
             rounded = x if x.dtype == _BF16 else rounded

@@ -4,12 +4,15 @@ conversion kernels and without them (torch ops); opcheck and torch.compile of th
 flag check; input errors."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gfm_fast.ops import widened_linear as module
 from gfm_fast.ops.widened_linear import cpuinfo_has_bf16, kernels_built, widened_linear
+
+module = importlib.import_module("gfm_fast.ops.widened_linear")  # the module (ops.widened_linear is the function)
 
 BF16 = torch.bfloat16
 needs_kernels = pytest.mark.skipif(not kernels_built(), reason="gfm_fast._C not built")
