@@ -95,3 +95,19 @@ def test_teacher_reuses_widened_weights_until_they_change(cpu_without_bf16):
     assert not torch.equal(changed, first)
     torch.testing.assert_close(changed, native(images), rtol=2e-2, atol=2e-2)
 
+
+
+def test_widened_block_compiles_as_one_graph(cpu_without_bf16, monkeypatch):
+    """Under torch.compile the widened linears trace into the block's graph (no graph break) and
+    compute what eager does."""
+    torch.manual_seed(0)
+    block = tiny_pretrainer().student.encoder.layers[0].blocks[0]
+    x = torch.randn(2, 32, 32, 16, requires_grad=True)
+    traced = []
+    monkeypatch.setattr(linear, "widened_linear", lambda *a, **k: traced.append(1) or widened_linear(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=False)(x)
+        assert len(traced) == 4  # qkv, proj, fc1, fc2
+        eager = block(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert torch.equal(*(torch.autograd.grad(out.float().sum(), x)[0] for out in (compiled, eager)))
