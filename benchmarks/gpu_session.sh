@@ -56,7 +56,7 @@ phase_test() {
     # Several workers: most of the time is Triton compiling each autotune config, one process each.
     "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-8}"
     local ops=$?
-    "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py -q -ra -k "cuda or gpu" -p no:cacheprovider
+    "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py tests/data/test_device_normalise.py -q -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
 }
 

@@ -88,3 +88,14 @@ def test_batch_stream_yields_normalised_float32_on_the_device(tmp_path, name):
     assert not torch.equal(got[0], got[1])  # epoch 1 draws other crops
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU cases run on a GPU machine")
+def test_cuda_pinned_copy_then_normalise_matches_the_cpu(tmp_path):
+    """What BatchStream does on a GPU: the pinned uint8 batch copied non-blocking, normalised there."""
+    loader = _loader(write_tar(tmp_path / "u8.tar", _jpegs(4)))
+    (raw,) = list(loader)
+    pinned = raw.pin_memory()
+    on_device = loader.normalize(pinned.to("cuda", non_blocking=True))
+    assert on_device.device.type == "cuda" and on_device.dtype == torch.float32
+    torch.testing.assert_close(on_device.cpu(), _by_hand(raw))
