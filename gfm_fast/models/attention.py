@@ -37,7 +37,6 @@ Beyond the path, three things timm repeats on every call are done once here:
 """
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator, Optional, Tuple
@@ -53,8 +52,8 @@ from gfm_fast.ops._common import accumulate_dtype, write_version
 from gfm_fast.ops.window_attention import kernel_available
 from gfm_fast.ops.window_attention import window_attention as fused_window_attention
 
-__all__ = ["ATTENTION_PATHS", "set_attention", "attention_path", "resolve_path", "window_attention", "to_windows",
-           "from_windows"]
+__all__ = ["ATTENTION_PATHS", "RoutedWindowAttention", "set_attention", "attention_path", "resolve_path",
+           "window_attention", "to_windows", "from_windows"]
 
 
 def _check_path(path: str) -> None:
@@ -135,14 +134,21 @@ def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torc
     return self.proj_drop(self.proj(out))
 
 
+class RoutedWindowAttention(WindowAttention):
+    """timm's ``WindowAttention`` whose forward is :func:`window_attention` (what
+    :func:`set_attention` turns timm's into: same parameters and state dict, picklable)."""
+
+    forward = window_attention
+
+
 def set_attention(model: nn.Module, path: str) -> nn.Module:
     """Run every window attention of ``model`` through :func:`window_attention` on ``path``
     (auto | cpp | sdpa | explicit), in place; returns ``model``."""
     _check_path(path)
     for module in model.modules():
         if isinstance(module, WindowAttention):
+            module.__class__ = RoutedWindowAttention
             module.gfm_attention = path
-            module.forward = types.MethodType(window_attention, module)
     return model
 
 

@@ -16,8 +16,8 @@ autocast, Swin-B stage-3 MLP (576 x 512 -> 1536): 45 ms native, 14 ms widened, 1
 """
 from __future__ import annotations
 
-import types
 from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +26,7 @@ from gfm_fast.config import BF16_MATMUL_PATHS
 from gfm_fast.ops._common import write_version
 from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul, widen, widened_linear
 
-__all__ = ["BF16_MATMUL_PATHS", "set_bf16_matmul", "resolve_linear_path", "linear_forward"]
+__all__ = ["BF16_MATMUL_PATHS", "RoutedLinear", "set_bf16_matmul", "resolve_linear_path", "linear_forward"]
 
 
 def _check_path(path: str) -> None:
@@ -73,12 +73,19 @@ def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return widened_linear(x, self.weight, self.bias, widened=widened)
 
 
+class RoutedLinear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear_forward` (what :func:`set_bf16_matmul` turns
+    plain linear layers into: same parameters and state dict, picklable)."""
+
+    forward = linear_forward
+
+
 def set_bf16_matmul(model: nn.Module, path: str) -> nn.Module:
-    """Run every ``nn.Linear`` of ``model`` through :func:`linear_forward` on ``path``
+    """Run every plain ``nn.Linear`` of ``model`` through :func:`linear_forward` on ``path``
     (auto | native | widened), in place; returns ``model``."""
     _check_path(path)
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if type(module) in (nn.Linear, RoutedLinear):  # not subclasses with a forward of their own
+            module.__class__ = RoutedLinear
             module.gfm_bf16_matmul = path
-            module.forward = types.MethodType(linear_forward, module)
     return model

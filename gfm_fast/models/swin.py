@@ -11,7 +11,6 @@ Order follows timm's ``swin_transformer.py``: layers -> model -> stage slicing -
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -107,11 +106,18 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     return x[:, :height, :width, :].contiguous()
 
 
+class PadBeforeShiftBlock(SwinTransformerBlock):
+    """timm's ``SwinTransformerBlock`` with :func:`_attn_pad_then_shift` (what :func:`pad_before_shift`
+    turns timm's into: same parameters and state dict, picklable)."""
+
+    _attn = _attn_pad_then_shift
+
+
 def pad_before_shift(model: nn.Module) -> nn.Module:
     """Give every Swin block of ``model`` :func:`_attn_pad_then_shift` (in place; returns ``model``)."""
     for block in model.modules():
         if isinstance(block, SwinTransformerBlock):
-            block._attn = types.MethodType(_attn_pad_then_shift, block)
+            block.__class__ = PadBeforeShiftBlock
     return model
 
 
@@ -292,7 +298,7 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
     """
     embed = model.patch_embed
     blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-    saved = (embed.strict_img_size, [b.dynamic_mask for b in blocks], ["_attn" in vars(b) for b in blocks])
+    saved = (embed.strict_img_size, [b.dynamic_mask for b in blocks], [type(b) for b in blocks])
     embed.strict_img_size = False
     for block in blocks:
         block.dynamic_mask = True
@@ -301,7 +307,6 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
         yield model
     finally:
         embed.strict_img_size = saved[0]
-        for block, dynamic, had_own_attn in zip(blocks, saved[1], saved[2]):
+        for block, dynamic, kind in zip(blocks, saved[1], saved[2]):
             block.dynamic_mask = dynamic
-            if not had_own_attn:
-                del block._attn
+            block.__class__ = kind

@@ -12,7 +12,7 @@ from gfm_fast.config import ConfigError
 from gfm_fast.models import linear
 from gfm_fast.models.linear import resolve_linear_path, set_bf16_matmul
 from gfm_fast.ops.widened_linear import widened_linear
-from tests.models.model_helpers import TINY_IMG, random_block_mask, tiny_config, tiny_pretrainer
+from model_helpers import TINY_IMG, random_block_mask, tiny_config, tiny_pretrainer
 
 
 @pytest.fixture

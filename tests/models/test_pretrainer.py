@@ -246,3 +246,20 @@ def test_activation_checkpointing_keeps_losses_and_gradients(option):
     torch.testing.assert_close(out_c.loss, out_p.loss, rtol=0, atol=0)
     for (name, p_p), p_c in zip(plain.student.named_parameters(), ckpt.student.parameters()):
         torch.testing.assert_close(p_c.grad, p_p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_whole_model_pickles_with_its_paths():
+    """torch.save of the module itself (not only its state dict) works and keeps the routed layers:
+    the attention, linear and pad-before-shift routing are subclasses, not bound methods."""
+    import io
+
+    torch.manual_seed(0)
+    model = tiny_pretrainer(attention="explicit", bf16_matmul="native").eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x, mask = images(), random_block_mask(2)
+    torch.testing.assert_close(loaded(x, mask).loss, model(x, mask).loss, rtol=0, atol=0)
+    routed = [m for m in loaded.modules() if hasattr(m, "gfm_attention") or hasattr(m, "gfm_bf16_matmul")]
+    assert routed and all(getattr(m, "gfm_attention", "explicit") == "explicit" for m in routed)
