@@ -13,7 +13,8 @@ Both sides run one optimizer step on the same weights, batch and losses:
   masks, one host sync), with the same AdamW as the reference
   (``ours``: ``optim.fused=false``, DeepSpeed's clipping) and with the project's own choice on top
   (``ours+fused_adamw``: the default, torch's fused AdamW with the clipping folded in).
-"bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
+On CUDA also ``ours+fused_adamw+teacher_cuda_graph`` (``run.teacher_cuda_graph``: the teacher's
+forward replayed as a CUDA graph). "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
 interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
 
 Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
@@ -101,7 +102,7 @@ class OurStep:
     """The training loop's own step: ``build_engine`` + ``train_step`` (DeepSpeed ZeRO-0, one process)."""
 
     def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool,
-                 checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False):
+                 checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False, teacher_cuda_graph: bool = False):
         from gfm_fast.config import TrainConfig
         from gfm_fast.models.pretrainer import GFMPretrainer
         from gfm_fast.training.distributed import init_distributed
@@ -112,6 +113,7 @@ class OurStep:
         cfg.model = model_config(size)
         cfg.model.checkpoint_stages = tuple(checkpoint_stages)
         cfg.run.compile = compile_  # run.compile_scope: regional (each Swin block)
+        cfg.run.teacher_cuda_graph = teacher_cuda_graph
         cfg.data.batch_size, cfg.optim.clip_grad, cfg.optim.fused = batch, CLIP_GRAD, fused_adamw
         self.pretrainer = GFMPretrainer(cfg.model).to(device)
         run_precision = "bf16-mixed" if precision == "bf16" else "fp32"  # bf16: autocast, as the reference
@@ -238,6 +240,12 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
             ours_ckpt = OurStep(size, batch, precision, device, fused_adamw=True, checkpoint_stages=checkpoint_stages)
         ours_ckpt.pretrainer.load_state_dict(ours.pretrainer.state_dict())
         sides["ours+fused_adamw+checkpoint_stages=" + ",".join(map(str, checkpoint_stages))] = lambda: ours_ckpt(images)
+    if device.type == "cuda" and not compile_mode:  # the teacher replayed as a CUDA graph (run.teacher_cuda_graph)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours_graph = OurStep(size, batch, precision, device, fused_adamw=True, teacher_cuda_graph=True)
+        ours_graph.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+        sides["ours+fused_adamw+teacher_cuda_graph"] = lambda: ours_graph(images)
     flops = count_flops(sides["reference"])  # model FLOPs, counted on the eager reference step
     if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
         reference.student.compile(dynamic=False)

@@ -227,6 +227,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the student and the teacher (not with ZeRO-3)
     compile_scope: str = "regional"  # regional: each Swin block (compiled once per stage); full: whole modules
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA
+    teacher_cuda_graph: bool = False  # replay the teacher's forward as a CUDA graph (CUDA; static shapes)
     eval_data: Optional[str] = None  # labelled images (root/<class>/<image> or shards) for k-NN during training
     eval_every: int = 0  # steps between k-NN evaluations on eval_data; 0: never
 

@@ -17,9 +17,10 @@ from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import ModelConfig
 from gfm_fast.models.attention import set_attention
-from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.checkpoint import load_teacher_weights
+from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.swin import pad_before_shift, prune_to_trunk, split_at_last_merging, swin_kwargs
+from gfm_fast.ops._common import write_version
 
 __all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
 
@@ -73,6 +74,7 @@ class FrozenTeacher(SwinTransformer):
                           UserWarning, stacklevel=2)
         self.requires_grad_(False)
         self.eval()
+        self._graph: Optional[_TeacherGraph] = None  # use_cuda_graph
         if self.dtype_name != "auto":  # a fixed dtype: cast the weights once, here
             self.to(_DTYPES[self.dtype_name])
 
@@ -110,12 +112,23 @@ class FrozenTeacher(SwinTransformer):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
         return images
 
+    def use_cuda_graph(self, enabled: bool = True) -> None:
+        """Replay the forward as a CUDA graph on CUDA inputs (``run.teacher_cuda_graph``): captured
+        at the first call, again when the input's shape, dtype or device, the autocast state or a
+        weight (replaced or written in place) changes; CPU inputs run eagerly."""
+        self._graph = _TeacherGraph() if enabled else None
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """z_t = average over tokens of h, (B, T) float32 (T = 1024 for Swin-B), no autograd graph.
 
         Args:
             images: normalised student images (B, C, H, W) NCHW; any float dtype.
         """
+        if self._graph is not None and images.is_cuda and not torch.cuda.is_current_stream_capturing():
+            return self._graph(self, images)
+        return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         weights = self.patch_embed.proj.weight.dtype
         dtype = self.compute_dtype(images.device)
         # no_grad, not inference_mode: the cosine loss saves z_t for its backward. Weights already in
@@ -128,3 +141,40 @@ class FrozenTeacher(SwinTransformer):
             for module in trunk:
                 x = module(x)  # h: (B, 7, 7, 1024) NHWC at the end
             return x.float().mean(dim=(1, 2))
+
+
+class _TeacherGraph:
+    """The teacher's forward captured once as a CUDA graph and replayed: one launch for its ~300
+    kernels, where every step has the same shapes. The input is copied into the graph's static
+    input; the output is cloned out of its static output (the next replay overwrites it)."""
+
+    def __init__(self):
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.key: tuple = ()
+
+    def __call__(self, teacher: FrozenTeacher, images: torch.Tensor) -> torch.Tensor:
+        device = images.device.type
+        # The graph reads the weights where they were, and caches made from them (the attention
+        # bias) as they were: replaced or rewritten weights need a new capture.
+        tensors = [*teacher.parameters(), *teacher.buffers()]
+        key = (tuple(images.shape), images.dtype, images.device, torch.is_autocast_enabled(device),
+               torch.get_autocast_dtype(device), tuple((t.data_ptr(), write_version(t)) for t in tensors))
+        if self.graph is None or key != self.key:
+            self._capture(teacher, images, key)
+        self.images.copy_(images)
+        self.graph.replay()
+        return self.features.clone()
+
+    def _capture(self, teacher: FrozenTeacher, images: torch.Tensor, key: tuple) -> None:
+        self.graph = self.images = self.features = None  # free the previous capture first
+        self.images = images.clone()
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: fills the caches, picks the kernels
+            for _ in range(2):
+                teacher._features(self.images)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.features = teacher._features(self.images)
+        self.graph, self.key = graph, key

@@ -30,7 +30,8 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     torch's AdamW (no DeepSpeed op to compile; its fused kernel with the clipping folded in, see
     ``training.optimizer``) over ``param_groups`` (no decay for norms, biases, mask token, relative
     position tables). The teacher's weights are cast once to the run's compute dtype; with
-    ``run.compile`` the student and teacher are compiled in place first.
+    ``run.compile`` the student and teacher are compiled in place first; with
+    ``run.teacher_cuda_graph`` the teacher's forward is replayed as a CUDA graph.
 
     Args:
         cfg: the run config (optimizer, ZeRO stage, accumulation, clipping, compile).
@@ -51,6 +52,7 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     pretrainer.teacher.set_run_precision(precision)  # its weights cast once, not on every step
     if cfg.run.compile:
         compile_in_place(pretrainer.student, pretrainer.teacher, scope=cfg.run.compile_scope)
+    pretrainer.teacher.use_cuda_graph(cfg.run.teacher_cuda_graph)
     optimizer = build_optimizer(param_groups(pretrainer.student, cfg.optim.weight_decay), cfg, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=pretrainer.student, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, precision))

@@ -133,3 +133,27 @@ def test_extract_features_on_device_equals_cpu():
     cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
     assert (cos > 0.995).all(), cos  # bf16 on CUDA
     assert maps[0].shape[-1] == TINY_IMG // 4 and maps[3].shape[-1] == TINY_IMG // 32
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
+def test_teacher_cuda_graph_replays_the_eager_forward():
+    """run.teacher_cuda_graph: the replayed teacher gives the eager teacher's features for new
+    inputs, follows weights loaded in place, and captures again for a new batch shape."""
+    torch.manual_seed(0)
+    teacher = tiny_pretrainer().teacher.to(DEVICE)
+    teacher.set_run_precision("bf16")
+    graphed = tiny_pretrainer().teacher.to(DEVICE)
+    graphed.load_state_dict(teacher.state_dict())
+    graphed.set_run_precision("bf16")
+    graphed.use_cuda_graph()
+    tol = dict(rtol=1e-2, atol=1e-2)  # bf16; a captured GEMM may pick another algorithm than eager
+    for seed, batch in ((1, 3), (2, 3), (3, 5)):
+        x = torch.randn(batch, 3, TINY_IMG, TINY_IMG, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        torch.testing.assert_close(graphed(x), teacher(x), **tol)
+    kept = graphed(x)
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in teacher.state_dict().items()}
+    teacher.load_state_dict(state)
+    graphed.load_state_dict(state)  # in place: a new capture, with the new attention bias too
+    changed = graphed(x)
+    assert (changed - kept).abs().max() > 0.1
+    torch.testing.assert_close(changed, teacher(x), **tol)

@@ -168,3 +168,13 @@ def test_bf16_teacher_features_match_fp32_on_real_images():
     low.set_run_precision("bf16")
     cosine = torch.nn.functional.cosine_similarity(low(images), exact(images), dim=-1)
     assert (cosine >= 0.999).all(), cosine
+
+
+def test_cuda_graph_option_leaves_cpu_inputs_eager():
+    """run.teacher_cuda_graph on a CPU run: the forward stays the eager one (graphs are CUDA only)."""
+    teacher = make_teacher()
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    eager = teacher(images)
+    teacher.use_cuda_graph()
+    torch.testing.assert_close(teacher(images), eager, rtol=0, atol=0)
+    assert teacher._graph.graph is None  # nothing was captured
