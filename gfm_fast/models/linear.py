@@ -68,8 +68,8 @@ def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` on the path ``self.gfm_bf16_matmul`` picks."""
     if resolve_linear_path(self.gfm_bf16_matmul, x, self.weight) != "widened":
         return F.linear(x, self.weight, self.bias)
-    trained = torch.is_grad_enabled() and any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
-    widened = None if trained or torch.compiler.is_compiling() else _frozen_widened(self)
+    frozen = not any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
+    widened = _frozen_widened(self) if frozen and not torch.compiler.is_compiling() else None
     return widened_linear(x, self.weight, self.bias, widened=widened)
 
 
