@@ -145,6 +145,7 @@ def set_attention(model: nn.Module, path: str) -> nn.Module:
     """Run every window attention of ``model`` through :func:`window_attention` on ``path``
     (auto | cpp | sdpa | explicit), in place; returns ``model``."""
     _check_path(path)
+    kernel_available(torch.device("cpu"))  # the extension loaded now: not inside a later torch.compile trace
     for module in model.modules():
         if isinstance(module, WindowAttention):
             module.__class__ = RoutedWindowAttention

@@ -24,7 +24,7 @@ from torch import nn
 
 from gfm_fast.config import BF16_MATMUL_PATHS
 from gfm_fast.ops._common import write_version
-from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul, widen, widened_linear
+from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul, kernels_built, widen, widened_linear
 
 __all__ = ["BF16_MATMUL_PATHS", "RoutedLinear", "set_bf16_matmul", "resolve_linear_path", "linear_forward"]
 
@@ -84,6 +84,7 @@ def set_bf16_matmul(model: nn.Module, path: str) -> nn.Module:
     """Run every plain ``nn.Linear`` of ``model`` through :func:`linear_forward` on ``path``
     (auto | native | widened), in place; returns ``model``."""
     _check_path(path)
+    cpu_has_bf16_matmul(), kernels_built()  # read and loaded now: not inside a later torch.compile trace
     for module in model.modules():
         if type(module) in (nn.Linear, RoutedLinear):  # not subclasses with a forward of their own
             module.__class__ = RoutedLinear

@@ -17,7 +17,6 @@ them). Where bf16 GEMMs are native (CUDA, AVX512-BF16, AMX, Arm's BF16) torch's 
 from __future__ import annotations
 
 import platform
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -30,15 +29,21 @@ __all__ = ["widened_linear", "widen", "cpu_has_bf16_matmul", "cpuinfo_has_bf16"]
 _BF16 = torch.bfloat16
 
 
-@lru_cache(maxsize=1)
+_CPU_HAS_BF16: Optional[bool] = None  # read once per process
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, not the file read
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16), from
     /proc/cpuinfo; where there is none, assume it does (torch's GEMMs stay in use)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return cpuinfo_has_bf16(info.read(), platform.machine())
-    except OSError:
-        return True
+    global _CPU_HAS_BF16
+    if _CPU_HAS_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as info:
+                _CPU_HAS_BF16 = cpuinfo_has_bf16(info.read(), platform.machine())
+        except OSError:
+            _CPU_HAS_BF16 = True
+    return _CPU_HAS_BF16
 
 
 def cpuinfo_has_bf16(cpuinfo: str, machine: str) -> bool:

@@ -3,6 +3,8 @@ that the student's losses and gradients and the teacher's features stay those of
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,20 @@ def test_widened_block_compiles_as_one_graph(cpu_without_bf16, monkeypatch):
         eager = block(x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert torch.equal(*(torch.autograd.grad(out.float().sum(), x)[0] for out in (compiled, eager)))
+
+
+def test_compiles_without_graph_breaks_in_a_fresh_process():
+    """The first call of a routed linear being a compiled one: the CPU check and the extension's
+    import happen outside the trace (a graph break, or an error under fullgraph, otherwise)."""
+    code = """
+import warnings, torch
+warnings.simplefilter("error", UserWarning)
+from gfm_fast.models.linear import set_bf16_matmul
+layer, x = set_bf16_matmul(torch.nn.Linear(16, 8), "auto"), torch.randn(4, 16)
+def f(x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x).float()
+torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), f(x), rtol=0, atol=0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
