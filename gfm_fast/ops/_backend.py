@@ -56,7 +56,7 @@ def _import_error(module: str) -> str:
 def cpp_available(device_type: str = "cpu") -> bool:
     """True when gfm_fast._C is built with kernels for ``device_type`` (its Python side, with the
     ops' fake kernels, imported too: a later call under torch.compile then finds it loaded)."""
-    if _import_error("gfm_fast.ops._cpp_impl"):
+    if _import_error("gfm_fast._C") or _import_error("gfm_fast.ops._cpp_impl"):
         return False
     from gfm_fast import _C
 
