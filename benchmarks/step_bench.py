@@ -13,7 +13,9 @@ Both sides run one optimizer step on the same weights, batch and losses:
   masks, one host sync), with the same AdamW as the reference
   (``ours``: ``optim.fused=false``, DeepSpeed's clipping) and with the project's own choice on top
   (``ours+fused_adamw``: the default, torch's fused AdamW with the clipping folded in).
-On CUDA also ``ours+fused_adamw+teacher_cuda_graph`` (``run.teacher_cuda_graph``: the teacher's
+In bf16 on a CPU without bf16 instructions also ``ours+fused_adamw+bf16_matmul=native`` (the
+default with torch's emulated bf16 GEMM instead of the widened one). On CUDA also
+``ours+fused_adamw+teacher_cuda_graph`` (``run.teacher_cuda_graph``: the teacher's
 forward replayed as a CUDA graph). "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
 interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
 
@@ -102,7 +104,8 @@ class OurStep:
     """The training loop's own step: ``build_engine`` + ``train_step`` (DeepSpeed ZeRO-0, one process)."""
 
     def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool,
-                 checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False, teacher_cuda_graph: bool = False):
+                 checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False, teacher_cuda_graph: bool = False,
+                 bf16_matmul: str = "auto"):
         from gfm_fast.config import TrainConfig
         from gfm_fast.models.pretrainer import GFMPretrainer
         from gfm_fast.training.distributed import init_distributed
@@ -112,6 +115,7 @@ class OurStep:
         cfg = TrainConfig()
         cfg.model = model_config(size)
         cfg.model.checkpoint_stages = tuple(checkpoint_stages)
+        cfg.model.bf16_matmul = bf16_matmul
         cfg.run.compile = compile_  # run.compile_scope: regional (each Swin block)
         cfg.run.teacher_cuda_graph = teacher_cuda_graph
         cfg.data.batch_size, cfg.optim.clip_grad, cfg.optim.fused = batch, CLIP_GRAD, fused_adamw
@@ -221,6 +225,7 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
                     compile_mode: bool, checkpoint_stages: Tuple[int, ...] = ()) -> List[Dict]:
     """Records of every side of one (model size, precision) pair."""
     from gfm_fast.models.reference import ReferenceGFM
+    from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -240,6 +245,13 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
             ours_ckpt = OurStep(size, batch, precision, device, fused_adamw=True, checkpoint_stages=checkpoint_stages)
         ours_ckpt.pretrainer.load_state_dict(ours.pretrainer.state_dict())
         sides["ours+fused_adamw+checkpoint_stages=" + ",".join(map(str, checkpoint_stages))] = lambda: ours_ckpt(images)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul() and not compile_mode:
+        # The default minus the widened bf16 GEMM (model.bf16_matmul=native): what the option is worth.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours_native = OurStep(size, batch, precision, device, fused_adamw=True, bf16_matmul="native")
+        ours_native.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+        sides["ours+fused_adamw+bf16_matmul=native"] = lambda: ours_native(images)
     if device.type == "cuda" and not compile_mode:  # the teacher replayed as a CUDA graph (run.teacher_cuda_graph)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
