@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.ops._backend import cpp_available, implementation
+from gfm_fast.ops._backend import cpp_available
 
 __all__ = ["widened_linear", "widen", "cpu_has_bf16_matmul", "cpuinfo_has_bf16"]
 
@@ -59,11 +59,9 @@ def cpuinfo_has_bf16(cpuinfo: str, machine: str) -> bool:
 
 
 def kernels_built() -> bool:
-    """Whether gfm_fast._C's CPU kernels (the conversions fused around the GEMM) are there."""
-    if not cpp_available("cpu"):
-        return False
-    implementation("cpp")  # registers the ops' fake kernels, for torch.compile
-    return True
+    """Whether gfm_fast._C's CPU kernels (the conversions fused around the GEMM) are there, their
+    fake kernels registered (``cpp_available`` imports them)."""
+    return cpp_available("cpu")
 
 
 def widen(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from gfm_fast.ops._backend import cpp_available, implementation
+from gfm_fast.ops._backend import cpp_available
 from gfm_fast.ops._common import accumulate_dtype, check_float
 
 
@@ -39,7 +39,8 @@ class WindowAttentionFunction(torch.autograd.Function):
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device`` (CPU, with the C++ extension built)."""
+    """Whether the fused kernel can run on ``device`` (CPU, with the C++ extension built; its fake
+    kernels, for torch.compile, are registered by ``cpp_available``)."""
     return device.type == "cpu" and cpp_available("cpu")
 
 
@@ -60,7 +61,6 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: f
     if not kernel_available(qkv.device):
         raise RuntimeError("window_attention: the fused kernel runs on CPU with gfm_fast._C built; use "
                            "gfm_fast.ops.reference.window_attention elsewhere")
-    implementation("cpp")  # registers the op's fake kernels, for torch.compile
     needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
     bias = bias.to(accumulate_dtype(qkv.dtype)).contiguous()
     return WindowAttentionFunction.apply(qkv.contiguous(), bias, heads, scale, needs_grad)
