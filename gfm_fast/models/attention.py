@@ -48,7 +48,7 @@ from torch import nn
 
 from gfm_fast.config import ATTENTION_PATHS
 from gfm_fast.ops import reference
-from gfm_fast.ops._common import accumulate_dtype, write_version
+from gfm_fast.ops._common import accumulate_dtype, cached_until_changed
 from gfm_fast.ops.window_attention import kernel_available
 from gfm_fast.ops.window_attention import window_attention as fused_window_attention
 
@@ -87,16 +87,9 @@ def _bias_and_mask(attn: WindowAttention, mask: Optional[torch.Tensor],
 
 def _frozen_bias(attn: WindowAttention, mask: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> torch.Tensor:
     """``_bias_and_mask`` of a block whose bias needs no gradient, cached until the table or the mask
-    is replaced (``.to()``, a new size's mask) or written in place (``load_state_dict``). The cache
-    holds the tensors it was made from, so their memory cannot be reused by others meanwhile."""
-    table = attn.relative_position_bias_table
-    cached = getattr(attn, "_gfm_bias_cache", None)
-    if (cached is None or cached[0] is not table or cached[1] != write_version(table) or cached[2] is not mask
-            or cached[3] != write_version(mask) or cached[4] != dtype):
-        with torch.no_grad():
-            cached = (table, write_version(table), mask, write_version(mask), dtype, _bias_and_mask(attn, mask, dtype))
-        attn._gfm_bias_cache = cached
-    return cached[5]
+    is replaced (``.to()``, a new size's mask) or written in place (``load_state_dict``)."""
+    return cached_until_changed(attn, "_gfm_bias_cache", (attn.relative_position_bias_table, mask),
+                                lambda: _bias_and_mask(attn, mask, dtype), key=(dtype,))
 
 
 def window_attention(self: WindowAttention, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gfm_fast.config import BF16_MATMUL_PATHS
-from gfm_fast.ops._common import write_version
+from gfm_fast.ops._common import cached_until_changed
 from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul, kernels_built, widen, widened_linear
 
 __all__ = ["BF16_MATMUL_PATHS", "RoutedLinear", "set_bf16_matmul", "resolve_linear_path", "linear_forward"]
@@ -54,14 +54,8 @@ def _frozen_widened(layer: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tens
     """The widened weight and bias of a layer that is not trained (the teacher), made once and kept
     until they are replaced (``.to()``) or written in place (``load_state_dict``)."""
     weight, bias = layer.weight, layer.bias
-    cached = getattr(layer, "_gfm_widened", None)
-    if (cached is None or cached[0] is not weight or cached[1] != write_version(weight) or cached[2] is not bias
-            or cached[3] != write_version(bias)):
-        with torch.no_grad():
-            widened = (widen(weight), None if bias is None else widen(bias))
-        cached = (weight, write_version(weight), bias, write_version(bias), widened)
-        layer._gfm_widened = cached
-    return cached[4]
+    return cached_until_changed(layer, "_gfm_widened", (weight, bias),
+                                lambda: (widen(weight), None if bias is None else widen(bias)))
 
 
 def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

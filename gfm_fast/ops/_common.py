@@ -2,10 +2,11 @@
 message), and the autocast rule the entry points follow."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+T = TypeVar("T")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -93,6 +94,20 @@ def write_version(tensor: Optional[torch.Tensor]) -> int:
     """In-place write counter of ``tensor``, for caches of what is made from it (inference tensors
     have none; they cannot change outside inference mode)."""
     return 0 if tensor is None or tensor.is_inference() else tensor._version
+
+
+def cached_until_changed(owner: object, name: str, sources: Sequence[Optional[torch.Tensor]],
+                         make: Callable[[], T], *, key: tuple = ()) -> T:
+    """``make()`` (run without autograd), kept as ``owner.<name>`` until one of ``sources`` is
+    replaced (``.to()``) or written in place (``load_state_dict``), or ``key`` changes. The cache
+    holds the sources, so their memory cannot be reused by other tensors meanwhile."""
+    stamp = tuple(write_version(t) for t in sources) + tuple(key)
+    cached = getattr(owner, name, None)
+    if cached is None or cached[1] != stamp or any(a is not b for a, b in zip(cached[0], sources)):
+        with torch.no_grad():
+            cached = (tuple(sources), stamp, make())
+        setattr(owner, name, cached)
+    return cached[2]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -83,15 +83,15 @@ def test_teacher_reuses_widened_weights_until_they_change(cpu_without_bf16):
     images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
     first = teacher(images)
     qkv = teacher.layers[0].blocks[0].attn.qkv
-    kept = qkv._gfm_widened[4][0]
+    kept = qkv._gfm_widened[-1][0]
     torch.testing.assert_close(teacher(images), first, rtol=0, atol=0)
-    assert qkv._gfm_widened[4][0] is kept  # made once, not per call
+    assert qkv._gfm_widened[-1][0] is kept  # made once, not per call
     state = copy.deepcopy(teacher.state_dict())
     state["layers.0.blocks.0.attn.qkv.weight"].mul_(2)
     teacher.load_state_dict(state)  # an in-place write: the widened copy must follow
-    assert qkv._gfm_widened[4][0] is kept
+    assert qkv._gfm_widened[-1][0] is kept
     changed = teacher(images)
-    assert qkv._gfm_widened[4][0] is not kept
+    assert qkv._gfm_widened[-1][0] is not kept
     native = copy.deepcopy(teacher)
     set_bf16_matmul(native, "native")
     assert not torch.equal(changed, first)
