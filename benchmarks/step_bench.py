@@ -239,25 +239,22 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
     images = torch.randn(batch, 3, 192, 192, device=device)
     sides: Dict[str, Callable[[], None]] = {"reference": lambda: ref_step(images), "ours": lambda: ours(images),
                                             "ours+fused_adamw": lambda: ours_fused(images)}
-    if checkpoint_stages:  # the speed cost of activation checkpointing (model.checkpoint_stages)
+
+    def add_variant(label: str, **options) -> None:
+        """The default step with one option changed, as side ``ours+fused_adamw+<label>``."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ours_ckpt = OurStep(size, batch, precision, device, fused_adamw=True, checkpoint_stages=checkpoint_stages)
-        ours_ckpt.pretrainer.load_state_dict(ours.pretrainer.state_dict())
-        sides["ours+fused_adamw+checkpoint_stages=" + ",".join(map(str, checkpoint_stages))] = lambda: ours_ckpt(images)
+            step = OurStep(size, batch, precision, device, fused_adamw=True, **options)
+        step.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+        sides["ours+fused_adamw+" + label] = lambda: step(images)
+
+    if checkpoint_stages:  # the speed cost of activation checkpointing (model.checkpoint_stages)
+        add_variant("checkpoint_stages=" + ",".join(map(str, checkpoint_stages)), checkpoint_stages=checkpoint_stages)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul() and not compile_mode:
         # The default minus the widened bf16 GEMM (model.bf16_matmul=native): what the option is worth.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours_native = OurStep(size, batch, precision, device, fused_adamw=True, bf16_matmul="native")
-        ours_native.pretrainer.load_state_dict(ours.pretrainer.state_dict())
-        sides["ours+fused_adamw+bf16_matmul=native"] = lambda: ours_native(images)
+        add_variant("bf16_matmul=native", bf16_matmul="native")
     if device.type == "cuda" and not compile_mode:  # the teacher replayed as a CUDA graph (run.teacher_cuda_graph)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours_graph = OurStep(size, batch, precision, device, fused_adamw=True, teacher_cuda_graph=True)
-        ours_graph.pretrainer.load_state_dict(ours.pretrainer.state_dict())
-        sides["ours+fused_adamw+teacher_cuda_graph"] = lambda: ours_graph(images)
+        add_variant("teacher_cuda_graph", teacher_cuda_graph=True)
     flops = count_flops(sides["reference"])  # model FLOPs, counted on the eager reference step
     if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
         reference.student.compile(dynamic=False)
