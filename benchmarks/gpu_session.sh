@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # What a session with a GPU runs (DEVELOPERS' guide: GPU work comes first), in phases:
-#   bash benchmarks/gpu_session.sh [setup] [bench] [test] [step] [train] [bench32]   (none: all, in this order)
-#   setup   builds gfm_fast._C with its CUDA kernels for this card (every fresh machine needs it first)
+#   bash benchmarks/gpu_session.sh [setup] [step] [bench] [test] [train] [bench32]   (none: all, in this order)
+#   setup   gfm_fast._C with its CUDA kernels for this card: the one prebuilt by scripts/device_wheels.sh
+#           where it matches (torch, python, arch, sources), else built here (a fresh machine needs it first)
+#   step    the whole training step (Swin-B student + teacher, batch 128), ours vs the reference GFM step
+#           in bf16, eager and torch.compile: first, since the whole step is what the project is judged on
 #   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
 #   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
-#   step    the whole training step (Swin-B student + teacher, batch 128), ours vs the reference GFM step in bf16, eager and torch.compile
 #   train   a short bf16 pretraining run through the real entry point, stopped and resumed
 #   bench32 the fused ops in fp32
 # Works on a GPU box with .venv (scripts/install.sh), or on the lent device machine, which has
@@ -18,10 +20,15 @@
 # <card>_throughput.json, <card>_train_metrics.jsonl and gpu_session.log (8 files at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# What the extension is built from: a prebuilt gfm_fast._C (scripts/device_wheels.sh, PREBUILD_PYTHON)
+# is used only when this matches the digest it was built from.
+sources_digest() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16; }
+if [ "${1:-}" = --sources-digest ]; then sources_digest; exit 0; fi
+
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(setup bench test step train bench32)
+[ ${#phases[@]} -eq 0 ] && phases=(setup step bench test train bench32)
 DEADLINE=${GPU_SESSION_SECONDS:-}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
@@ -35,26 +42,41 @@ else
         export PYTHONPATH=/tmp/gfm_site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/gfm_site/bin:$PATH
     fi
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # gfm_fast from this tree, prebuilt or installed here
 
 card() { "$PY" -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '_', n.lower()).strip('_'))"; }
 
 phase_setup() {
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, torch.cuda.get_device_name())" || return 1
-    local arch
+    local arch want
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    ln -sfn ../kernels gfm_fast/kernels  # what the editable install maps; PYTHONPATH holds the repo
+    want=$("$PY" -c "import torch, sys; print(torch.__version__, '%d.%d' % sys.version_info[:2])"; echo "$arch $(sources_digest)")
+    if [ -f .whl/gfm_fast_C/built_for ] && [ "$(cat .whl/gfm_fast_C/built_for)" = "$want" ] \
+        && cp .whl/gfm_fast_C/_C.*.so gfm_fast/ && check_backends; then
+        echo "using the prebuilt gfm_fast._C (built for: $(echo $want))"
+        return 0
+    fi
+    [ -f .whl/gfm_fast_C/built_for ] && echo "prebuilt gfm_fast._C not used: built for $(cat .whl/gfm_fast_C/built_for | tr '\n' ' '), here $(echo $want)"
+    rm -f gfm_fast/_C.*.so
     # Offline, against the torch already there; builds gfm_fast._C with its CUDA kernels for this card.
     # --use-pep517: an old pip would otherwise fall back to `setup.py develop`, which cannot map
     # kernels/ to gfm_fast.kernels.
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FORCE_CUDA=1 \
         MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --use-pep517 -e . || return 1
+    check_backends
+}
+
+check_backends() {
     "$PY" -c "import gfm_fast.kernels, gfm_fast.ops as o; b = o.available_backends(); print(b)
 assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 }
 
 phase_test() {
     # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
-    # Several workers: most of the time is Triton compiling each autotune config, one process each.
-    "$PY" -m pytest tests/ops -q -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-8}"
+    # One worker per core: most of the time is Triton compiling each autotune config. -v: each result
+    # is in the log as it comes, even if the deadline stops the run.
+    "$PY" -m pytest tests/ops -v --tb=short -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-$(nproc)}"
     local ops=$?
     "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py tests/data/test_device_normalise.py -q -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
@@ -91,7 +113,7 @@ phase_train() {
 }
 
 export PY RESULTS
-export -f card phase_setup phase_bench phase_bench32 phase_test phase_step phase_train
+export -f card sources_digest check_backends phase_setup phase_bench phase_bench32 phase_test phase_step phase_train
 
 status=0
 for phase in "${phases[@]}"; do

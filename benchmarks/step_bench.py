@@ -324,14 +324,32 @@ TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p
 
 
 def run_step(device: torch.device, size: str, batch: int, precisions: List[str], warmup: int, runs: int,
-             compile_mode: bool = False, checkpoint_stages: Tuple[int, ...] = ()) -> List[Dict]:
+             compile_mode: bool = False, checkpoint_stages: Tuple[int, ...] = (),
+             on_records: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Records of every precision, eager and (``compile_mode``) compiled, each group's table printed
+    as it ends; ``on_records`` gets all the records so far after each group, so that a run stopped at a
+    deadline keeps what it measured."""
     records = []
     for precision in precisions:
-        records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=False,
-                                   checkpoint_stages=checkpoint_stages)
-        if compile_mode:
-            records += bench_precision(size, batch, precision, device, warmup, runs, compile_mode=True)
+        for compiled in (False, True) if compile_mode else (False,):
+            group = bench_precision(size, batch, precision, device, warmup, runs, compile_mode=compiled,
+                                    checkpoint_stages=() if compiled else checkpoint_stages)
+            print_table(group, TABLE_COLUMNS)
+            records += group
+            if on_records:
+                on_records(records)
     return records
+
+
+def save_results(out: Path, env: Dict, records: List[Dict]) -> None:
+    """The JSON at ``out`` (written whole, then renamed) and the chart of its step records beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps({"environment": env, "records": records}, indent=1))
+    partial.replace(out)
+    step_records = [r for r in records if r.get("section") == "step"]
+    if step_records:
+        write_chart(step_records, out.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
@@ -353,16 +371,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 4)
-    records = run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
-                       args.compile, tuple(args.checkpoint_stages))
     env = environment(device)
+    out = Path(args.out) if args.out else None
+    run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
+                       args.compile, tuple(args.checkpoint_stages),
+                       on_records=(lambda so_far: save_results(out, env, so_far)) if out else None)
     print(json.dumps({"environment": env}))
-    print_table(records, TABLE_COLUMNS)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": env, "records": records}, indent=1))
-        write_chart(records, out.with_suffix(".png"))
+    if out:
         print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

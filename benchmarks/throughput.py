@@ -26,8 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
-from step_bench import MODEL_SIZES, PRECISIONS, run_step, write_chart  # noqa: E402
-from step_bench import TABLE_COLUMNS as STEP_COLUMNS  # noqa: E402
+from step_bench import MODEL_SIZES, PRECISIONS, run_step, save_results  # noqa: E402
 
 TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
                  "images_per_s", "img_s", "peak_MiB", "speedup"]
@@ -54,33 +53,31 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     sections = args.only or ["step", "ops", "loader"]
+    env = environment(device)
+    out = Path(args.out) if args.out else None
     records: List[Dict] = []
-    step_records: List[Dict] = []
     if "ops" in sections:
         from ops_bench import run_ops
 
         records += [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
                                                               warmup=args.warmup, runs=args.runs)]
-    if "step" in sections:
-        step_records = run_step(device, args.model, args.batch or (128 if gpu else 4), args.precision or ["fp32", "bf16"],
-                                args.warmup, args.runs, args.compile)
+        print_table(records, TABLE_COLUMNS)
+    if "step" in sections:  # its tables are printed, and the JSON rewritten, as each group ends
+        done = list(records)
+        records = done + run_step(device, args.model, args.batch or (128 if gpu else 4),
+                                  args.precision or ["fp32", "bf16"], args.warmup, args.runs, args.compile,
+                                  on_records=(lambda so_far: save_results(out, env, done + so_far)) if out else None)
     if "loader" in sections:
         from loader_bench import run_loader
 
-        records += [{"section": "loader", **r} for r in run_loader()]
-    env = environment(device)
+        loader_records = [{"section": "loader", **r} for r in run_loader()]
+        print_table(loader_records, TABLE_COLUMNS)
+        records += loader_records
     print(json.dumps({"environment": env}, indent=None))
-    if records:
-        print_table(records, TABLE_COLUMNS)
-    if step_records:
-        print_table(step_records, STEP_COLUMNS)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": env, "records": records + step_records}, indent=1))
-        if step_records:
-            write_chart(step_records, out.with_suffix(".png"))
-        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if step_records else ""))
+    if out:
+        save_results(out, env, records)
+        has_step = any(r["section"] == "step" for r in records)
+        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if has_step else ""))
     return 0
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from gfm_fast.ops.widened_linear import cpu_has_bf16_matmul
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,3 +75,32 @@ def test_ops_bench_covers_every_op_mode_and_baseline(tmp_path):
     assert all(_timed(r) for r in result["records"])
     assert all(r["speedup"] == 1.0 for r in result["records"] if r["backend"] == "reference")
     assert set(result["fastest_fused"]) == set(backends)
+
+
+def test_step_results_are_saved_as_each_group_ends(tmp_path, monkeypatch):
+    """A GPU session stops the step benchmark at its deadline: the eager records written before
+    torch.compile starts must already be in the JSON, then the compiled ones join them."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import step_bench
+
+    groups = []
+
+    def fake_group(size, batch, precision, device, warmup, runs, compile_mode, checkpoint_stages=()):
+        groups.append((precision, compile_mode, checkpoint_stages))
+        side = "ours" + ("+compile" if compile_mode else "")
+        return [{"section": "step", "case": f"train_step_{size}", "side": side, "precision": precision,
+                 "batch": batch, "median_ms": 10.0, "images_per_s": 100.0, "speedup": 1.0, "mfu": 0.5}]
+
+    monkeypatch.setattr(step_bench, "bench_precision", fake_group)
+    out = tmp_path / "step.json"
+    saved = []
+
+    def save(so_far):
+        step_bench.save_results(out, {"device": "test"}, so_far)
+        saved.append([r["side"] for r in json.loads(out.read_text())["records"]])
+
+    step_bench.run_step(torch.device("cpu"), "tiny", 2, ["bf16"], 0, 1, compile_mode=True, checkpoint_stages=(2,),
+                        on_records=save)
+    assert saved == [["ours"], ["ours", "ours+compile"]]
+    assert groups == [("bf16", False, (2,)), ("bf16", True, ())]  # checkpointing is an eager-only variant
+    assert out.with_suffix(".png").stat().st_size > 10_000 and not list(tmp_path.glob("*.partial"))
