@@ -7,7 +7,7 @@
 #           in bf16, eager and torch.compile: first, since the whole step is what the project is judged on
 #   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
 #   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
-#   train   a short bf16 pretraining run through the real entry point, stopped and resumed
+#   train   a short pretraining run (run.precision=auto) through the real entry point, stopped and resumed
 #   bench32 the fused ops in fp32
 # Works on a GPU box with .venv (scripts/install.sh), or on the lent device machine, which has
 # python3 with torch/triton/timm but no package index: there, first run scripts/device_wheels.sh
@@ -100,13 +100,13 @@ phase_step() {
 }
 
 phase_train() {
-    # A short bf16 pretraining run on the GPU through the real entry point (one process, NCCL),
+    # A short pretraining run on the GPU through the real entry point (one process, NCCL),
     # stopped at 40 and resumed to 60 (one 60-step schedule).
     local c dir
     c=$(card)
     dir=$(mktemp -d)
     local args=(--config configs/tiny.yaml --output-dir "$dir" run.device=${TRAIN_DEVICE:-cuda}
-                run.precision=${TRAIN_PRECISION:-bf16} data.batch_size=16 data.samples_per_epoch=640
+                run.precision=${TRAIN_PRECISION:-auto} data.batch_size=16 data.samples_per_epoch=640
                 optim.schedule_steps=60 data.num_workers=4 run.ckpt_every=20 run.preview_every=20)
     "$PY" gfm_fast/train.py "${args[@]}" --max-steps 40 && "$PY" gfm_fast/train.py "${args[@]}" --max-steps 60 &&
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null

@@ -16,7 +16,9 @@ Both sides run one optimizer step on the same weights, batch and losses:
 In bf16 on a CPU without bf16 instructions also ``ours+fused_adamw+bf16_matmul=native`` (the
 default with torch's emulated bf16 GEMM instead of the widened one). On CUDA also
 ``ours+fused_adamw+teacher_cuda_graph`` (``run.teacher_cuda_graph``: the teacher's
-forward replayed as a CUDA graph). "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
+forward replayed as a CUDA graph). In bf16 also ``ours+fused_adamw+precision=bf16``: DeepSpeed's bf16
+(bf16 weights and gradients, fp32 master weights in the optimizer), what ``run.precision=auto``
+trains with on a GPU, against the same autocast reference. "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
 interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
 
 Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
@@ -105,7 +107,8 @@ class OurStep:
 
     def __init__(self, size: str, batch: int, precision: str, device: torch.device, fused_adamw: bool,
                  checkpoint_stages: Tuple[int, ...] = (), compile_: bool = False, teacher_cuda_graph: bool = False,
-                 bf16_matmul: str = "auto"):
+                 bf16_matmul: str = "auto", weights: Optional[Dict[str, torch.Tensor]] = None,
+                 run_precision: Optional[str] = None):
         from gfm_fast.config import TrainConfig
         from gfm_fast.models.pretrainer import GFMPretrainer
         from gfm_fast.training.distributed import init_distributed
@@ -120,7 +123,10 @@ class OurStep:
         cfg.run.teacher_cuda_graph = teacher_cuda_graph
         cfg.data.batch_size, cfg.optim.clip_grad, cfg.optim.fused = batch, CLIP_GRAD, fused_adamw
         self.pretrainer = GFMPretrainer(cfg.model).to(device)
-        run_precision = "bf16-mixed" if precision == "bf16" else "fp32"  # bf16: autocast, as the reference
+        if weights is not None:  # before the engine: DeepSpeed's bf16 mode copies its fp32 master weights there
+            self.pretrainer.load_state_dict(weights)
+        if run_precision is None:  # bf16: autocast, as the reference
+            run_precision = "bf16-mixed" if precision == "bf16" else "fp32"
         self.engine, _ = build_engine(cfg, self.pretrainer, device, run_precision)
         self.generator = torch.Generator(device=device).manual_seed(0)
 
@@ -231,10 +237,10 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random teacher's warning
         ours = OurStep(size, batch, precision, device, fused_adamw=False, compile_=compile_mode)
-        ours_fused = OurStep(size, batch, precision, device, fused_adamw=True, compile_=compile_mode)
+        weights = {k: v.clone() for k, v in ours.pretrainer.state_dict().items()}  # the same on every side
+        ours_fused = OurStep(size, batch, precision, device, fused_adamw=True, compile_=compile_mode, weights=weights)
         reference = ReferenceGFM(model_config(size)).to(device)
-    reference.load_state_dict({k: v.float() for k, v in ours.pretrainer.state_dict().items()}, strict=False)
-    ours_fused.pretrainer.load_state_dict(ours.pretrainer.state_dict())  # the same weights on every side
+    reference.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     ref_step = ReferenceStep(reference, batch, precision, device)
     images = torch.randn(batch, 3, 192, 192, device=device)
     sides: Dict[str, Callable[[], None]] = {"reference": lambda: ref_step(images), "ours": lambda: ours(images),
@@ -244,8 +250,7 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         """The default step with one option changed, as side ``ours+fused_adamw+<label>``."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            step = OurStep(size, batch, precision, device, fused_adamw=True, **options)
-        step.pretrainer.load_state_dict(ours.pretrainer.state_dict())
+            step = OurStep(size, batch, precision, device, fused_adamw=True, weights=weights, **options)
         sides["ours+fused_adamw+" + label] = lambda: step(images)
 
     if checkpoint_stages:  # the speed cost of activation checkpointing (model.checkpoint_stages)
@@ -255,6 +260,8 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         add_variant("bf16_matmul=native", bf16_matmul="native")
     if device.type == "cuda" and not compile_mode:  # the teacher replayed as a CUDA graph (run.teacher_cuda_graph)
         add_variant("teacher_cuda_graph", teacher_cuda_graph=True)
+    if precision == "bf16" and not compile_mode:  # DeepSpeed's bf16 (bf16 weights): run.precision=auto on a GPU
+        add_variant("precision=bf16", run_precision="bf16")
     flops = count_flops(sides["reference"])  # model FLOPs, counted on the eager reference step
     if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
         reference.student.compile(dynamic=False)

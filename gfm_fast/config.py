@@ -213,9 +213,10 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 0  # 0: epochs * steps_per_epoch
     zero_stage: int = 0
-    # auto: bf16 on CUDA when supported, fp32 on CPU. bf16: DeepSpeed's bf16 (bf16 weights and
-    # gradients, fp32 master weights in the optimizer). bf16-mixed: fp32 weights and gradients,
-    # forward under torch.autocast(bf16) (the AMP recipe GFM was trained with, in bf16).
+    # auto: bf16-mixed on CUDA when supported (else fp16), fp32 on CPU. bf16-mixed: fp32 weights and
+    # gradients, forward under torch.autocast(bf16) (the AMP recipe GFM was trained with, in bf16).
+    # bf16: DeepSpeed's bf16 (bf16 weights and gradients, fp32 master weights in the optimizer;
+    # at ZeRO-0 its unfused optimizer reads every gradient back to the host each step).
     precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10

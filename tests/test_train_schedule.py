@@ -61,6 +61,16 @@ def test_precision_per_device():
         resolved("fp16", "cpu")
 
 
+@pytest.mark.parametrize("bf16_supported,want", [(True, "bf16-mixed"), (False, "fp16")])
+def test_auto_precision_on_a_gpu(monkeypatch, bf16_supported, want):
+    """bf16 autocast over fp32 weights where the GPU has bf16: DeepSpeed's own bf16 at ZeRO-0 syncs
+    once per parameter (tests/test_benchmarks.py counts it)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert resolve_precision(load_config(), "cuda") == want
+
+
 def test_shipped_configs_load_and_validate():
     for name in ("tiny", "gfm_swin_base", "swin_large_zero3"):
         load_config(resolve_config_path(name))

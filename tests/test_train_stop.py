@@ -264,3 +264,14 @@ def test_train_step_skips_a_non_finite_step_and_reports_a_stop(precision):
     after = pretrainer.student.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("precision,stage,warns", [("bf16", 0, True), ("bf16", 1, False), ("bf16-mixed", 0, False)])
+def test_build_engine_warns_where_deepspeed_syncs_once_per_parameter(recwarn, precision, stage, warns):
+    """DeepSpeed's 16-bit weights at ZeRO-0 take its unfused optimizer, which reads every gradient
+    back to the host; the user hears of it, and of the modes that avoid it."""
+    _tiny_setup(f"run.precision={precision}", f"run.zero_stage={stage}")
+    said = [str(w.message) for w in recwarn if "unfused 16-bit optimizer" in str(w.message)]
+    assert len(said) == warns
+    if warns:
+        assert "run.precision=bf16-mixed" in said[0] and "run.zero_stage>=1" in said[0]

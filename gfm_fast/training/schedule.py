@@ -68,13 +68,16 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> Sc
 
 
 def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
-    """``run.precision`` for this device: ``auto`` becomes bf16 (GPUs with bf16), fp16 (other GPUs) or fp32 (CPU)."""
+    """``run.precision`` for this device: ``auto`` becomes bf16-mixed (GPUs with bf16), fp16 (other
+    GPUs) or fp32 (CPU)."""
     import torch
 
     precision = cfg.run.precision
     if precision == "auto":
         if device_type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
+            # bf16 autocast over fp32 weights, GFM's AMP recipe: the fused AdamW clips and steps with
+            # the step's one host read, where DeepSpeed's bf16 at ZeRO-0 reads one per parameter.
+            return "bf16-mixed"
         return "fp16" if device_type == "cuda" else "fp32"
     if precision == "fp16" and device_type == "cpu":
         raise ConfigError("run.precision=fp16 needs a GPU; use run.precision=fp32, bf16, bf16-mixed or auto on CPU")

@@ -12,6 +12,7 @@ stay on the device until the loop logs (``step_metrics``, once per log interval)
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
 
@@ -48,6 +49,11 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     from gfm_fast.models.pretrainer import param_groups
     from gfm_fast.training.optimizer import build_optimizer
 
+    if precision in ("bf16", "fp16") and cfg.run.zero_stage == 0:
+        instead = "run.precision=bf16-mixed (the default on GPUs with bf16) or " if precision == "bf16" else ""
+        warnings.warn(f"run.precision={precision} at run.zero_stage=0 runs DeepSpeed's unfused 16-bit optimizer, "
+                      "which reads every parameter's gradient back to the host each step (a device sync each); "
+                      f"{instead}run.zero_stage>=1 avoids that", stacklevel=2)
     pretrainer.teacher.to(device)
     pretrainer.teacher.set_run_precision(precision)  # its weights cast once, not on every step
     if cfg.run.compile:
