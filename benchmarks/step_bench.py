@@ -28,7 +28,9 @@ instructions, the widened fp32 GEMM for bf16; all in ``matmul_GFLOPs_by_gemm``),
 datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
 (tensor values read from Python: ``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()`` of a
 tensor, each a device-to-host sync on a GPU; reads inside a kernel, such as torch's CPU AdamW reading
-its step counts, are not syncs) and which attention kernels ran.
+its step counts, are not syncs), which attention kernels ran, and where the time went: the top ops
+by CPU time and, on GPU, the top kernels by GPU time, the GPU's busy time and the kernel launches
+(a busy time well under the step time means a launch-bound step).
 """
 from __future__ import annotations
 
@@ -208,7 +210,27 @@ def profile_counts(step: Callable[[], None], device: torch.device) -> Dict[str, 
     attention = {name: n for name, n in counts.items()
                  if "attention" in name or name in ("aten::bmm", "aten::_softmax")}
     return {"copy_calls": counts.get("aten::copy_", 0), "host_syncs": reads.count,
-            "attention_kernels": attention}
+            "attention_kernels": attention, **where_time_goes(prof.key_averages(), device)}
+
+
+def where_time_goes(averages, device: torch.device, top: int = 12) -> Dict[str, object]:
+    """From one profiled step: the ops (CPU) or kernels (CUDA) that took the most time, with their
+    calls and ms, and on CUDA how long the GPU was busy and how many kernels the host launched
+    (busy time well under the step time means the step waits on the host: launch-bound)."""
+    from torch.autograd import DeviceType
+
+    def ranked(rows, time_of):
+        rows = sorted((a for a in rows if time_of(a) > 0), key=time_of, reverse=True)[:top]
+        return [{"name": a.key[:120], "ms": time_of(a) / 1e3, "calls": a.count} for a in rows]
+
+    out: Dict[str, object] = {"top_cpu_ops": ranked(averages, lambda a: a.self_cpu_time_total)}
+    if device.type == "cuda":
+        # Kernels only: a CPU op's entry also carries the time of the kernels it launched.
+        kernels = [a for a in averages if a.device_type != DeviceType.CPU]
+        out["top_gpu_kernels"] = ranked(kernels, lambda a: a.self_device_time_total)
+        out["gpu_busy_ms"] = sum(a.self_device_time_total for a in kernels) / 1e3
+        out["kernel_launches"] = sum(a.count for a in averages if "LaunchKernel" in a.key)  # cuda/cuLaunchKernel(Ex)
+    return out
 
 
 def interleaved_medians(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
@@ -341,7 +363,7 @@ def run_step(device: torch.device, size: str, batch: int, precisions: List[str],
         for compiled in (False, True) if compile_mode else (False,):
             group = bench_precision(size, batch, precision, device, warmup, runs, compile_mode=compiled,
                                     checkpoint_stages=() if compiled else checkpoint_stages)
-            print_table(group, TABLE_COLUMNS)
+            print_table(group, TABLE_COLUMNS + (["gpu_busy_ms", "kernel_launches"] if device.type == "cuda" else []))
             records += group
             if on_records:
                 on_records(records)

@@ -47,6 +47,8 @@ def test_throughput_step_times_ours_against_the_reference_at_each_precision(tmp_
         assert _timed(r) and r["batch"] == 2 and r["runs"] == 1
         assert r["flops_per_image"] > 1e9  # tiny student fwd+bwd + tiny teacher fwd at 192/224 px
         assert 0 < r["mfu"] < 1.5 and r["matmul_GFLOPs"] > 0 and r["copy_calls"] > 0
+        top = r["top_cpu_ops"]  # where the time went, most first
+        assert 0 < len(top) <= 12 and all(a["ms"] >= b["ms"] > 0 for a, b in zip(top, top[1:]))
         assert r["speedup"] == 1.0 if side == "reference" else r["speedup"] > 0
     # One FLOP count for every side: the model FLOPs, counted on the reference step.
     assert len({r["flops_per_image"] for r in steps.values()}) == 1
@@ -105,3 +107,27 @@ def test_step_results_are_saved_as_each_group_ends(tmp_path, monkeypatch):
     assert saved == [["ours"], ["ours", "ours+compile"]]
     assert groups == [("bf16", False, (2,)), ("bf16", True, ())]  # checkpointing is an eager-only variant
     assert out.with_suffix(".png").stat().st_size > 10_000 and not list(tmp_path.glob("*.partial"))
+
+
+def test_where_time_goes_counts_gpu_kernels_once(monkeypatch):
+    """On CUDA a CPU op's profiler entry also carries the time of the kernels it launched: the GPU's
+    busy time and top kernels come from the kernel entries alone."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_bench import where_time_goes
+
+    def entry(key, device_type, cpu_us, device_us, count=1):
+        return SimpleNamespace(key=key, device_type=device_type, self_cpu_time_total=cpu_us,
+                               self_device_time_total=device_us, count=count)
+
+    averages = [entry("aten::mm", DeviceType.CPU, 50, 3000, 2), entry("cudaLaunchKernel", DeviceType.CPU, 20, 0, 5),
+                entry("sm90_gemm", DeviceType.CUDA, 0, 3000, 2), entry("softmax_kernel", DeviceType.CUDA, 0, 500, 3),
+                entry("cuLaunchKernelEx", DeviceType.CPU, 4, 0, 1)]
+    got = where_time_goes(averages, torch.device("cuda"))
+    assert got["gpu_busy_ms"] == 3.5 and got["kernel_launches"] == 6
+    assert [k["name"] for k in got["top_gpu_kernels"]] == ["sm90_gemm", "softmax_kernel"]
+    assert [op["name"] for op in got["top_cpu_ops"]] == ["aten::mm", "cudaLaunchKernel", "cuLaunchKernelEx"]
+    assert "gpu_busy_ms" not in where_time_goes(averages, torch.device("cpu"))
