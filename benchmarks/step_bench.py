@@ -325,7 +325,7 @@ def write_chart(records: List[Dict], path: Path) -> None:
 
     groups = sorted({(r["case"], r["precision"]) for r in records})
     sides = list(dict.fromkeys(r["side"] for r in records))
-    fig, ax = plt.subplots(figsize=(2.5 + 2.2 * len(groups), 4))
+    fig, ax = plt.subplots(figsize=(4 + 0.55 * len(sides) * len(groups), 4.5))
     width = 0.8 / len(sides)
     for i, side in enumerate(sides):
         for j, group in enumerate(groups):
@@ -339,9 +339,9 @@ def write_chart(records: List[Dict], path: Path) -> None:
                   [f"{case.replace('train_step_', '')}\n{precision}, batch {records[0]['batch']}"
                    for case, precision in groups])
     ax.set_ylabel("images / s (median)")
-    ax.set_title("GFM training step, ours vs the reference code\n(speed-up; MFU against the matmul rate measured in the run)",
-                 fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("GFM training step, ours vs the reference code\n(speed-up; MFU against the matmul rate "
+                 "measured in the run)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars
     ax.margins(y=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -352,15 +352,24 @@ TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p
                  "achieved_GFLOPs", "matmul_GFLOPs", "mfu", "copy_calls", "host_syncs", "speedup"]
 
 
+STEP_MODES = ("eager", "compile")
+
+
+def step_modes(compile_: bool, compiled_only: bool) -> Tuple[str, ...]:
+    """The groups the command line asks for: eager, and with ``--compile`` compiled too, or with
+    ``--compiled-only`` the compiled group alone (a GPU session runs it as a later phase)."""
+    return ("compile",) if compiled_only else ("eager", "compile") if compile_ else ("eager",)
+
+
 def run_step(device: torch.device, size: str, batch: int, precisions: List[str], warmup: int, runs: int,
-             compile_mode: bool = False, checkpoint_stages: Tuple[int, ...] = (),
+             modes: Tuple[str, ...] = ("eager",), checkpoint_stages: Tuple[int, ...] = (),
              on_records: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
-    """Records of every precision, eager and (``compile_mode``) compiled, each group's table printed
-    as it ends; ``on_records`` gets all the records so far after each group, so that a run stopped at a
-    deadline keeps what it measured."""
+    """Records of every precision in each of ``modes`` (eager, compile: both sides under torch.compile),
+    each group's table printed as it ends; ``on_records`` gets all the records so far after each group,
+    so that a run stopped at a deadline keeps what it measured."""
     records = []
     for precision in precisions:
-        for compiled in (False, True) if compile_mode else (False,):
+        for compiled in (mode == "compile" for mode in STEP_MODES if mode in modes):
             group = bench_precision(size, batch, precision, device, warmup, runs, compile_mode=compiled,
                                     checkpoint_stages=() if compiled else checkpoint_stages)
             print_table(group, TABLE_COLUMNS + (["gpu_busy_ms", "kernel_launches"] if device.type == "cuda" else []))
@@ -391,6 +400,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
     parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
+    parser.add_argument("--compiled-only", action="store_true", help="only both sides under torch.compile")
     parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
                         help="also ours with activation checkpointing of these stages (e.g. 2)")
     parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
@@ -403,8 +413,8 @@ def main(argv=None) -> int:
     env = environment(device)
     out = Path(args.out) if args.out else None
     run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
-                       args.compile, tuple(args.checkpoint_stages),
-                       on_records=(lambda so_far: save_results(out, env, so_far)) if out else None)
+             step_modes(args.compile, args.compiled_only), tuple(args.checkpoint_stages),
+             on_records=(lambda so_far: save_results(out, env, so_far)) if out else None)
     print(json.dumps({"environment": env}))
     if out:
         print(f"wrote {out} and {out.with_suffix('.png')}")

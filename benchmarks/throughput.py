@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
-from step_bench import MODEL_SIZES, PRECISIONS, run_step, save_results  # noqa: E402
+from step_bench import MODEL_SIZES, PRECISIONS, run_step, save_results, step_modes  # noqa: E402
 
 TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
                  "images_per_s", "img_s", "peak_MiB", "speedup"]
@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs/rounds after the first")
     parser.add_argument("--runs", type=int, default=5, help="timed runs/rounds (the median is kept)")
     parser.add_argument("--compile", action="store_true", help="step: also both sides under torch.compile")
+    parser.add_argument("--compiled-only", action="store_true", help="step: only both sides under torch.compile")
     parser.add_argument("--out", help="write the JSON records here, and the step chart beside it (.png)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the records already in --out and add these (a GPU session's later phase)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,17 +58,19 @@ def main(argv=None) -> int:
     sections = args.only or ["step", "ops", "loader"]
     env = environment(device)
     out = Path(args.out) if args.out else None
-    records: List[Dict] = []
+    records: List[Dict] = json.loads(out.read_text())["records"] if args.append and out and out.exists() else []
     if "ops" in sections:
         from ops_bench import run_ops
 
-        records += [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
-                                                              warmup=args.warmup, runs=args.runs)]
-        print_table(records, TABLE_COLUMNS)
+        ops_records = [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
+                                                                 warmup=args.warmup, runs=args.runs)]
+        print_table(ops_records, TABLE_COLUMNS)
+        records += ops_records
     if "step" in sections:  # its tables are printed, and the JSON rewritten, as each group ends
         done = list(records)
         records = done + run_step(device, args.model, args.batch or (128 if gpu else 4),
-                                  args.precision or ["fp32", "bf16"], args.warmup, args.runs, args.compile,
+                                  args.precision or ["fp32", "bf16"], args.warmup, args.runs,
+                                  step_modes(args.compile, args.compiled_only),
                                   on_records=(lambda so_far: save_results(out, env, done + so_far)) if out else None)
     if "loader" in sections:
         from loader_bench import run_loader

@@ -61,6 +61,13 @@ def test_throughput_step_times_ours_against_the_reference_at_each_precision(tmp_
     for side, precision in [("reference", "fp32"), ("reference", "bf16"), ("ours+fused_adamw+precision=bf16", "bf16")]:
         assert steps[side, precision]["host_syncs"] > 100
     assert (tmp_path / "step.png").stat().st_size > 10_000
+    # A later phase adds its group to the same JSON (gpu_session.sh: eager first, compiled later).
+    _run_benchmark("throughput.py", "--only", "step", "--model", "tiny", "--batch", "2", "--runs", "1", "--warmup",
+                   "0", "--precision", "fp32", "--out", str(out), "--append")
+    again = json.loads(out.read_text())["records"]
+    assert again[:len(result["records"])] == result["records"]
+    assert [(r["side"], r["precision"]) for r in again[len(result["records"]):]] == [
+        (side, "fp32") for side in sides]
 
 
 def test_ops_bench_covers_every_op_mode_and_baseline(tmp_path):
@@ -102,11 +109,15 @@ def test_step_results_are_saved_as_each_group_ends(tmp_path, monkeypatch):
         step_bench.save_results(out, {"device": "test"}, so_far)
         saved.append([r["side"] for r in json.loads(out.read_text())["records"]])
 
-    step_bench.run_step(torch.device("cpu"), "tiny", 2, ["bf16"], 0, 1, compile_mode=True, checkpoint_stages=(2,),
+    step_bench.run_step(torch.device("cpu"), "tiny", 2, ["bf16"], 0, 1, ("eager", "compile"), checkpoint_stages=(2,),
                         on_records=save)
     assert saved == [["ours"], ["ours", "ours+compile"]]
     assert groups == [("bf16", False, (2,)), ("bf16", True, ())]  # checkpointing is an eager-only variant
     assert out.with_suffix(".png").stat().st_size > 10_000 and not list(tmp_path.glob("*.partial"))
+    assert step_bench.step_modes(compile_=False, compiled_only=True) == ("compile",)
+    groups.clear()
+    step_bench.run_step(torch.device("cpu"), "tiny", 2, ["bf16"], 0, 1, ("compile",))
+    assert groups == [("bf16", True, ())]
 
 
 def test_where_time_goes_counts_gpu_kernels_once(monkeypatch):
