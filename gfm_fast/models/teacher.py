@@ -133,8 +133,10 @@ class FrozenTeacher(SwinTransformer):
         dtype = self.compute_dtype(images.device)
         # no_grad, not inference_mode: the cosine loss saves z_t for its backward. Weights already in
         # the compute dtype run as they are (an ambient autocast would only add casts, and run norms
-        # and the attention bias in fp32); otherwise autocast casts them on the fly.
-        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=dtype != weights):
+        # and the attention bias in fp32); otherwise autocast casts them on the fly (autocast has no
+        # fp32 mode: weights cast to 16 bits by the user then run as they are).
+        autocast = dtype != weights and dtype in (torch.bfloat16, torch.float16)
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=autocast):
             x = self.prepare_images(images).to(weights)
             x = self.patch_embed(x)  # (B, 56, 56, 128) NHWC
             trunk, _, _ = split_at_last_merging(self)

@@ -140,6 +140,22 @@ def test_auto_follows_the_callers_autocast():
     torch.testing.assert_close(cast_once, teacher(images), rtol=0, atol=0)
 
 
+def test_a_teacher_cast_to_bf16_by_hand_runs_quietly_in_bf16():
+    """model.to(bfloat16) with model.teacher_dtype=fp32: the weights run as they are, without
+    autocast's "only bf16/fp16" warning on every forward (autocast has no fp32 mode)."""
+    full = full_teacher().eval()
+    teacher = make_teacher(teacher_dtype="fp32")
+    load_teacher_weights(teacher, full.state_dict())
+    images = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    exact = teacher(images)
+    teacher.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low = teacher(images)
+    assert low.dtype == torch.float32 and not torch.equal(exact, low)
+    torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
+
+
 def test_bad_inputs():
     teacher = make_teacher()
     with pytest.raises(ValueError, match="teacher_bands"):
