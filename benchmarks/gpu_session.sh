@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a session with a GPU runs (DEVELOPERS' guide: GPU work comes first), in phases:
-#   bash benchmarks/gpu_session.sh [setup] [step] [bench] [test] [train] [compile] [bench32]   (none: all, in this order)
+#   bash benchmarks/gpu_session.sh [setup] [step] [bench] [test] [train] [features] [compile] [bench32]
+#   (none: all, in this order)
 #   setup   gfm_fast._C with its CUDA kernels for this card: the one prebuilt by scripts/device_wheels.sh
 #           where it matches (torch, python, arch, sources), else built here (a fresh machine needs it first)
 #   step    the whole training step (Swin-B student + teacher, batch 128), ours vs the reference GFM step
@@ -8,6 +9,7 @@
 #   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
 #   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
 #   train   a short pretraining run (run.precision=auto) through the real entry point, stopped and resumed
+#   features extract_features vs plain timm with the same weights, bf16, batch 256, added to step's JSON
 #   compile the same step with both sides under torch.compile, added to step's JSON (compiling takes
 #           minutes: after the checks that take less)
 #   bench32 the fused ops in fp32
@@ -30,7 +32,7 @@ if [ "${1:-}" = --sources-digest ]; then sources_digest; exit 0; fi
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(setup step bench test train compile bench32)
+[ ${#phases[@]} -eq 0 ] && phases=(setup step bench test train features compile bench32)
 DEADLINE=${GPU_SESSION_SECONDS:-}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
@@ -101,6 +103,11 @@ phase_step() {
     "$PY" benchmarks/throughput.py --device cuda --only step --precision bf16 --out "$RESULTS/$(card)_throughput.json"
 }
 
+phase_features() {
+    "$PY" benchmarks/throughput.py --device cuda --only features --precision bf16 --append \
+        --out "$RESULTS/$(card)_throughput.json"
+}
+
 phase_compile() {
     "$PY" benchmarks/throughput.py --device cuda --only step --precision bf16 --compiled-only --append \
         --out "$RESULTS/$(card)_throughput.json"
@@ -120,13 +127,13 @@ phase_train() {
 }
 
 export PY RESULTS
-export -f card sources_digest check_backends phase_setup phase_bench phase_bench32 phase_test phase_step phase_compile phase_train
+export -f card sources_digest check_backends phase_setup phase_bench phase_bench32 phase_test phase_step phase_features phase_compile phase_train
 
 status=0
 for phase in "${phases[@]}"; do
     case "$phase" in
-        setup|step|bench|test|train|compile|bench32) ;;
-        *) echo "unknown phase $phase (setup, step, bench, test, train, compile, bench32)"; exit 2 ;;
+        setup|step|bench|test|train|features|compile|bench32) ;;
+        *) echo "unknown phase $phase (setup, step, bench, test, train, features, compile, bench32)"; exit 2 ;;
     esac
 done
 for phase in "${phases[@]}"; do

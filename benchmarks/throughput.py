@@ -10,6 +10,7 @@ Sections:
   with FLOPs, the measured matmul rate, MFU, copy and sync counts (benchmarks/step_bench.py).
 - ops: each fused op per backend vs the reference (benchmarks/ops_bench.py).
 - loader: decode + augment throughput vs a torchvision ImageFolder baseline (benchmarks/loader_bench.py).
+- features: gfm_fast.extract_features vs plain timm holding the same weights (benchmarks/features_bench.py).
 Output: one JSON record per case (see benchmarks/_timing.py and step_bench.py for what each carries),
 tables, and a chart of the step beside the JSON.
 """
@@ -34,14 +35,15 @@ TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("step", "ops", "loader"), action="append",
+    parser.add_argument("--only", choices=("step", "ops", "loader", "features"), action="append",
                         help="run only these sections (repeatable); default: all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base", help="step model size")
+    parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base", help="step and features model size")
     parser.add_argument("--batch", type=int, help="step batch (default: 128 on GPU, 4 on CPU)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
                         help="step precisions, repeatable (default: fp32 and bf16; bf16 = autocast on both sides)")
     parser.add_argument("--ops-batch", type=int, default=16, help="batch of the fused-op benchmarks (GFM shapes)")
+    parser.add_argument("--features-batch", type=int, help="images per extract_features call (default: 256 on GPU, 16 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (recorded)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs/rounds after the first")
     parser.add_argument("--runs", type=int, default=5, help="timed runs/rounds (the median is kept)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    sections = args.only or ["step", "ops", "loader"]
+    sections = args.only or ["step", "ops", "loader", "features"]
     env = environment(device)
     out = Path(args.out) if args.out else None
     records: List[Dict] = json.loads(out.read_text())["records"] if args.append and out and out.exists() else []
@@ -78,6 +80,14 @@ def main(argv=None) -> int:
         loader_records = [{"section": "loader", **r} for r in run_loader()]
         print_table(loader_records, TABLE_COLUMNS)
         records += loader_records
+    if "features" in sections:
+        from features_bench import TABLE_COLUMNS as FEATURE_COLUMNS
+        from features_bench import run_features
+
+        feature_records = run_features(device, args.model, args.features_batch or (256 if gpu else 16),
+                                       args.precision or ["fp32", "bf16"], args.warmup, args.runs)
+        print_table(feature_records, FEATURE_COLUMNS)
+        records += feature_records
     print(json.dumps({"environment": env}, indent=None))
     if out:
         save_results(out, env, records)

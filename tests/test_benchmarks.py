@@ -142,3 +142,18 @@ def test_where_time_goes_counts_gpu_kernels_once(monkeypatch):
     assert [k["name"] for k in got["top_gpu_kernels"]] == ["sm90_gemm", "softmax_kernel"]
     assert [op["name"] for op in got["top_cpu_ops"]] == ["aten::mm", "cudaLaunchKernel", "cuLaunchKernelEx"]
     assert "gpu_busy_ms" not in where_time_goes(averages, torch.device("cpu"))
+
+
+def test_features_bench_compares_extract_features_with_plain_timm(tmp_path):
+    out = tmp_path / "features.json"
+    _run_benchmark("throughput.py", "--only", "features", "--model", "tiny", "--features-batch", "2", "--runs", "1",
+                   "--warmup", "0", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert sorted((r["side"], r["precision"]) for r in records) == sorted(
+        (side, p) for side in ("timm", "ours") for p in ("fp32", "bf16"))
+    for r in records:
+        assert r["section"] == "features" and _timed(r) and r["batch"] == 2
+        assert r["speedup"] == 1.0 if r["side"] == "timm" else r["speedup"] > 0
+        assert r["flops_per_image"] > 1e8 and 0 < r["mfu"] < 1.5  # a tiny Swin forward at 192 px
+        # the same features: fp32 to rounding, bf16 to bf16's precision
+        assert r["max_rel_diff"] < (1e-5 if r["precision"] == "fp32" else 5e-2), r
