@@ -56,12 +56,16 @@ phase_setup() {
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     ln -sfn ../kernels gfm_fast/kernels  # what the editable install maps; PYTHONPATH holds the repo
     want=$("$PY" -c "import torch, sys; print(torch.__version__, '%d.%d' % sys.version_info[:2])"; echo "$arch $(sources_digest)")
-    if [ -f .whl/gfm_fast_C/built_for ] && [ "$(cat .whl/gfm_fast_C/built_for)" = "$want" ] \
-        && cp .whl/gfm_fast_C/_C.*.so gfm_fast/ && check_backends; then
-        echo "using the prebuilt gfm_fast._C (built for: $(echo $want))"
-        return 0
+    if [ -f .whl/gfm_fast_C/built_for ]; then
+        if [ "$(cat .whl/gfm_fast_C/built_for)" != "$want" ]; then
+            echo "prebuilt gfm_fast._C not used: built for $(tr '\n' ' ' <.whl/gfm_fast_C/built_for), here $(echo $want)"
+        elif cp .whl/gfm_fast_C/_C.*.so gfm_fast/ && check_backends; then
+            echo "using the prebuilt gfm_fast._C (built for: $(echo $want))"
+            return 0
+        else
+            echo "prebuilt gfm_fast._C does not load here: building it"
+        fi
     fi
-    [ -f .whl/gfm_fast_C/built_for ] && echo "prebuilt gfm_fast._C not used: built for $(cat .whl/gfm_fast_C/built_for | tr '\n' ' '), here $(echo $want)"
     rm -f gfm_fast/_C.*.so
     # Offline, against the torch already there; builds gfm_fast._C with its CUDA kernels for this card.
     # --use-pep517: an old pip would otherwise fall back to `setup.py develop`, which cannot map

@@ -17,8 +17,9 @@ In bf16 on a CPU without bf16 instructions also ``ours+fused_adamw+bf16_matmul=n
 default with torch's emulated bf16 GEMM instead of the widened one). On CUDA also
 ``ours+fused_adamw+teacher_cuda_graph`` (``run.teacher_cuda_graph``: the teacher's
 forward replayed as a CUDA graph). In bf16 also ``ours+fused_adamw+precision=bf16``: DeepSpeed's bf16
-(bf16 weights and gradients, fp32 master weights in the optimizer), what ``run.precision=auto``
-trains with on a GPU, against the same autocast reference. "bf16" is autocast on both sides (our ``run.precision=bf16-mixed``). Steps of all sides are
+(bf16 weights and gradients, fp32 master weights in the optimizer; at ZeRO-0 its unfused optimizer
+reads every gradient back to the host), against the same autocast reference. "bf16" is autocast on
+both sides (our ``run.precision=bf16-mixed``, the default on GPUs). Steps of all sides are
 interleaved (one of each per round, after a warm-up round), the median of ``--runs`` rounds kept.
 
 Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
@@ -285,7 +286,7 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         add_variant("bf16_matmul=native", bf16_matmul="native")
     if device.type == "cuda" and not compile_mode:  # the teacher replayed as a CUDA graph (run.teacher_cuda_graph)
         add_variant("teacher_cuda_graph", teacher_cuda_graph=True)
-    if precision == "bf16" and not compile_mode:  # DeepSpeed's bf16 (bf16 weights): run.precision=auto on a GPU
+    if precision == "bf16" and not compile_mode:  # DeepSpeed's bf16 weights (run.precision=bf16)
         add_variant("precision=bf16", run_precision="bf16")
     flops = count_flops(sides["reference"])  # model FLOPs, counted on the eager reference step
     if compile_mode:  # the user's obvious alternative: torch.compile of the reference model
