@@ -13,12 +13,11 @@ Both sides turn the same normalised batch into the pooled final features (1024 p
 bf16 is compared there. Calls of the two sides are interleaved (one of each per round, after a
 warm-up round), the median of ``--runs`` rounds kept. ``max_rel_diff`` is the largest difference
 between the two sides' features relative to timm's largest feature. MFU is against the machine's
-matmul rate measured in the same run, as for the step (``step_bench.matmul_rates``), with the
+matmul rate measured around the timed rounds, as for the step (``step_bench.matmul_rates``), with the
 forward's FLOPs counted by ``torch.utils.flop_counter`` on the timm side.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,8 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
-from step_bench import (MODEL_SIZES, PRECISIONS, count_flops, interleaved_medians, matmul_rates,  # noqa: E402
-                        model_config)
+from step_bench import (PRECISIONS, count_flops, interleaved_medians, model_arguments, model_config,  # noqa: E402
+                        parse_model_arguments, timed_between_matmul_rates)
 
 TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p80_ms", "runs", "images_per_s",
                  "achieved_GFLOPs", "matmul_GFLOPs", "mfu", "max_rel_diff", "speedup"]
@@ -80,8 +79,10 @@ def run_features(device: torch.device, size: str, batch: int, precisions: List[s
         reference, got = timm_features(), our_features()  # also the first calls, untimed
         diff = ((got - reference).abs().max() / reference.abs().max()).item()
         flops = count_flops(timm_features)
-        timings = interleaved_medians({"timm": timm_features, "ours": our_features}, device, warmup, runs)
-        rate = max(matmul_rates(device, PRECISIONS[precision]).values())  # the fastest GEMM, as for the step
+        timings, rates = timed_between_matmul_rates(
+            lambda: interleaved_medians({"timm": timm_features, "ours": our_features}, device, warmup, runs),
+            device, PRECISIONS[precision])
+        rate = max(rates.values())  # the fastest GEMM, as for the step
         for side, t in timings.items():
             achieved = flops / (t["median_ms"] / 1e3)
             records.append({"section": "features", "case": f"extract_features_{size}", "side": side,
@@ -93,21 +94,10 @@ def run_features(device: torch.device, size: str, batch: int, precisions: List[s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base")
-    parser.add_argument("--batch", type=int, help="images per call (default: 256 on GPU, 16 on CPU)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
-                        help="repeatable (default: fp32 and bf16; bf16 only on a GPU)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call")
-    parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
-    parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
+    parser = model_arguments(__doc__.split("\n\n")[0], "images per call (default: 256 on GPU, 16 on CPU)",
+                             "repeatable (default: fp32 and bf16; bf16 only on a GPU)")
     parser.add_argument("--out", help="JSON path")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    batch = args.batch or (256 if device.type == "cuda" else 16)
+    args, device, batch = parse_model_arguments(parser, argv, gpu_batch=256, cpu_batch=16)
     records = run_features(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs)
     env = environment(device)
     print(json.dumps({"environment": env}))

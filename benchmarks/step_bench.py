@@ -24,9 +24,9 @@ interleaved (one of each per round, after a warm-up round), the median of ``--ru
 
 Every record carries the FLOPs of one image (counted by ``torch.utils.flop_counter`` on the reference
 step: student forward + backward, teacher forward), the achieved GFLOP/s, the machine's matmul rate
-at that precision measured in the same run (the fastest GEMM for it: on a CPU without bf16
-instructions, the widened fp32 GEMM for bf16; all in ``matmul_GFLOPs_by_gemm``), the MFU against it (and on GPU against the card's
-datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
+at that precision measured in the same run, before and after the timed rounds, the better kept (the
+fastest GEMM for it: on a CPU without bf16 instructions, the widened fp32 GEMM for bf16; all in
+``matmul_GFLOPs_by_gemm``), the MFU against it (and on GPU against the card's datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
 (tensor values read from Python: ``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()`` of a
 tensor, each a device-to-host sync on a GPU; reads inside a kernel, such as torch's CPU AdamW reading
 its step counts, are not syncs), which attention kernels ran, and where the time went: the top ops
@@ -99,6 +99,17 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = No
                 samples.append(time.perf_counter() - t0)
         rates[name] = 2 * n ** 3 / min(samples)
     return rates
+
+
+def timed_between_matmul_rates(time_sides: Callable[[], Dict], device: torch.device,
+                               dtype: torch.dtype) -> Tuple[Dict, Dict[str, float]]:
+    """``time_sides()``, and the matmul rates measured before and after it, the better of the two per
+    GEMM: a neighbour's load that slows one measurement (seen here: half the rate, for minutes) does
+    not pass for the machine's limit."""
+    before = matmul_rates(device, dtype)
+    timings = time_sides()
+    after = matmul_rates(device, dtype)
+    return timings, {gemm: max(rate, after[gemm]) for gemm, rate in before.items()}
 
 
 def datasheet_peak(device: torch.device) -> Optional[float]:
@@ -298,8 +309,8 @@ def bench_precision(size: str, batch: int, precision: str, device: torch.device,
         step()
         _sync(device)
         compile_s[name] = time.perf_counter() - t0
-    timings = interleaved_medians(sides, device, warmup, runs)
-    rates = matmul_rates(device, PRECISIONS[precision])
+    timings, rates = timed_between_matmul_rates(lambda: interleaved_medians(sides, device, warmup, runs), device,
+                                                PRECISIONS[precision])
     rate = max(rates.values())
     peak = datasheet_peak(device)
     records = []
@@ -394,26 +405,38 @@ def save_results(out: Path, env: Dict, records: List[Dict]) -> None:
         write_chart(step_records, out.with_suffix(".png"))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description: str, batch_help: str, precision_help: str) -> argparse.ArgumentParser:
+    """A parser with what every benchmark of a whole model takes: device, model size, batch,
+    precisions, warm-up and timed rounds, threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base")
-    parser.add_argument("--batch", type=int, help="per step (default: 128 on GPU, 4 on CPU)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
-                        help="repeatable (default: fp32 and bf16)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
+    parser.add_argument("--batch", type=int, help=batch_help)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append", help=precision_help)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
-    parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
-    parser.add_argument("--compiled-only", action="store_true", help="only both sides under torch.compile")
-    parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
-                        help="also ours with activation checkpointing of these stages (e.g. 2)")
     parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
-    parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
+    return parser
+
+
+def parse_model_arguments(parser: argparse.ArgumentParser, argv, gpu_batch: int, cpu_batch: int):
+    """(arguments, device, batch): the thread count applied, the batch defaulted per device."""
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    batch = args.batch or (128 if device.type == "cuda" else 4)
+    return args, device, args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+
+
+def main(argv=None) -> int:
+    parser = model_arguments(__doc__.split("\n\n")[0], "per step (default: 128 on GPU, 4 on CPU)",
+                             "repeatable (default: fp32 and bf16)")
+    parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
+    parser.add_argument("--compiled-only", action="store_true", help="only both sides under torch.compile")
+    parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
+                        help="also ours with activation checkpointing of these stages (e.g. 2)")
+    parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
+    args, device, batch = parse_model_arguments(parser, argv, gpu_batch=128, cpu_batch=4)
     env = environment(device)
     out = Path(args.out) if args.out else None
     run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,
