@@ -20,7 +20,7 @@ from gfm_fast.models.attention import set_attention
 from gfm_fast.models.checkpoint import load_teacher_weights
 from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.swin import pad_before_shift, prune_to_trunk, split_at_last_merging, swin_kwargs
-from gfm_fast.ops._common import write_version
+from gfm_fast.ops._common import memory_stamp
 
 __all__ = ["FrozenTeacher", "resolve_teacher_dtype"]
 
@@ -160,7 +160,7 @@ class _TeacherGraph:
         # bias) as they were: replaced or rewritten weights need a new capture.
         tensors = [*teacher.parameters(), *teacher.buffers()]
         key = (tuple(images.shape), images.dtype, images.device, torch.is_autocast_enabled(device),
-               torch.get_autocast_dtype(device), tuple((t.data_ptr(), write_version(t)) for t in tensors))
+               torch.get_autocast_dtype(device), tuple(memory_stamp(t) for t in tensors))
         if self.graph is None or key != self.key:
             self._capture(teacher, images, key)
         self.images.copy_(images)

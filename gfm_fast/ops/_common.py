@@ -96,16 +96,26 @@ def write_version(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
+def memory_stamp(tensor: Optional[torch.Tensor]) -> tuple:
+    """Where and how a tensor's values are laid out, and how often they were written: what a cache
+    made from them must compare (``Module.to()`` keeps each Parameter object and swaps its data: a
+    new address, the same write count)."""
+    if tensor is None:
+        return ()
+    return (tensor.data_ptr(), tensor.dtype, tensor.device, tuple(tensor.shape), tensor.stride(),
+            write_version(tensor))
+
+
 def cached_until_changed(owner: object, name: str, sources: Sequence[Optional[torch.Tensor]],
                          make: Callable[[], T], *, key: tuple = ()) -> T:
     """``make()`` (run without autograd), kept as ``owner.<name>`` until one of ``sources`` is
-    replaced (``.to()``) or written in place (``load_state_dict``), or ``key`` changes. The cache
-    holds the sources, so their memory cannot be reused by other tensors meanwhile."""
-    stamp = tuple(write_version(t) for t in sources) + tuple(key)
+    replaced, moved or cast (``.to()``), or written in place (``load_state_dict``), or ``key``
+    changes. The cache holds the sources' memory, so no other tensor can take its address meanwhile."""
+    stamp = tuple(memory_stamp(t) for t in sources) + tuple(key)
     cached = getattr(owner, name, None)
-    if cached is None or cached[1] != stamp or any(a is not b for a, b in zip(cached[0], sources)):
+    if cached is None or cached[1] != stamp:
         with torch.no_grad():
-            cached = (tuple(sources), stamp, make())
+            cached = (tuple(None if t is None else t.detach() for t in sources), stamp, make())
         setattr(owner, name, cached)
     return cached[2]
 

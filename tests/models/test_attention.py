@@ -63,8 +63,9 @@ def test_bf16_autocast_close_to_fp32(path):
     torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
 
 
-def test_frozen_bias_is_cached_and_follows_the_weights():
-    reference = _block(2)
+@pytest.mark.parametrize("shift", [0, 2])  # without and with the shifted windows' mask
+def test_frozen_bias_is_cached_and_follows_the_weights(shift):
+    reference = _block(shift)
     frozen = set_attention(copy.deepcopy(reference), "explicit").requires_grad_(False)
     x = torch.randn(1, SIZE, SIZE, DIM)
     with torch.no_grad():
@@ -75,6 +76,13 @@ def test_frozen_bias_is_cached_and_follows_the_weights():
         reference.attn.relative_position_bias_table.mul_(-1.0)
         frozen.load_state_dict(reference.state_dict())  # new weights: the cache must not survive
         torch.testing.assert_close(frozen(x), reference(x))
+        # Module.to() keeps each Parameter object and swaps its data (same write count): the cache
+        # must see that too, or a teacher moved to the GPU after a CPU forward keeps a CPU bias.
+        cache = frozen.attn._gfm_bias_cache[-1]
+        for model in (frozen, reference):
+            model.to(torch.bfloat16).to(torch.float32)  # the table's values now rounded to bf16
+        torch.testing.assert_close(frozen(x), reference(x))
+        assert frozen.attn._gfm_bias_cache[-1] is not cache
 
 
 def test_auto_picks_the_measured_fastest_path(monkeypatch):
