@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
 from step_bench import (PRECISIONS, count_flops, interleaved_medians, model_arguments, model_config,  # noqa: E402
-                        parse_model_arguments, timed_between_matmul_rates)
+                        parse_model_arguments, save_results, timed_between_matmul_rates)
 
+FEATURES_BATCH = {"cuda": 256, "cpu": 16}  # images per call, by device type
 TABLE_COLUMNS = ["case", "side", "precision", "batch", "median_ms", "p20_ms", "p80_ms", "runs", "images_per_s",
                  "achieved_GFLOPs", "matmul_GFLOPs", "mfu", "max_rel_diff", "speedup"]
 
@@ -97,16 +98,14 @@ def main(argv=None) -> int:
     parser = model_arguments(__doc__.split("\n\n")[0], "images per call (default: 256 on GPU, 16 on CPU)",
                              "repeatable (default: fp32 and bf16; bf16 only on a GPU)")
     parser.add_argument("--out", help="JSON path")
-    args, device, batch = parse_model_arguments(parser, argv, gpu_batch=256, cpu_batch=16)
+    args, device, batch = parse_model_arguments(parser, argv, FEATURES_BATCH)
     records = run_features(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs)
     env = environment(device)
     print(json.dumps({"environment": env}))
     print_table(records, TABLE_COLUMNS)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": env, "records": records}, indent=1))
-        print(f"wrote {out}")
+        save_results(Path(args.out), env, records)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -26,7 +26,8 @@ Every record carries the FLOPs of one image (counted by ``torch.utils.flop_count
 step: student forward + backward, teacher forward), the achieved GFLOP/s, the machine's matmul rate
 at that precision measured in the same run, before and after the timed rounds, the better kept (the
 fastest GEMM for it: on a CPU without bf16 instructions, the widened fp32 GEMM for bf16; all in
-``matmul_GFLOPs_by_gemm``), the MFU against it (and on GPU against the card's datasheet peak), and from one profiled step the count of ``aten::copy_`` calls, of host syncs
+``matmul_GFLOPs_by_gemm``), the MFU against it (and on GPU against the card's datasheet peak), and
+from one profiled step the count of ``aten::copy_`` calls, of host syncs
 (tensor values read from Python: ``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()`` of a
 tensor, each a device-to-host sync on a GPU; reads inside a kernel, such as torch's CPU AdamW reading
 its step counts, are not syncs), which attention kernels ran, and where the time went: the top ops
@@ -60,6 +61,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense (no sparsity) bf16 tensor-core peaks from the datasheets, FLOP/s.
 DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 CLIP_GRAD = 5.0  # GFM's recipe, both sides
+STEP_BATCH = {"cuda": 128, "cpu": 4}  # per step, by device type (GFM's batch per GPU on a GPU)
 
 
 def model_config(size: str):
@@ -419,13 +421,18 @@ def model_arguments(description: str, batch_help: str, precision_help: str) -> a
     return parser
 
 
-def parse_model_arguments(parser: argparse.ArgumentParser, argv, gpu_batch: int, cpu_batch: int):
+def default_batch(batches: Dict[str, int], device: torch.device) -> int:
+    """The batch of ``batches`` (by device type) for ``device``: the GPU's on CUDA, else the CPU's."""
+    return batches["cuda" if device.type == "cuda" else "cpu"]
+
+
+def parse_model_arguments(parser: argparse.ArgumentParser, argv, batches: Dict[str, int]):
     """(arguments, device, batch): the thread count applied, the batch defaulted per device."""
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    return args, device, args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+    return args, device, args.batch or default_batch(batches, device)
 
 
 def main(argv=None) -> int:
@@ -436,7 +443,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
                         help="also ours with activation checkpointing of these stages (e.g. 2)")
     parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
-    args, device, batch = parse_model_arguments(parser, argv, gpu_batch=128, cpu_batch=4)
+    args, device, batch = parse_model_arguments(parser, argv, STEP_BATCH)
     env = environment(device)
     out = Path(args.out) if args.out else None
     run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,

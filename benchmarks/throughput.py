@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import environment, print_table  # noqa: E402
-from step_bench import MODEL_SIZES, PRECISIONS, run_step, save_results, step_modes  # noqa: E402
+from step_bench import (MODEL_SIZES, PRECISIONS, STEP_BATCH, default_batch, run_step, save_results,  # noqa: E402
+                        step_modes)
 
 TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
                  "images_per_s", "img_s", "peak_MiB", "speedup"]
@@ -41,9 +42,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base", help="step and features model size")
     parser.add_argument("--batch", type=int, help="step batch (default: 128 on GPU, 4 on CPU)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
-                        help="step precisions, repeatable (default: fp32 and bf16; bf16 = autocast on both sides)")
+                        help="step and features precisions, repeatable (default: fp32 and bf16; bf16 = autocast "
+                             "on both sides)")
     parser.add_argument("--ops-batch", type=int, default=16, help="batch of the fused-op benchmarks (GFM shapes)")
-    parser.add_argument("--features-batch", type=int, help="images per extract_features call (default: 256 on GPU, 16 on CPU)")
+    parser.add_argument("--features-batch", type=int,
+                        help="images per extract_features call (default: 256 on GPU, 16 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (recorded)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs/rounds after the first")
     parser.add_argument("--runs", type=int, default=5, help="timed runs/rounds (the median is kept)")
@@ -56,7 +59,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    gpu = device.type == "cuda"
     sections = args.only or ["step", "ops", "loader", "features"]
     env = environment(device)
     out = Path(args.out) if args.out else None
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         records += ops_records
     if "step" in sections:  # its tables are printed, and the JSON rewritten, as each group ends
         done = list(records)
-        records = done + run_step(device, args.model, args.batch or (128 if gpu else 4),
+        records = done + run_step(device, args.model, args.batch or default_batch(STEP_BATCH, device),
                                   args.precision or ["fp32", "bf16"], args.warmup, args.runs,
                                   step_modes(args.compile, args.compiled_only),
                                   on_records=(lambda so_far: save_results(out, env, done + so_far)) if out else None)
@@ -81,10 +83,10 @@ def main(argv=None) -> int:
         print_table(loader_records, TABLE_COLUMNS)
         records += loader_records
     if "features" in sections:
+        from features_bench import FEATURES_BATCH, run_features
         from features_bench import TABLE_COLUMNS as FEATURE_COLUMNS
-        from features_bench import run_features
 
-        feature_records = run_features(device, args.model, args.features_batch or (256 if gpu else 16),
+        feature_records = run_features(device, args.model, args.features_batch or default_batch(FEATURES_BATCH, device),
                                        args.precision or ["fp32", "bf16"], args.warmup, args.runs)
         print_table(feature_records, FEATURE_COLUMNS)
         records += feature_records
