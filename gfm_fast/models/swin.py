@@ -73,6 +73,22 @@ class MaskedPatchEmbed(PatchEmbed):
         return f"patch_size={self.patch_size}, backend={self.backend!r}"
 
 
+def _shift_mask(block: SwinTransformerBlock, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The shifted-window mask for NHWC ``x``: the block's buffer, or with ``dynamic_mask`` timm's
+    ``get_attn_mask`` for x's size, kept per size while :func:`allow_any_input_size` holds. Rebuilt
+    every forward, a new mask would also miss the frozen attention-bias cache: 36% of a Swin-B/192
+    batch-1 ``extract_features`` on CPU."""
+    if not block.dynamic_mask:
+        return block.attn_mask
+    masks = getattr(block, "_gfm_masks_by_size", None)
+    if masks is None or torch.compiler.is_compiling():
+        return block.get_attn_mask(x)
+    key = (x.shape[1], x.shape[2], x.device, x.dtype)
+    if key not in masks:
+        masks[key] = block.get_attn_mask(x)
+    return masks[key]
+
+
 def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     """(Shifted) window attention of a timm Swin block on NHWC ``x``, padding *before* the cyclic
     shift, as the official Swin does for sizes the window does not divide.
@@ -90,7 +106,7 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     # Regions of the padded, shifted grid: built for this size only where timm would (dynamic_mask);
     # otherwise the block's buffer, made once for its build size, padded the same way.
     if height % win_h == 0 and width % win_w == 0 and not torch.compiler.is_compiling():
-        mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
+        mask = _shift_mask(block, x)
         windows = block.attn(to_windows(x, block.window_size, shift), mask=mask)
         return from_windows(windows, height, width, block.window_size, shift)
     x = torch.nn.functional.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
@@ -98,7 +114,7 @@ def _attn_pad_then_shift(block: SwinTransformerBlock, x: torch.Tensor) -> torch.
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     windows = window_partition(x, block.window_size).view(-1, block.window_area, chans)
-    mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
+    mask = _shift_mask(block, x)
     windows = block.attn(windows, mask=mask).view(-1, win_h, win_w, chans)
     x = window_reverse(windows, block.window_size, padded_h, padded_w)
     if any(shift):
@@ -302,6 +318,7 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
     embed.strict_img_size = False
     for block in blocks:
         block.dynamic_mask = True
+        block._gfm_masks_by_size = {}  # see _shift_mask; dropped on exit (may hold inference tensors)
     pad_before_shift(model)
     try:
         yield model
@@ -310,3 +327,4 @@ def allow_any_input_size(model: SwinTransformer) -> Iterator[SwinTransformer]:
         for block, dynamic, kind in zip(blocks, saved[1], saved[2]):
             block.dynamic_mask = dynamic
             block.__class__ = kind
+            del block._gfm_masks_by_size

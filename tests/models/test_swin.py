@@ -4,7 +4,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from gfm_fast.config import SwinConfig
 from gfm_fast.models.swin import (EncoderConfig, GFMSwinTransformer, MaskedPatchEmbed, allow_any_input_size,
@@ -143,3 +143,22 @@ def test_any_input_size_context_restores_the_model(encoder):
         with allow_any_input_size(encoder):
             dynamic = encoder.forward_features(x)
     torch.testing.assert_close(fixed, dynamic)
+
+
+def test_any_input_size_builds_each_shift_mask_once_per_size(encoder, monkeypatch):
+    """Under allow_any_input_size a block builds its shift mask once per size, not every forward
+    (a fresh mask would also miss the frozen attention-bias cache), and the masks go on exit."""
+    built = []
+    real = SwinTransformerBlock.get_attn_mask
+    monkeypatch.setattr(SwinTransformerBlock, "get_attn_mask", lambda self, x=None, *a, **k: built.append(
+        (id(self), tuple(x.shape[1:3]))) or real(self, x, *a, **k))
+    blocks = sum(len(stage.blocks) for stage in encoder.layers)
+    sizes = [(96, 160), (128, 128), (96, 160)]
+    with torch.no_grad():
+        expected = [encoder.forward_features(torch.ones(1, 3, 128, 128))]
+        with allow_any_input_size(encoder):
+            outs = [encoder.forward_features(torch.ones(1, 3, *size)) for size in sizes]
+    assert len(built) == len(set(built)) == 2 * blocks  # two sizes, each block once per size
+    torch.testing.assert_close(outs[1], expected[0])
+    assert outs[0].shape == outs[2].shape and torch.equal(outs[0], outs[2])
+    assert not any(hasattr(b, "_gfm_masks_by_size") for stage in encoder.layers for b in stage.blocks)
