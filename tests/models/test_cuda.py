@@ -92,12 +92,18 @@ def test_bf16_student_tracks_fp32():
         assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
 
 
-def test_teacher_on_device_in_its_default_dtype_matches_fp32_cpu():
+def test_teacher_on_device_in_its_run_dtype_matches_fp32_cpu():
+    """The teacher as a GPU run holds it (teacher_dtype auto, run.precision auto = bf16-mixed: its
+    weights cast once to bf16 by build_engine), against the fp32 teacher on CPU. On CUDA its frozen
+    window bias then goes to SDPA as a bf16 mask that needs no gradient (cuDNN's kernel on Hopper)."""
     torch.manual_seed(0)
-    model = tiny_pretrainer()  # teacher dtype auto: bf16 on CUDA
+    model = tiny_pretrainer()
     x, _ = _batch()
     want = model.teacher(x)
-    got = model.to(DEVICE).teacher(x.to(DEVICE))
+    teacher = model.teacher.to(DEVICE)
+    assert teacher.set_run_precision("bf16-mixed") == torch.bfloat16
+    assert teacher.patch_embed.proj.weight.dtype == torch.bfloat16
+    got = teacher(x.to(DEVICE))
     assert got.dtype == torch.float32 and got.shape == want.shape
     cos = torch.nn.functional.cosine_similarity(got.cpu(), want, dim=1)
     assert (cos > 0.995).all(), cos
