@@ -89,10 +89,13 @@ phase_test() {
     # GPU whenever there is one but have no "cuda" in their names; not its sm_90 compile check, which
     # needs no GPU and takes minutes. One inductor compile thread per worker: the few
     # torch.compile tests compile one op each, and 16 workers would each start a 16-process pool.
+    # Then the model checks, one process in file order: test_cuda.py last, whose two whole-student
+    # torch.compile cases close it, so that a deadline stops them rather than the quick checks.
     TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest tests/ops -v --tb=short -ra -k "$OPS_TESTS" -p no:cacheprovider \
         -n "${PYTEST_WORKERS:-$(nproc)}"
     local ops=$?
-    "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py tests/data/test_device_normalise.py -q -ra -k "cuda or gpu" -p no:cacheprovider
+    "$PY" -m pytest tests/data/test_loader.py tests/data/test_device_normalise.py tests/models/test_cuda.py -v --tb=short -ra \
+        -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
 }
 

@@ -56,3 +56,14 @@ def test_test_phase_runs_the_triton_launcher_tests_on_the_gpu(tmp_path):
         assert (test in selected) == (NO_GPU_CHECK not in test), test
     every_cuda_case = [t for t in _collected("tests/ops") if "cuda" in t]
     assert every_cuda_case and set(every_cuda_case) <= selected
+
+
+def test_test_phase_reaches_the_model_checks_before_the_compiles(tmp_path):
+    """The models' GPU checks run in file order under the session's deadline: the torch.compile
+    cases (an inductor compile each, the slowest) come after every other selected test."""
+    calls = _recorded_calls(tmp_path, "test")
+    models_call = next(call for call in calls if "tests/models/test_cuda.py" in call)[1:]
+    files = [arg for arg in models_call if arg.startswith("tests/")]
+    order = _collected(*files, "-k", models_call[models_call.index("-k") + 1])
+    compiled = [i for i, test in enumerate(order) if "compiled" in test]
+    assert compiled and compiled == list(range(len(order) - len(compiled), len(order))), order

@@ -59,26 +59,6 @@ def test_pretrainer_on_device_equals_cpu_reference(backend):
         torch.testing.assert_close(got_grads[name] / scale, g / scale, rtol=0, atol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_compiled_student_on_device_equals_eager(backend):
-    """run.compile on the device: the student compiles as one graph (fullgraph; the fused ops are
-    opaque custom ops) with the default inductor backend, and its losses and gradients equal eager."""
-    if DEVICE.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
-    _, fast = _pair(backend)
-    x, mask = _batch()
-    x, mask = x.to(DEVICE), mask.to(DEVICE)
-    z_t = fast.teacher(x)
-    want = fast.student(x, mask, z_t)
-    want_grads = _grads(fast, want.loss)
-    got = torch.compile(fast.student, fullgraph=True, dynamic=False)(x, mask, z_t)
-    got_grads = _grads(fast, got.loss)
-    torch.testing.assert_close(got.loss.cpu(), want.loss.cpu(), **FP32_TOL)
-    for name, g in want_grads.items():
-        scale = g.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(got_grads[name] / scale, g / scale, rtol=0, atol=1e-3, msg=name)
-
-
 def test_bf16_student_tracks_fp32():
     """Training casts the student to bf16 (DeepSpeed bf16): the fused ops there stay near fp32."""
     ref, fast = _pair("auto")
@@ -163,3 +143,25 @@ def test_teacher_cuda_graph_replays_the_eager_forward():
     changed = graphed(x)
     assert (changed - kept).abs().max() > 0.1
     torch.testing.assert_close(changed, teacher(x), **tol)
+
+
+# Last in the file: the GPU session (benchmarks/gpu_session.sh) runs these tests in file order under a
+# deadline, and these two (an inductor compile each) are its slowest cases.
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_compiled_student_on_device_equals_eager(backend):
+    """run.compile on the device: the student compiles as one graph (fullgraph; the fused ops are
+    opaque custom ops) with the default inductor backend, and its losses and gradients equal eager."""
+    if DEVICE.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    _, fast = _pair(backend)
+    x, mask = _batch()
+    x, mask = x.to(DEVICE), mask.to(DEVICE)
+    z_t = fast.teacher(x)
+    want = fast.student(x, mask, z_t)
+    want_grads = _grads(fast, want.loss)
+    got = torch.compile(fast.student, fullgraph=True, dynamic=False)(x, mask, z_t)
+    got_grads = _grads(fast, got.loss)
+    torch.testing.assert_close(got.loss.cpu(), want.loss.cpu(), **FP32_TOL)
+    for name, g in want_grads.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(got_grads[name] / scale, g / scale, rtol=0, atol=1e-3, msg=name)
