@@ -94,8 +94,8 @@ phase_test() {
     TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest tests/ops -v --tb=short -ra -k "$OPS_TESTS" -p no:cacheprovider \
         -n "${PYTEST_WORKERS:-$(nproc)}"
     local ops=$?
-    "$PY" -m pytest tests/data/test_loader.py tests/data/test_device_normalise.py tests/models/test_cuda.py -v --tb=short -ra \
-        -k "cuda or gpu" -p no:cacheprovider
+    "$PY" -m pytest tests/data/test_loader.py tests/data/test_device_normalise.py tests/models/test_cuda.py \
+        -v --tb=short -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
 }
 
