@@ -7,6 +7,7 @@ GFM_TEST_DEVICE=cpu runs the same checks with the CPU as the "device", to exerci
 themselves on a machine without a GPU.
 """
 import os
+import threading
 import warnings
 
 import pytest
@@ -143,6 +144,44 @@ def test_teacher_cuda_graph_replays_the_eager_forward():
     changed = graphed(x)
     assert (changed - kept).abs().max() > 0.1
     torch.testing.assert_close(changed, teacher(x), **tol)
+
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
+def test_teacher_cuda_graph_captures_while_another_thread_pins_memory():
+    """A training run's first step captures the teacher while the DataLoader's pin-memory thread
+    allocates pinned host memory for the next batches (cudaHostAlloc). Captured in CUDA's "global"
+    mode, such a call from any other thread invalidates the capture and fails in that thread; the
+    capture must leave other threads' CUDA calls alone."""
+    torch.manual_seed(0)
+    teacher = tiny_pretrainer().teacher.to(DEVICE)
+    teacher.set_run_precision("bf16-mixed")
+    x = torch.randn(3, 3, TINY_IMG, TINY_IMG, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = teacher(x)
+    teacher.use_cuda_graph()
+    started, stop, errors, pinned = threading.Event(), threading.Event(), [], []
+
+    def pin_like_a_loader():  # every buffer kept: each allocation is a new cudaHostAlloc
+        try:
+            while not stop.is_set() and len(pinned) < 50_000:
+                pinned.append(torch.empty(4096, dtype=torch.uint8).pin_memory())
+                started.set()
+        except Exception as exc:  # noqa: BLE001 - reported below, with its message
+            errors.append(exc)
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=pin_like_a_loader)
+    thread.start()
+    started.wait()
+    try:
+        got = teacher(x)  # the first call captures
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(teacher(x), want, rtol=1e-2, atol=1e-2)  # and replays
 
 
 # Last in the file: the GPU session (benchmarks/gpu_session.sh) runs these tests in file order under a
