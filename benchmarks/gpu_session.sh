@@ -30,6 +30,7 @@ sources_digest() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c
 if [ "${1:-}" = --sources-digest ]; then sources_digest; exit 0; fi
 
 RESULTS=${OUT:-benchmarks/results}
+OPS_TESTS='cuda or (test_triton_kernels and not without_a_gpu)'  # pytest -k of the test phase's op tests
 mkdir -p "$RESULTS"
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(setup step bench test train features compile bench32)
@@ -83,10 +84,18 @@ assert b['cpp']['cuda'] and b['triton']['cuda'], 'CUDA backends not available'"
 phase_test() {
     # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
     # One worker per core: most of the time is Triton compiling each autotune config. -v: each result
-    # is in the log as it comes, even if the deadline stops the run.
-    "$PY" -m pytest tests/ops -v --tb=short -ra -k "cuda" -p no:cacheprovider -n "${PYTEST_WORKERS:-$(nproc)}"
+    # is in the log as it comes, even if the deadline stops the run. OPS_TESTS: the per-op tests'
+    # CUDA cases, and the Triton launcher tests (tests/ops/test_triton_kernels.py), which run on the
+    # GPU whenever there is one but have no "cuda" in their names; not its sm_90 compile check, which
+    # needs no GPU and takes minutes. One inductor compile thread per worker: the few
+    # torch.compile tests compile one op each, and 16 workers would each start a 16-process pool.
+    # Then the model checks, one process in file order: test_cuda.py last, whose two whole-student
+    # torch.compile cases close it, so that a deadline stops them rather than the quick checks.
+    TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest tests/ops -v --tb=short -ra -k "$OPS_TESTS" -p no:cacheprovider \
+        -n "${PYTEST_WORKERS:-$(nproc)}"
     local ops=$?
-    "$PY" -m pytest tests/models/test_cuda.py tests/data/test_loader.py tests/data/test_device_normalise.py -q -ra -k "cuda or gpu" -p no:cacheprovider
+    "$PY" -m pytest tests/data/test_loader.py tests/data/test_device_normalise.py tests/models/test_cuda.py \
+        -v --tb=short -ra -k "cuda or gpu" -p no:cacheprovider
     return $(( ops || $? ))
 }
 
@@ -130,7 +139,7 @@ phase_train() {
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
 }
 
-export PY RESULTS
+export PY RESULTS OPS_TESTS
 export -f card sources_digest check_backends phase_setup phase_bench phase_bench32 phase_test phase_step phase_features phase_compile phase_train
 
 status=0

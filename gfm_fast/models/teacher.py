@@ -177,6 +177,9 @@ class _TeacherGraph:
                 teacher._features(self.images)
         torch.cuda.current_stream(images.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local, as torch.compile's own CUDA graphs capture: unsafe CUDA calls (cudaMalloc,
+        # cudaHostAlloc) are forbidden in this thread only. In the default "global" mode a DataLoader's
+        # pin-memory thread, pinning the next batches meanwhile, invalidates the capture and fails itself.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.features = teacher._features(self.images)
         self.graph, self.key = graph, key

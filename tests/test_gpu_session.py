@@ -1,0 +1,69 @@
+"""What benchmarks/gpu_session.sh runs, checked without a GPU: its phases call a stub python that
+records its arguments, and the test selection it records is collected by the real pytest."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+REPO = Path(__file__).resolve().parent.parent
+TRITON_TESTS = "tests/ops/test_triton_kernels.py"
+NO_GPU_CHECK = "test_kernels_compile_for_h100_without_a_gpu"  # compiles every config for sm_90: minutes
+
+
+def _recorded_calls(tmp_path: Path, phase: str) -> List[List[str]]:
+    """The python calls of ``gpu_session.sh <phase>``, each as [TORCHINDUCTOR_COMPILE_THREADS, *argv].
+    The script runs from a copy (no .venv or .whl beside it: it takes $PYTHON, here the stub)."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "${{TORCHINDUCTOR_COMPILE_THREADS:-}}" "$@" >>{calls}\n'
+                    f'printf "\\n" >>{calls}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
+    env.pop("GPU_SESSION_SECONDS", None)
+    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), phase], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line.rstrip("\0").split("\0") for line in calls.read_text().splitlines() if line]
+
+
+def _collected(*args: str) -> List[str]:
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_test_phase_runs_the_triton_launcher_tests_on_the_gpu(tmp_path):
+    """The op tests' GPU selection also takes test_triton_kernels.py, whose tests run on CUDA when
+    there is a GPU but carry no "cuda" in their names (a bare -k cuda dropped all of them), except its
+    GPU-less compile check; with one inductor compile thread per xdist worker."""
+    calls = _recorded_calls(tmp_path, "test")
+    ops_call = next(call for call in calls if "tests/ops" in call)
+    threads, argv = ops_call[0], ops_call[1:]
+    assert threads == "1"
+    selection = argv[argv.index("-k") + 1]
+    selected = set(_collected("tests/ops", "-k", selection))
+    every_triton_test = [t for t in _collected(TRITON_TESTS) if t.startswith(TRITON_TESTS)]
+    assert len(every_triton_test) > 20
+    for test in every_triton_test:
+        assert (test in selected) == (NO_GPU_CHECK not in test), test
+    every_cuda_case = [t for t in _collected("tests/ops") if "cuda" in t]
+    assert every_cuda_case and set(every_cuda_case) <= selected
+
+
+def test_test_phase_reaches_the_model_checks_before_the_compiles(tmp_path):
+    """The models' GPU checks run in file order under the session's deadline: the torch.compile
+    cases (an inductor compile each, the slowest) come after every other selected test."""
+    calls = _recorded_calls(tmp_path, "test")
+    models_call = next(call for call in calls if "tests/models/test_cuda.py" in call)[1:]
+    files = [arg for arg in models_call if arg.startswith("tests/")]
+    order = _collected(*files, "-k", models_call[models_call.index("-k") + 1])
+    compiled = [i for i, test in enumerate(order) if "compiled" in test]
+    assert compiled and compiled == list(range(len(order) - len(compiled), len(order))), order
