@@ -26,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # What the extension is built from: a prebuilt gfm_fast._C (scripts/device_wheels.sh, PREBUILD_PYTHON)
 # is used only when this matches the digest it was built from.
-sources_digest() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16; }
+sources_digest() { cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16; }
 if [ "${1:-}" = --sources-digest ]; then sources_digest; exit 0; fi
 
 RESULTS=${OUT:-benchmarks/results}
@@ -139,6 +139,14 @@ phase_train() {
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
 }
 
+# torch.distributed as the DeepSpeed engine uses it, one rank: NCCL has never run on the lent machines.
+check_nccl() {
+    timeout --kill-after=5 60 "$PY" -c "import torch, torch.distributed as dist
+dist.init_process_group('nccl', init_method='tcp://127.0.0.1:29517', rank=0, world_size=1)
+x = torch.ones(4, device='cuda'); dist.all_reduce(x); dist.broadcast(x, 0); torch.cuda.synchronize()
+dist.destroy_process_group(); print('NCCL: one rank, all_reduce and broadcast work')"
+}
+
 export PY RESULTS OPS_TESTS
 export -f card sources_digest check_backends phase_setup phase_bench phase_bench32 phase_test phase_step phase_features phase_compile phase_train
 
@@ -159,6 +167,17 @@ for phase in "${phases[@]}"; do
             continue
         fi
         limit=(timeout --kill-after=10 "$left")
+    fi
+    # If NCCL fails or hangs, the phases that build the engine run on gloo (GFM_DIST_BACKEND) rather
+    # than each failing, or hanging until the deadline.
+    if [ -z "${dist_checked:-}" ] && [[ " step train compile " == *" $phase "* ]]; then
+        dist_checked=1
+        check_nccl 2>&1 | tail -n 5 | tee -a "$RESULTS/gpu_session.log"
+        if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+            echo "NCCL did not work here: step, train and compile use gloo (GFM_DIST_BACKEND=gloo)" |
+                tee -a "$RESULTS/gpu_session.log"
+            export GFM_DIST_BACKEND=gloo
+        fi
     fi
     echo "=== $phase ==="
     start=$SECONDS

@@ -67,3 +67,30 @@ def test_test_phase_reaches_the_model_checks_before_the_compiles(tmp_path):
     order = _collected(*files, "-k", models_call[models_call.index("-k") + 1])
     compiled = [i for i, test in enumerate(order) if "compiled" in test]
     assert compiled and compiled == list(range(len(order) - len(compiled), len(order))), order
+
+
+def _step_phase_backend(tmp_path: Path, nccl_exit: int) -> List[str]:
+    """GFM_DIST_BACKEND as each python call of ``gpu_session.sh step`` saw it; the stub's NCCL
+    check (the call that names init_process_group) exits with ``nccl_exit``."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
+    seen = tmp_path / "seen"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\ncase "$*" in *init_process_group*) exit {nccl_exit};; esac\n'
+                    f'echo "${{GFM_DIST_BACKEND:-default}} $*" >>{seen}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
+    env.pop("GPU_SESSION_SECONDS", None)
+    env.pop("GFM_DIST_BACKEND", None)
+    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "step"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line.split()[0] for line in seen.read_text().splitlines() if "throughput.py" in line]
+
+
+def test_engine_phases_fall_back_to_gloo_when_nccl_fails(tmp_path):
+    """NCCL is checked once before the first phase that builds the engine; where it fails, those
+    phases run with GFM_DIST_BACKEND=gloo (one rank needs no real communication)."""
+    assert _step_phase_backend(tmp_path / "ok", 0) == ["default"]
+    assert _step_phase_backend(tmp_path / "broken", 1) == ["gloo"]

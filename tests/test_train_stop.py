@@ -21,7 +21,8 @@ import torch
 import gfm_fast
 from gfm_fast.config import load_config
 from gfm_fast.training import Checkpoints, build_config, check_paths, main
-from gfm_fast.training.distributed import first_slurm_host, launcher_env
+from gfm_fast.errors import ConfigError
+from gfm_fast.training.distributed import dist_backend, first_slurm_host, launcher_env
 
 from train_helpers import REPO, TEST_MODEL, TRAIN_PY, losses, run_tiny, subprocess_env
 
@@ -153,6 +154,25 @@ def test_launcher_variables_from_slurm():
     assert launcher_env({**slurm, "RANK": "0"}) == {}  # a launcher's variables win
     single = launcher_env({})
     assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def test_dist_backend_defaults_and_its_override(tmp_path):
+    """gloo on CPU, NCCL on GPU; GFM_DIST_BACKEND picks gloo on a GPU (one process whose NCCL does
+    not start, as benchmarks/gpu_session.sh checks), and a value that cannot work is one error line."""
+    assert (dist_backend("cpu", {}), dist_backend("cuda", {})) == ("gloo", "nccl")
+    assert dist_backend("cuda", {"GFM_DIST_BACKEND": "gloo"}) == "gloo"
+    with pytest.raises(ConfigError, match="GFM_DIST_BACKEND='mpi' .* use one of nccl, gloo"):
+        dist_backend("cuda", {"GFM_DIST_BACKEND": "mpi"})
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        dist_backend("cpu", {"GFM_DIST_BACKEND": "nccl"})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--output-dir", str(run_dir), *TEST_MODEL, "--max-steps",
+                           "1"], capture_output=True, text=True, env={**subprocess_env(), "GFM_DIST_BACKEND": "mpi"},
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a user error past the config checks (loop.main)
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: GFM_DIST_BACKEND='mpi'")
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("gpu[07-09,12],cpu1", "gpu07"),

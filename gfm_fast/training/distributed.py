@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["init_distributed", "launcher_env", "first_slurm_host", "pick_device", "set_math_modes",
+__all__ = ["init_distributed", "dist_backend", "launcher_env", "first_slurm_host", "pick_device", "set_math_modes",
            "gather_from_ranks", "max_over_ranks"]
 
 def _free_port() -> int:
@@ -68,12 +68,28 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
     return env
 
 
+DIST_BACKENDS = ("nccl", "gloo")
+
+
+def dist_backend(device_type: str, environ: Mapping[str, str] = os.environ) -> str:
+    """gloo on CPU, NCCL on GPU; ``GFM_DIST_BACKEND=gloo|nccl`` overrides (e.g. gloo on a GPU
+    machine whose NCCL does not start: one process needs no real communication)."""
+    chosen = environ.get("GFM_DIST_BACKEND") or ("gloo" if device_type == "cpu" else "nccl")
+    if chosen not in DIST_BACKENDS:
+        raise ConfigError(f"GFM_DIST_BACKEND={chosen!r} is not a backend this project runs; use one of "
+                          f"{', '.join(DIST_BACKENDS)} or unset it")
+    if chosen == "nccl" and device_type == "cpu":
+        raise ConfigError("GFM_DIST_BACKEND=nccl needs GPUs, but this run is on the CPU; unset it or use gloo")
+    return chosen
+
+
 def init_distributed(device_type: str) -> Tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+    """Initialise torch.distributed through DeepSpeed, on :func:`dist_backend`'s backend.
 
     Returns:
         (rank, world size, local rank).
     """
+    backend = dist_backend(device_type)
     os.environ.update(launcher_env(os.environ))
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -81,7 +97,7 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
