@@ -9,6 +9,7 @@
 #   bench   the fused ops vs reference, bf16 at batch 128, and cosine at 64k rows (bandwidth)
 #   test    the GPU cases of the op tests, then the assembled model, features and GPU decode
 #   train   a short pretraining run (run.precision=auto) through the real entry point, stopped and resumed
+#           (at most TRAIN_SECONDS, 180, of the deadline)
 #   features extract_features vs plain timm with the same weights, bf16, batch 256, added to step's JSON
 #   compile the same step with both sides under torch.compile, added to step's JSON (compiling takes
 #           minutes: after the checks that take less)
@@ -166,6 +167,9 @@ for phase in "${phases[@]}"; do
             status=124
             continue
         fi
+        # The short train run gets at most TRAIN_SECONDS: a hang there (its loader workers fork after
+        # CUDA has started, never yet seen on the lent machines) must not take the phases after it.
+        [ "$phase" = train ] && [ "$left" -gt "${TRAIN_SECONDS:-180}" ] && left=${TRAIN_SECONDS:-180}
         limit=(timeout --kill-after=10 "$left")
     fi
     # If NCCL fails or hangs, the phases that build the engine run on gloo (GFM_DIST_BACKEND) rather
