@@ -94,3 +94,18 @@ def test_engine_phases_fall_back_to_gloo_when_nccl_fails(tmp_path):
     phases run with GFM_DIST_BACKEND=gloo (one rank needs no real communication)."""
     assert _step_phase_backend(tmp_path / "ok", 0) == ["default"]
     assert _step_phase_backend(tmp_path / "broken", 1) == ["gloo"]
+
+
+def test_a_hanging_train_phase_leaves_the_deadline_to_the_phases_after_it(tmp_path):
+    """The train phase is stopped after TRAIN_SECONDS even when the shared deadline is far off."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\ncase "$*" in *train.py*) sleep 60;; esac\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "GPU_SESSION_SECONDS": "300",
+           "TRAIN_SECONDS": "2"}
+    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "train", "features"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "=== train: exit 124" in result.stdout and "=== features: exit 0" in result.stdout, result.stdout
