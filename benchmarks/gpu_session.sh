@@ -86,7 +86,7 @@ phase_test() {
     # The GPU cases of the op tests, then the assembled model, features and GPU decode on the device.
     # One worker per core: most of the time is Triton compiling each autotune config. -v: each result
     # is in the log as it comes, even if the deadline stops the run. OPS_TESTS: the per-op tests'
-    # CUDA cases, and the Triton launcher tests (tests/ops/test_triton_kernels.py), which run on the
+    # CUDA cases, and the Triton launcher tests (tests/ops/test_triton_kernels*.py), which run on the
     # GPU whenever there is one but have no "cuda" in their names; not its sm_90 compile check, which
     # needs no GPU and takes minutes. One inductor compile thread per worker: the few
     # torch.compile tests compile one op each, and 16 workers would each start a 16-process pool.

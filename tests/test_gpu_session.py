@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List
 
 REPO = Path(__file__).resolve().parent.parent
-TRITON_TESTS = "tests/ops/test_triton_kernels.py"
+TRITON_TESTS = ("tests/ops/test_triton_kernels.py", "tests/ops/test_triton_kernels_build.py")
 NO_GPU_CHECK = "test_kernels_compile_for_h100_without_a_gpu"  # compiles every config for sm_90: minutes
 
 
@@ -41,7 +41,7 @@ def _collected(*args: str) -> List[str]:
 
 
 def test_test_phase_runs_the_triton_launcher_tests_on_the_gpu(tmp_path):
-    """The op tests' GPU selection also takes test_triton_kernels.py, whose tests run on CUDA when
+    """The op tests' GPU selection also takes test_triton_kernels[_build].py, whose tests run on CUDA when
     there is a GPU but carry no "cuda" in their names (a bare -k cuda dropped all of them), except its
     GPU-less compile check; with one inductor compile thread per xdist worker."""
     calls = _recorded_calls(tmp_path, "test")
@@ -50,7 +50,7 @@ def test_test_phase_runs_the_triton_launcher_tests_on_the_gpu(tmp_path):
     assert threads == "1"
     selection = argv[argv.index("-k") + 1]
     selected = set(_collected("tests/ops", "-k", selection))
-    every_triton_test = [t for t in _collected(TRITON_TESTS) if t.startswith(TRITON_TESTS)]
+    every_triton_test = [t for t in _collected(*TRITON_TESTS) if t.startswith(TRITON_TESTS)]
     assert len(every_triton_test) > 20
     for test in every_triton_test:
         assert (test in selected) == (NO_GPU_CHECK not in test), test
