@@ -336,6 +336,15 @@ def test_cli_reports_missing_shards_in_one_line_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_rejects_a_resume_path_without_a_checkpoint_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--resume", str(tmp_path / "old_run"), "--output-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --resume {tmp_path / 'old_run'}: no complete checkpoint there")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)

@@ -85,7 +85,15 @@ def check_paths(cfg: TrainConfig) -> None:
 
     Shards: the pattern names at least one existing local file (or remote URLs), and the first
     local one is a tar archive (later unreadable shards count as failed shards while training).
+    An explicit ``--resume PATH`` holds a complete checkpoint.
     """
+    if cfg.run.resume not in (None, "none", "auto"):
+        from gfm_fast.training.checkpoints import resolve_resume
+
+        try:
+            resolve_resume(cfg.run.resume, checkpoints=None)  # a path: needs no checkpoints of this run
+        except TrainingError as exc:
+            raise ConfigError(str(exc)) from None
     weights = cfg.model.teacher_weights
     if weights is not None and not os.path.isfile(weights):
         raise ConfigError(f"model.teacher_weights: {weights} does not exist; pass --teacher-weights PATH (the "
