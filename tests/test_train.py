@@ -345,6 +345,16 @@ def test_cli_rejects_a_resume_path_without_a_checkpoint_before_any_work(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_rejects_an_unknown_source_weight_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), 'data.source_weights={"naip":0.5}', "--output-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == "error: data.source_weights names unknown source(s) ['naip']; the shards hold ['neon_sites', " \
+                   "'neon_yell']"
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)

@@ -85,7 +85,8 @@ def check_paths(cfg: TrainConfig) -> None:
 
     Shards: the pattern names at least one existing local file (or remote URLs), and the first
     local one is a tar archive (later unreadable shards count as failed shards while training).
-    An explicit ``--resume PATH`` holds a complete checkpoint.
+    ``data.source_weights`` names sources of the build's manifest. An explicit ``--resume PATH``
+    holds a complete checkpoint.
     """
     if cfg.run.resume not in (None, "none", "auto"):
         from gfm_fast.training.checkpoints import resolve_resume
@@ -107,6 +108,9 @@ def check_paths(cfg: TrainConfig) -> None:
         raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data.shards (--data): {exc}") from None
+    from gfm_fast.data.shards import acceptance_rates
+
+    acceptance_rates(cfg.data.source_weights, shards.source_counts)  # names the manifest lacks: ConfigError
     first = next((url for url in shards.urls if os.path.isfile(url)), None)
     if first is not None and not tarfile.is_tarfile(first):
         raise ConfigError(f"data.shards (--data): {first} is not a tar archive; pass WebDataset .tar shards (a brace "
