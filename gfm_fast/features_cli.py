@@ -268,6 +268,10 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
                 "image_size": image_size}
     encoder = load_model(model)
     config = encoder.gfm_config
+    stride = config.swin.total_stride
+    if image_size is not None and (image_size <= 0 or image_size % stride):
+        raise FeatureFileError(f"--image-size {image_size} is not a positive multiple of {stride} (the model's total "
+                               f"stride); e.g. --image-size {max(stride, image_size // stride * stride)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mean_std = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (config.mean, config.std))
     count, items = _items(data, config.swin.in_chans)

@@ -141,6 +141,11 @@ def test_errors_are_one_line(tmp_path, model, capsys):
     (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").write_text("[]")
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 1
     assert "other settings (chunk_size, data, model)" in capsys.readouterr().err
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "g.npy"),
+                 "--image-size", "200", "--no-progress"]) == 1
+    assert capsys.readouterr().err == ("error: --image-size 200 is not a positive multiple of 32 (the model's total "
+                                       "stride); e.g. --image-size 192\n")
+    assert not (tmp_path / "g.npy.parts").exists()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),
