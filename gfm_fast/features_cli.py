@@ -252,7 +252,7 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
         image_size: resize every image to this square size first (default: as stored; sizes must
             then be multiples of 32).
         device: default CUDA when available.
-        progress: show a progress bar.
+        progress: show a progress bar (the closing summary line is printed either way).
 
     Returns:
         ``(out, number of rows)``.
@@ -299,11 +299,10 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
                     "mean": list(config.mean), "std": list(config.std), "gfm_fast_version": gfm_fast.__version__}
         rows = _write_parquet(parts, chunks, out_path, encoder.num_features, metadata)
     shutil.rmtree(parts)
-    if progress:
-        note = f", {done} from finished chunks of an earlier run" if done else ""
-        skipped = f", {corrupt} corrupt samples skipped" if corrupt else ""
-        beside = f" and {out_path.name[:-4]}{IDS_SUFFIX}" if out_path.suffix == ".npy" else ""
-        print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}){beside}", file=sys.stderr)
+    note = f", {done} from finished chunks of an earlier run" if done else ""
+    skipped = f", {corrupt} corrupt samples skipped" if corrupt else ""
+    beside = f" and {out_path.name[:-4]}{IDS_SUFFIX}" if out_path.suffix == ".npy" else ""
+    print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}){beside}", file=sys.stderr)
     return out_path, rows
 
 

@@ -97,6 +97,9 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     monkeypatch.setattr(gfm_fast.features, "read_image", lambda path, *args: read.append(Path(path)) or original(path, *args))
     assert main(args) == 0
     assert read == files[3:]  # the first chunk's images are neither decoded nor run again
+    beside = " and feats.ids.txt" if suffix == ".npy" else ""  # the summary, --no-progress or not
+    assert capsys.readouterr().err == (f"wrote {out} ({len(files)} x 128 float32, 3 from finished chunks of an "
+                                       f"earlier run){beside}\n")
     features, ids = read_output(out)
     assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
     np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
