@@ -155,9 +155,14 @@ def _check_finite(data: torch.Tensor, what: Callable[[int], str]) -> None:
 
 
 def _list_images(directory: Path) -> List[Path]:
+    """The directory's own image files, sorted (not its subfolders: their layout is the caller's to choose)."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in directory {directory}")
+        hint = ""
+        if any(p.is_dir() for p in directory.iterdir()):
+            hint = (f" (subfolders are not searched: pass a list of files, e.g. "
+                    f"sorted(Path({str(directory)!r}).rglob('*.png')), or use python -m gfm_fast.features)")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in directory {directory}{hint}")
     return files
 
 

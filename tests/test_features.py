@@ -246,7 +246,11 @@ def test_empty_inputs(encoder, tmp_path):
         extract_features(encoder, [])
     with pytest.raises(ValueError, match="empty"):
         extract_features(encoder, torch.zeros(0, 3, 64, 64))
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no images") as error:
+        extract_features(encoder, tmp_path)
+    assert "subfolders" not in str(error.value)
+    (tmp_path / "class_a").mkdir()  # class folders: the message says they are not searched, and what to do
+    with pytest.raises(ValueError, match=r"no images .*\(subfolders are not searched: pass a list of files"):
         extract_features(encoder, tmp_path)
 
 
