@@ -101,8 +101,15 @@ def test_architecture_mismatch_is_named():
     a = {"student": {"embed_dim": 32}, "teacher": {"embed_dim": 32}, "mask_block": 32, "teacher_bands": [0, 1, 2]}
     b = {**a, "student": {"embed_dim": 64}}
     check_same_architecture(a, dict(a), Path("ckpt"))
-    with pytest.raises(TrainingError, match="model.student"):
+    with pytest.raises(TrainingError) as error:
         check_same_architecture(a, b, Path("ckpt"))
+    assert str(error.value) == ("checkpoint ckpt was trained with a different architecture (model.student.embed_dim: "
+                                "checkpoint 32 vs config 64); use the config it was trained with, or --resume none "
+                                "to start afresh")
+    c = {**a, "student": {"embed_dim": 32, "depths": [2, 2]}, "mask_block": 64}
+    with pytest.raises(TrainingError, match=r"\(model.student.depths: checkpoint None vs config \[2, 2\]; "
+                                            r"model.mask_block: checkpoint 32 vs config 64\)"):
+        check_same_architecture(a, c, Path("ckpt"))
 
 
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
