@@ -112,6 +112,20 @@ def test_architecture_mismatch_is_named():
         check_same_architecture(a, c, Path("ckpt"))
 
 
+def test_optimizer_layout_mismatch_is_one_line():
+    from gfm_fast.training.checkpoints import check_same_optimizer_layout
+
+    fp32_zero0 = {"zero_optimization": {"stage": 0}}
+    check_same_optimizer_layout(fp32_zero0, {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}, Path("c"))
+    with pytest.raises(TrainingError) as error:
+        check_same_optimizer_layout(fp32_zero0, {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+                                    Path("c"))
+    assert str(error.value) == ("checkpoint c holds DeepSpeed optimizer state this run cannot load (ZeRO stage: "
+                                "checkpoint 0 vs config 1 (use run.zero_stage=0); weights: checkpoint fp32 vs config "
+                                "bf16 (use run.precision=fp32 or bf16-mixed)); resume with the checkpoint's settings, "
+                                "or start a new run (--resume none or another --output-dir)")
+
+
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
 def test_tf32_choice_ends_with_the_run(api):
     """run.tf32 switches TF32 on for the run only, through whichever torch API the user set it with

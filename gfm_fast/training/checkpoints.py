@@ -172,8 +172,8 @@ def check_same_optimizer_layout(saved: Dict[str, Any], current: Dict[str, Any], 
         same = {"fp32": "fp32 or bf16-mixed", "bf16": "bf16", "fp16": "fp16"}[dtypes[0]]
         diffs.append(f"weights: checkpoint {dtypes[0]} vs config {dtypes[1]} (use run.precision={same})")
     if diffs:
-        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load:\n  "
-                            + "\n  ".join(diffs) + "\nresume with the checkpoint's settings, or start a new run "
+        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load "
+                            f"({'; '.join(diffs)}); resume with the checkpoint's settings, or start a new run "
                             "(--resume none or another --output-dir)")
 
 
