@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,25 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
         _build([Source("x", str(tmp_path / "missing"))], tmp_path / "o2")
     with pytest.raises(BuildError, match="unique"):
         _build([Source("x", str(folders[0])), Source("x", str(folders[1]))], tmp_path / "o3")
+
+
+def test_show_names_a_shard_it_cannot_read(folders, tmp_path, capsys):
+    """show is how a remote spec is tried before training: a failing reader or a damaged shard is one line."""
+    out = tmp_path / "out"
+    assert cli(["build", f"cls={folders[0]}", "--out", str(out), "--shard-size", "1MB", "--no-progress"]) == 0
+    good = out / read_manifest(out)["shards"][0]["name"]
+    (tmp_path / "s-0.tar").write_bytes(good.read_bytes())
+    (tmp_path / "s-1.tar").write_bytes(good.read_bytes()[:3000])  # cut inside its first member
+    capsys.readouterr()
+    assert cli(["show", str(tmp_path / "s-{0..1}.tar"), "-n", "1000"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == read_manifest(out)["shards"][0]["samples"]  # the good shard first
+    assert captured.err == (f"error: cannot read {tmp_path / 's-1.tar'}: unexpected end of data; it may be damaged "
+                            f"or not a tar file (`python -m gfm_fast.data verify` checks a build)\n")
+    assert cli(["show", "pipe:exit 3", "-n", "1"]) == 2
+    # webdataset sees the reader's exit status, or first its empty output: either way, one line
+    assert re.fullmatch(r"error: cannot read pipe:exit 3: (its reader command exited with status 3|empty file); "
+                        r"run the command yourself to see its error\n", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [
