@@ -19,7 +19,7 @@ Resumable: images are processed in chunks of ``--chunk-size``, each written atom
 interruption (Ctrl-C, a killed job, an unreadable file fixed since) skips the finished chunks
 without decoding or running their images. The parts are joined into the output at the end (via a
 temporary file, renamed into place) and removed. Corrupt samples in shards are skipped and counted;
-an unreadable file in a directory stops the run, naming the file.
+an unreadable file in a directory, or a shard that cannot be read, stops the run, naming it.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _shard_items(spec: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[s
     import webdataset as wds
 
     from gfm_fast.data.decode import CorruptSample, EncodedImage, find_image, to_unit_scale
-    from gfm_fast.data.shards import resolve_shards
+    from gfm_fast.data.shards import SHARD_READ_ERRORS, resolve_shards, unreadable_shard
 
     try:
         shards = resolve_shards(spec)
@@ -93,9 +93,14 @@ def _shard_items(spec: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[s
         except CorruptSample:
             return None
 
-    samples = wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
+    def samples() -> Iterator[Dict[str, Any]]:
+        try:
+            yield from wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
+        except SHARD_READ_ERRORS as exc:  # unreachable, truncated, not a tar: stop (finished chunks are kept)
+            raise FeatureFileError(unreadable_shard(exc)) from None
+
     count = sum(shards.source_counts.values()) if shards.source_counts else None
-    return count, ((s["__key__"], lambda s=s: load(s)) for s in samples)
+    return count, ((s["__key__"], lambda s=s: load(s)) for s in samples())
 
 
 def _items(data: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[str, Loader]]]:

@@ -134,6 +134,19 @@ def test_shards_with_resize(tmp_path, model):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)  # JPEG decoders may differ by a unit
 
 
+def test_a_damaged_shard_stops_the_run_in_one_line_keeping_finished_chunks(tmp_path, model, capsys):
+    first = sorted(SAMPLE_SHARDS.glob("*.tar"))[0]
+    (tmp_path / "s-0.tar").write_bytes(first.read_bytes())
+    (tmp_path / "s-1.tar").write_bytes(first.read_bytes()[:3000])  # cut inside its first member
+    out = tmp_path / "f.npy"
+    args = ["--model", str(model), "--data", str(tmp_path / "s-{0..1}.tar"), "--out", str(out), "--image-size", "64",
+            "--chunk-size", "2", "--no-progress"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (f"error: cannot read {tmp_path / 's-1.tar'}: unexpected end of data; it may be "
+                                       f"damaged or not a tar file (`python -m gfm_fast.data verify` checks a build)\n")
+    assert (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").is_file() and not out.exists()
+
+
 def test_errors_are_one_line(tmp_path, model, capsys):
     write_images(tmp_path / "data", count=2)
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.csv")]) == 1

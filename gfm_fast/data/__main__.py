@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import tarfile
 from typing import Dict, List, Optional
 
 from gfm_fast.errors import GFMError, ShardError
@@ -67,7 +65,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import webdataset as wds
 
-    from gfm_fast.data.shards import resolve_shards
+    from gfm_fast.data.shards import SHARD_READ_ERRORS, resolve_shards, unreadable_shard
 
     urls = resolve_shards(args.spec).urls
     dataset = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())  # in order, no shuffle
@@ -78,28 +76,10 @@ def _show(args: argparse.Namespace) -> int:
             meta = json.loads(sample["json"]) if "json" in sample else {}
             files = {k: len(v) for k, v in sample.items() if not k.startswith("__") and k != "json"}
             print(sample["__key__"], files, meta)
-    except (OSError, tarfile.TarError, ValueError) as exc:  # show is how a remote spec is tried: say why
-        raise ShardError(_unreadable_shard(exc)) from None
+    except SHARD_READ_ERRORS as exc:  # show is how a remote spec is tried: say why
+        raise ShardError(unreadable_shard(exc)) from None
     return 0
 
-
-def _unreadable_shard(exc: Exception) -> str:
-    """One line for a shard webdataset could not open or read (it appends the shard's URL to ``exc.args``)."""
-    url = exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else "a shard"
-    detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    status = re.search(r": exit (\d+) \(read\)", detail)  # webdataset's Pipe: the reader command failed
-    if status:
-        detail = f"its reader command exited with status {status.group(1)}"
-    detail = re.sub(r" @ <.*>$", "", detail)  # tarfile's message names the stream object, not the file
-    if "aws s3" in url or url.startswith("s3://"):
-        hint = "the AWS CLI must be installed and have credentials (try `aws s3 ls` on the path)"
-    elif url.startswith(("http://", "https://")):
-        hint = "curl must be installed and reach the server (try `curl -fI` on the URL)"
-    elif url.startswith("pipe:"):
-        hint = "run the command yourself to see its error"
-    else:
-        hint = "it may be damaged or not a tar file (`python -m gfm_fast.data verify` checks a build)"
-    return f"cannot read {url}: {detail}; {hint}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
