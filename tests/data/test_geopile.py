@@ -158,6 +158,7 @@ def test_corrupt_sources_are_reported_counted_and_skipped(tmp_path, capsys):
     reasons = {f["path"]: f["reason"] for f in manifest["failures"]}
     assert set(reasons) == {"bad/truncated.jpg", "bad/empty.jpg", "bad/text.png", "bad/scene.tif", "geo/broken.tif"}
     assert "empty file" in reasons["bad/empty.jpg"] and "truncated" in reasons["bad/truncated.jpg"]
+    assert reasons["bad/text.png"] == "UnidentifiedImageError: cannot identify image file"  # no object address
     assert manifest["sources"]["bad"]["failures"] == 4 and manifest["sources"]["geo"]["failures"] == 1
     printed = capsys.readouterr().out
     assert "5 unreadable or corrupt file(s) were skipped" in printed and "bad/text.png" in printed
