@@ -262,6 +262,7 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
     Returns:
         ``(out, number of rows)``.
     """
+    from gfm_fast.features import check_device
     from gfm_fast.models.io import load_model
 
     out_path = Path(out)
@@ -277,7 +278,7 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
     if image_size is not None and (image_size <= 0 or image_size % stride):
         raise FeatureFileError(f"--image-size {image_size} is not a positive multiple of {stride} (the model's total "
                                f"stride); e.g. --image-size {max(stride, image_size // stride * stride)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mean_std = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (config.mean, config.std))
     count, items = _items(data, config.swin.in_chans)
     parts = _open_parts(out_path, settings)

@@ -162,6 +162,8 @@ def test_errors_are_one_line(tmp_path, model, capsys):
     assert capsys.readouterr().err == ("error: --image-size 200 is not a positive multiple of 32 (the model's total "
                                        "stride); e.g. --image-size 192\n")
     assert not (tmp_path / "g.npy.parts").exists()
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "gpu"]) == 1
+    assert capsys.readouterr().err == "error: device 'gpu' is not a device name; use 'cpu', 'cuda' or 'cuda:N'\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),
