@@ -355,6 +355,16 @@ def test_cli_rejects_an_unknown_source_weight_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_rejects_an_output_dir_it_cannot_make_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path / "a_file" / "run")],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: run.output_dir (--output-dir) {tmp_path / 'a_file' / 'run'}: {tmp_path / 'a_file'} is "
+                    f"a file, not a directory; choose another one")
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)

@@ -86,8 +86,11 @@ def check_paths(cfg: TrainConfig) -> None:
     Shards: the pattern names at least one existing local file (or remote URLs), and the first
     local one is a tar archive (later unreadable shards count as failed shards while training).
     ``data.source_weights`` names sources of the build's manifest. An explicit ``--resume PATH``
-    holds a complete checkpoint.
+    holds a complete checkpoint. The output directory can be made and written (it is not made here).
     """
+    problem = _output_dir_problem(Path(cfg.run.output_dir))
+    if problem:
+        raise ConfigError(f"run.output_dir (--output-dir) {cfg.run.output_dir}: {problem}; choose another one")
     if cfg.run.resume not in (None, "none", "auto"):
         from gfm_fast.training.checkpoints import resolve_resume
 
@@ -115,6 +118,18 @@ def check_paths(cfg: TrainConfig) -> None:
     if first is not None and not tarfile.is_tarfile(first):
         raise ConfigError(f"data.shards (--data): {first} is not a tar archive; pass WebDataset .tar shards (a brace "
                           f"pattern, URLs, or a directory written by `python -m gfm_fast.data build`)")
+
+
+def _output_dir_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot become the run directory, or None; its nearest existing ancestor decides."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def resume_command(output_dir: Path, world_size: int, under_srun: bool = False) -> str:
