@@ -25,7 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gfm_fast.errors import GFMError
+from gfm_fast.errors import GFMError, os_error_message
 
 __all__ = ["export_model", "ExportResult", "FORMATS", "TOLERANCE"]
 
@@ -194,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(export_model(args.model, args.out, format=fmt, image_size=args.image_size, stages=args.stages).summary())
     except (GFMError, ValueError) as exc:  # ValueError: bad stages / model arguments, named in the message
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out where nothing can be written
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     return 0
 

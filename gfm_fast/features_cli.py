@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import gfm_fast
-from gfm_fast.errors import GFMError
+from gfm_fast.errors import GFMError, os_error_message
 
 __all__ = ["write_feature_file", "FeatureFileError", "main"]
 
@@ -329,6 +329,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                            image_size=args.image_size, device=args.device, progress=not args.no_progress)
     except GFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out where nothing can be written, an unreadable input file
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: finished chunks are kept in {args.out}{PARTS_SUFFIX}; run the same command to resume",

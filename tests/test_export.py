@@ -71,6 +71,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert err.startswith("error: --image-size 70 is not a positive multiple of 32") and err.count("\n") == 1
     assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt2")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["--model", str(model), "--out", str(tmp_path / "a_file" / "x.pt2")]) == 1
+    assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file'}': a file is in the way of a folder "
+                                       f"on that path\n")
 
 
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])

@@ -164,6 +164,11 @@ def test_errors_are_one_line(tmp_path, model, capsys):
     assert not (tmp_path / "g.npy.parts").exists()
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "gpu"]) == 1
     assert capsys.readouterr().err == "error: device 'gpu' is not a device name; use 'cpu', 'cuda' or 'cuda:N'\n"
+    (tmp_path / "a_file").write_text("")
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "a_file" / "f.npy"),
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file' / 'f.npy.parts'}': a file is in "
+                                       f"the way of a folder on that path\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),

@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from gfm_fast.errors import GFMError, ShardError
+from gfm_fast.errors import GFMError, ShardError, os_error_message
 
 
 def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
@@ -124,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except GFMError as exn:  # the message names the problem and the fix: no traceback
         print(f"error: {exn}", file=sys.stderr)
+        return 2
+    except OSError as exn:  # --out where nothing can be written
+        print(f"error: {os_error_message(exn)}", file=sys.stderr)
         return 2
 
 

@@ -270,6 +270,11 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
     assert "unknown source(s) ['nope']" in capsys.readouterr().err
     os.remove(out / manifest["shards"][0]["name"])
     assert cli(["verify", str(out)]) == 1
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert cli(["build", f"a={folders[1]}", "--out", str(tmp_path / "a_file" / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file' / 'out'}': a file is in the way "
+                                       f"of a folder on that path\n")
     assert parse_size("1GB") == 10**9 and parse_size("300KiB") == 307200 and parse_size("5e3") == 5000
     assert parse_gsd("0.3") == 0.3 and parse_gsd("0.1-10") == (0.1, 10.0)
     with pytest.raises(BuildError, match="cannot read size"):
