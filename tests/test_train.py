@@ -365,6 +365,17 @@ def test_cli_rejects_an_output_dir_it_cannot_make_before_any_work(tmp_path):
                     f"a file, not a directory; choose another one")
 
 
+def test_cli_rejects_a_missing_eval_set_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.eval_every=2", f"run.eval_data={tmp_path / 'nope'}",
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: run.eval_data {tmp_path / 'nope'} does not exist; pass a labelled folder "
+                    f"(root/<class>/<image>) or shards, or run.eval_every=0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)

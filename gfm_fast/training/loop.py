@@ -87,10 +87,15 @@ def check_paths(cfg: TrainConfig) -> None:
     local one is a tar archive (later unreadable shards count as failed shards while training).
     ``data.source_weights`` names sources of the build's manifest. An explicit ``--resume PATH``
     holds a complete checkpoint. The output directory can be made and written (it is not made here).
+    A local ``run.eval_data`` exists (its contents are listed when the run starts).
     """
     problem = _output_dir_problem(Path(cfg.run.output_dir))
     if problem:
         raise ConfigError(f"run.output_dir (--output-dir) {cfg.run.output_dir}: {problem}; choose another one")
+    eval_data = cfg.run.eval_data if cfg.run.eval_every > 0 else None
+    if eval_data and not _is_remote(eval_data) and not Path(os.path.expanduser(eval_data)).exists():
+        raise ConfigError(f"run.eval_data {eval_data} does not exist; pass a labelled folder (root/<class>/<image>) "
+                          f"or shards, or run.eval_every=0")
     if cfg.run.resume not in (None, "none", "auto"):
         from gfm_fast.training.checkpoints import resolve_resume
 
@@ -118,6 +123,11 @@ def check_paths(cfg: TrainConfig) -> None:
     if first is not None and not tarfile.is_tarfile(first):
         raise ConfigError(f"data.shards (--data): {first} is not a tar archive; pass WebDataset .tar shards (a brace "
                           f"pattern, URLs, or a directory written by `python -m gfm_fast.data build`)")
+
+
+def _is_remote(spec: str) -> bool:
+    """A shard spec that names no local path (a brace pattern, URLs, a pipe: command)."""
+    return "{" in spec or "://" in spec or spec.startswith("pipe:")
 
 
 def _output_dir_problem(path: Path) -> Optional[str]:
@@ -296,9 +306,12 @@ def _open_eval_set(cfg: TrainConfig):
     """The labelled set of ``run.eval_data``, listed once (None when ``run.eval_every`` is 0)."""
     if cfg.run.eval_every <= 0:
         return None
-    from gfm_fast.eval import open_dataset
+    from gfm_fast.eval import EvalError, open_dataset
 
-    return open_dataset(cfg.run.eval_data)
+    try:
+        return open_dataset(cfg.run.eval_data)
+    except EvalError as exc:  # its messages name the eval CLI's --data: say which key this is
+        raise ConfigError(f"run.eval_data (the k-NN set of run.eval_every): {exc}") from None
 
 
 def _knn_eval(pretrainer, eval_set, zero_stage: int, is_main: bool) -> Dict[str, float]:
