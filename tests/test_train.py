@@ -376,6 +376,16 @@ def test_cli_rejects_a_missing_eval_set_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_prints_a_backend_this_device_lacks_in_one_line(tmp_path):
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)  # the interpreter would run the Triton kernels on CPU
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "model.ops_backend=triton", "--output-dir",
+                           str(tmp_path / "run"), "run.max_steps=1", *TEST_MODEL], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: masked_patch_embed: backend='triton' needs a CUDA")
+
+
 def test_cli_rejects_a_bad_config_before_any_work():
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.max_stepz=3"], capture_output=True, text=True,
                           env=_env(), timeout=120)
