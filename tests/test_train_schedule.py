@@ -78,6 +78,18 @@ def test_shipped_configs_load_and_validate():
         resolve_config_path("no_such_config")
 
 
+def test_shipped_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root: configs/ is not here
+    expected = Path(resolve_config_path("tiny")).resolve()
+    for spelling in ("configs/tiny.yaml", "configs/tiny", "tiny.yaml"):
+        assert Path(resolve_config_path(spelling)).resolve() == expected, spelling
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("run: {max_steps: 3}\n")  # a local file wins
+    assert resolve_config_path("configs/tiny.yaml") == "configs/tiny.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config_path("other/tiny.yaml")
+
+
 def test_resume_picks_newest_complete_checkpoint(tmp_path):
     ckpts = Checkpoints(tmp_path, keep_last=2)
     for step, complete in ((10, True), (20, True), (30, False)):  # step 30: an interrupted save

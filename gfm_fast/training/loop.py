@@ -50,12 +50,16 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 def resolve_config_path(path: Optional[str]) -> Optional[str]:
-    """A config path as given, or a bare name looked up in the shipped configs/ directory."""
+    """A config path as given, or a shipped config by name (``tiny``, ``tiny.yaml``) or by its path in
+    the repository (``configs/tiny.yaml``, as the docs write it) from any working directory."""
     if path is None:
         return str(CONFIG_DIR / DEFAULT_CONFIG)
     if os.path.exists(path):
         return path
-    for shipped in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+    relative = Path(path)
+    if relative.parent == Path(CONFIG_DIR.name):
+        relative = Path(relative.name)
+    for shipped in (CONFIG_DIR / relative, CONFIG_DIR / f"{relative}.yaml"):
         if shipped.exists():
             return str(shipped)
     raise ConfigError(f"config file {path} does not exist (nor in {CONFIG_DIR}); "
