@@ -190,3 +190,16 @@ def test_a_second_ctrl_c_stops_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         stop.restore()
+
+
+def test_the_resume_command_runs_from_the_directory_it_is_printed_in(tmp_path, monkeypatch):
+    import gfm_fast
+    from gfm_fast.training.loop import resume_command
+
+    repo = Path(gfm_fast.__file__).parents[1]
+    monkeypatch.chdir(repo)
+    config = (tmp_path / "run" / "config.yaml").resolve()
+    assert resume_command(tmp_path / "run", 1) == f"python gfm_fast/train.py --config {config} --resume auto"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the script's own path
+    assert resume_command(tmp_path / "run", 2, under_srun=True) == (
+        f"srun python {repo.resolve() / 'gfm_fast' / 'train.py'} --config {config} --resume auto")

@@ -149,7 +149,12 @@ def _output_dir_problem(path: Path) -> Optional[str]:
 def resume_command(output_dir: Path, world_size: int, under_srun: bool = False) -> str:
     """The command that continues this run from its newest checkpoint: its effective config, --resume auto."""
     config = shlex.quote(str(Path(output_dir).resolve() / run_dir.RUN_CONFIG_FILE))
-    args = f"gfm_fast/train.py --config {config} --resume auto"
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    try:  # as the docs write it from the repository root; from anywhere else, where it is
+        script = script.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    args = f"{shlex.quote(str(script))} --config {config} --resume auto"
     if world_size == 1:
         return f"python {args}"
     if under_srun:
