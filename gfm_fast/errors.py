@@ -8,7 +8,7 @@ code that caught those keeps working.
 from __future__ import annotations
 
 __all__ = ["GFMError", "ConfigError", "CheckpointError", "ManifestError", "BuildError", "TooManyFailures",
-           "TrainingError", "ShardError"]
+           "TrainingError", "ShardError", "os_error_message"]
 
 
 class GFMError(Exception):
@@ -41,3 +41,13 @@ class TrainingError(GFMError, RuntimeError):
 
 class ShardError(GFMError, FileNotFoundError):
     """The loader's shards do not exist or are not tar files; the message names the path."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file the OS refused (a CLI's output under a file, no permission, a full disk)."""
+    if exc.filename is None:
+        return str(exc)
+    where = repr(str(exc.filename))
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return f"cannot create {where}: a file is in the way of a folder on that path"
+    return f"cannot use {where}: {exc.strerror}"

@@ -15,6 +15,7 @@ largest eager value; it fails above 1e-4.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gfm_fast.errors import GFMError
+from gfm_fast.errors import GFMError, os_error_message
 
 __all__ = ["export_model", "ExportResult", "FORMATS", "TOLERANCE"]
 
 FORMATS = ("onnx", "pt2")
 TOLERANCE = 1e-4  # largest |exported - eager| / max |eager|
 CHECK_BATCH = 3  # differs from the example batch (2), so the dynamic batch is exercised
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the [export] extra: exporter, its IR, the check
 METADATA_FILE = "gfm_fast.json"  # pt2 extra file; ONNX metadata_props keys are the same JSON's keys
 
 
@@ -76,11 +78,17 @@ def _metadata(config: Any, size: int, stages: Optional[List[int]]) -> dict:
             "input": "normalised float32 (B, C, H, W): pixels in [0, 1], then (x - mean) / std"}
 
 
+def _require_onnx_packages() -> None:
+    """Before any work: torch's exporter imports onnxscript deep inside, and the check needs onnxruntime."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {', '.join(ONNX_PACKAGES)} ({', '.join(missing)} not installed): "
+                          f"pip install 'gfm_fast[export]'")
+
+
 def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, names: List[str], meta: dict) -> None:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'gfm_fast[export]'") from exc
+    import onnx
+
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=names,
                                 dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False)
@@ -91,10 +99,8 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, names: Lis
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> Tuple[List[torch.Tensor], str]:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError("checking an ONNX file needs onnxruntime: pip install 'gfm_fast[export]'") from exc
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     return [torch.from_numpy(o) for o in outputs], f"ONNX Runtime {onnxruntime.__version__} (CPU)"
@@ -136,6 +142,8 @@ def export_model(model_or_path: Any, out: Any, *, format: str = "onnx", image_si
 
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        _require_onnx_packages()
     encoder = load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     encoder = encoder.float().cpu().eval()
     config = encoder_config_of(encoder)
@@ -186,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(export_model(args.model, args.out, format=fmt, image_size=args.image_size, stages=args.stages).summary())
     except (GFMError, ValueError) as exc:  # ValueError: bad stages / model arguments, named in the message
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out where nothing can be written
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -29,11 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gfm_fast.data.decode import BandMismatch, CorruptSample, decode_image, full_scale
+from gfm_fast.errors import ConfigError
 from gfm_fast.models.io import load_model
 from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 from gfm_fast.models.swin import allow_any_input_size, encoder_config_of
 
-__all__ = ["extract_features", "read_image", "IMAGE_SUFFIXES"]
+__all__ = ["extract_features", "read_image", "check_device", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 INTEGER_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # divisor to reach [0, 1]
@@ -155,9 +156,14 @@ def _check_finite(data: torch.Tensor, what: Callable[[int], str]) -> None:
 
 
 def _list_images(directory: Path) -> List[Path]:
+    """The directory's own image files, sorted (not its subfolders: their layout is the caller's to choose)."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in directory {directory}")
+        hint = ""
+        if any(p.is_dir() for p in directory.iterdir()):
+            hint = (f" (subfolders are not searched: pass a list of files, e.g. "
+                    f"sorted(Path({str(directory)!r}).rglob('*.png')), or use python -m gfm_fast.features)")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in directory {directory}{hint}")
     return files
 
 
@@ -269,6 +275,26 @@ def _stage_indices(stages: Optional[Sequence[int]], num_stages: int) -> Optional
     return sorted(set(int(stage) for stage in picked))
 
 
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """``torch.device(device)``, refusing a name torch does not know or a CUDA device this machine
+    lacks in one line (torch would fail later, in the first copy, with a driver message).
+
+    Raises:
+        ConfigError: the device name and what is available instead.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {str(device)!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            have = "no CUDA device" if count == 0 else f"{count} CUDA device(s)"
+            raise ConfigError(f"device {str(device)!r} is not available: this machine has {have}; use 'cpu'"
+                              f"{'' if count == 0 else ' or cuda:0'}")
+    return resolved
+
+
 def _default_device(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -312,7 +338,7 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
     picked = _stage_indices(stages, encoder.num_stages)
     module = encoder.module
     if device is not None:
-        device = torch.device(device)
+        device = check_device(device)
     elif isinstance(model_or_path, (str, os.PathLike)):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -19,7 +19,7 @@ Resumable: images are processed in chunks of ``--chunk-size``, each written atom
 interruption (Ctrl-C, a killed job, an unreadable file fixed since) skips the finished chunks
 without decoding or running their images. The parts are joined into the output at the end (via a
 temporary file, renamed into place) and removed. Corrupt samples in shards are skipped and counted;
-an unreadable file in a directory stops the run, naming the file.
+an unreadable file in a directory, or a shard that cannot be read, stops the run, naming it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import gfm_fast
-from gfm_fast.errors import GFMError
+from gfm_fast.errors import GFMError, os_error_message
 
 __all__ = ["write_feature_file", "FeatureFileError", "main"]
 
@@ -78,7 +78,7 @@ def _shard_items(spec: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[s
     import webdataset as wds
 
     from gfm_fast.data.decode import CorruptSample, EncodedImage, find_image, to_unit_scale
-    from gfm_fast.data.shards import resolve_shards
+    from gfm_fast.data.shards import SHARD_READ_ERRORS, resolve_shards, unreadable_shard
 
     try:
         shards = resolve_shards(spec)
@@ -93,9 +93,14 @@ def _shard_items(spec: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[s
         except CorruptSample:
             return None
 
-    samples = wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
+    def samples() -> Iterator[Dict[str, Any]]:
+        try:
+            yield from wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
+        except SHARD_READ_ERRORS as exc:  # unreachable, truncated, not a tar: stop (finished chunks are kept)
+            raise FeatureFileError(unreadable_shard(exc)) from None
+
     count = sum(shards.source_counts.values()) if shards.source_counts else None
-    return count, ((s["__key__"], lambda s=s: load(s)) for s in samples)
+    return count, ((s["__key__"], lambda s=s: load(s)) for s in samples())
 
 
 def _items(data: str, chans: int) -> Tuple[Optional[int], Iterator[Tuple[str, Loader]]]:
@@ -252,11 +257,12 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
         image_size: resize every image to this square size first (default: as stored; sizes must
             then be multiples of 32).
         device: default CUDA when available.
-        progress: show a progress bar.
+        progress: show a progress bar (the closing summary line is printed either way).
 
     Returns:
         ``(out, number of rows)``.
     """
+    from gfm_fast.features import check_device
     from gfm_fast.models.io import load_model
 
     out_path = Path(out)
@@ -268,7 +274,11 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
                 "image_size": image_size}
     encoder = load_model(model)
     config = encoder.gfm_config
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stride = config.swin.total_stride
+    if image_size is not None and (image_size <= 0 or image_size % stride):
+        raise FeatureFileError(f"--image-size {image_size} is not a positive multiple of {stride} (the model's total "
+                               f"stride); e.g. --image-size {max(stride, image_size // stride * stride)}")
+    device = check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mean_std = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (config.mean, config.std))
     count, items = _items(data, config.swin.in_chans)
     parts = _open_parts(out_path, settings)
@@ -295,11 +305,10 @@ def write_feature_file(model: str, data: str, out: str, *, batch_size: int = 64,
                     "mean": list(config.mean), "std": list(config.std), "gfm_fast_version": gfm_fast.__version__}
         rows = _write_parquet(parts, chunks, out_path, encoder.num_features, metadata)
     shutil.rmtree(parts)
-    if progress:
-        note = f", {done} from finished chunks of an earlier run" if done else ""
-        skipped = f", {corrupt} corrupt samples skipped" if corrupt else ""
-        beside = f" and {out_path.name[:-4]}{IDS_SUFFIX}" if out_path.suffix == ".npy" else ""
-        print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}){beside}", file=sys.stderr)
+    note = f", {done} from finished chunks of an earlier run" if done else ""
+    skipped = f", {corrupt} corrupt samples skipped" if corrupt else ""
+    beside = f" and {out_path.name[:-4]}{IDS_SUFFIX}" if out_path.suffix == ".npy" else ""
+    print(f"wrote {out_path} ({rows} x {encoder.num_features} float32{note}{skipped}){beside}", file=sys.stderr)
     return out_path, rows
 
 
@@ -320,6 +329,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                            image_size=args.image_size, device=args.device, progress=not args.no_progress)
     except GFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out where nothing can be written, an unreadable input file
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: finished chunks are kept in {args.out}{PARTS_SUFFIX}; run the same command to resume",

@@ -401,11 +401,13 @@ def test_cli_writes_json_markdown_and_png(scenes, tiny_model, tmp_path, capsys):
     assert "top1" in printed and "tiny" in printed and str(out) in printed
 
 
-@pytest.mark.parametrize("case", ["empty", "folds", "stage", "model"])
+@pytest.mark.parametrize("case", ["empty", "folds", "stage", "model", "device", "json"])
 def test_cli_bad_input_is_one_line_exit_2(case, scenes, tmp_path, tiny_model, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
     args = {"empty": ["--data", str(tmp_path / "empty")], "folds": ["--folds", "1"], "stage": ["--stage", "-5"],
-            "model": ["--model", str(tmp_path / "empty")]}[case]
+            "model": ["--model", str(tmp_path / "empty")], "device": ["--device", "gpu"],
+            "json": ["--json", str(tmp_path / "a_file" / "eval.json")]}[case]
     code = main(["--model", str(tiny_model), "--data", str(scenes), "--no-progress", "--no-cache"] + args)
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error: ") and error.count("\n") == 1 and "Traceback" not in error

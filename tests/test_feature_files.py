@@ -97,6 +97,9 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     monkeypatch.setattr(gfm_fast.features, "read_image", lambda path, *args: read.append(Path(path)) or original(path, *args))
     assert main(args) == 0
     assert read == files[3:]  # the first chunk's images are neither decoded nor run again
+    beside = " and feats.ids.txt" if suffix == ".npy" else ""  # the summary, --no-progress or not
+    assert capsys.readouterr().err == (f"wrote {out} ({len(files)} x 128 float32, 3 from finished chunks of an "
+                                       f"earlier run){beside}\n")
     features, ids = read_output(out)
     assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
     np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
@@ -131,6 +134,19 @@ def test_shards_with_resize(tmp_path, model):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)  # JPEG decoders may differ by a unit
 
 
+def test_a_damaged_shard_stops_the_run_in_one_line_keeping_finished_chunks(tmp_path, model, capsys):
+    first = sorted(SAMPLE_SHARDS.glob("*.tar"))[0]
+    (tmp_path / "s-0.tar").write_bytes(first.read_bytes())
+    (tmp_path / "s-1.tar").write_bytes(first.read_bytes()[:3000])  # cut inside its first member
+    out = tmp_path / "f.npy"
+    args = ["--model", str(model), "--data", str(tmp_path / "s-{0..1}.tar"), "--out", str(out), "--image-size", "64",
+            "--chunk-size", "2", "--no-progress"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (f"error: cannot read {tmp_path / 's-1.tar'}: unexpected end of data; it may be "
+                                       f"damaged or not a tar file (`python -m gfm_fast.data verify` checks a build)\n")
+    assert (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").is_file() and not out.exists()
+
+
 def test_errors_are_one_line(tmp_path, model, capsys):
     write_images(tmp_path / "data", count=2)
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.csv")]) == 1
@@ -141,6 +157,18 @@ def test_errors_are_one_line(tmp_path, model, capsys):
     (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").write_text("[]")
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 1
     assert "other settings (chunk_size, data, model)" in capsys.readouterr().err
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "g.npy"),
+                 "--image-size", "200", "--no-progress"]) == 1
+    assert capsys.readouterr().err == ("error: --image-size 200 is not a positive multiple of 32 (the model's total "
+                                       "stride); e.g. --image-size 192\n")
+    assert not (tmp_path / "g.npy.parts").exists()
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "gpu"]) == 1
+    assert capsys.readouterr().err == "error: device 'gpu' is not a device name; use 'cpu', 'cuda' or 'cuda:N'\n"
+    (tmp_path / "a_file").write_text("")
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "a_file" / "f.npy"),
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file' / 'f.npy.parts'}': a file is in "
+                                       f"the way of a folder on that path\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),

@@ -10,6 +10,8 @@ from PIL import Image
 
 from gfm_fast import extract_features
 from gfm_fast.config import ModelConfig, SwinConfig
+from gfm_fast.errors import ConfigError
+from gfm_fast.features import check_device
 from gfm_fast.models.io import save_model
 from gfm_fast.models.pretrainer import GFMPretrainer
 from gfm_fast.models.swin import EncoderConfig, allow_any_input_size
@@ -241,12 +243,29 @@ def test_unreadable_and_missing_files_are_named(encoder, tmp_path):
         extract_features(encoder, [tmp_path / "missing.tif"])
 
 
+def test_devices_that_cannot_run_are_named(encoder, monkeypatch):
+    with pytest.raises(ConfigError, match="device 'gpu' is not a device name; use 'cpu', 'cuda' or 'cuda:N'"):
+        extract_features(encoder, torch.zeros(1, 3, 64, 64), device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(ConfigError, match="device 'cuda' is not available: this machine has no CUDA device"):
+        extract_features(encoder, torch.zeros(1, 3, 64, 64), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="device 'cuda:2' is not available: this machine has 2 CUDA device"):
+        check_device("cuda:2")
+    assert check_device("cuda:1") == torch.device("cuda", 1) and check_device("cpu") == torch.device("cpu")
+
+
 def test_empty_inputs(encoder, tmp_path):
     with pytest.raises(ValueError, match="empty list"):
         extract_features(encoder, [])
     with pytest.raises(ValueError, match="empty"):
         extract_features(encoder, torch.zeros(0, 3, 64, 64))
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no images") as error:
+        extract_features(encoder, tmp_path)
+    assert "subfolders" not in str(error.value)
+    (tmp_path / "class_a").mkdir()  # class folders: the message says they are not searched, and what to do
+    with pytest.raises(ValueError, match=r"no images .*\(subfolders are not searched: pass a list of files"):
         extract_features(encoder, tmp_path)
 
 

@@ -21,6 +21,6 @@ def test_knn_top1_is_logged_every_n_steps(tmp_path):
 
 def test_a_bad_eval_folder_fails_before_training(tmp_path):
     (tmp_path / "data" / "only_class").mkdir(parents=True)
-    with pytest.raises(GFMError, match="class"):
+    with pytest.raises(GFMError, match=r"^run.eval_data \(the k-NN set of run.eval_every\): .* no labelled images"):
         run_tiny(tmp_path / "run", "run.max_steps=2", "run.eval_every=1", f"run.eval_data={tmp_path / 'data'}")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -78,6 +78,18 @@ def test_shipped_configs_load_and_validate():
         resolve_config_path("no_such_config")
 
 
+def test_shipped_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root: configs/ is not here
+    expected = Path(resolve_config_path("tiny")).resolve()
+    for spelling in ("configs/tiny.yaml", "configs/tiny", "tiny.yaml"):
+        assert Path(resolve_config_path(spelling)).resolve() == expected, spelling
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("run: {max_steps: 3}\n")  # a local file wins
+    assert resolve_config_path("configs/tiny.yaml") == "configs/tiny.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config_path("other/tiny.yaml")
+
+
 def test_resume_picks_newest_complete_checkpoint(tmp_path):
     ckpts = Checkpoints(tmp_path, keep_last=2)
     for step, complete in ((10, True), (20, True), (30, False)):  # step 30: an interrupted save
@@ -101,8 +113,29 @@ def test_architecture_mismatch_is_named():
     a = {"student": {"embed_dim": 32}, "teacher": {"embed_dim": 32}, "mask_block": 32, "teacher_bands": [0, 1, 2]}
     b = {**a, "student": {"embed_dim": 64}}
     check_same_architecture(a, dict(a), Path("ckpt"))
-    with pytest.raises(TrainingError, match="model.student"):
+    with pytest.raises(TrainingError) as error:
         check_same_architecture(a, b, Path("ckpt"))
+    assert str(error.value) == ("checkpoint ckpt was trained with a different architecture (model.student.embed_dim: "
+                                "checkpoint 32 vs config 64); use the config it was trained with, or --resume none "
+                                "to start afresh")
+    c = {**a, "student": {"embed_dim": 32, "depths": [2, 2]}, "mask_block": 64}
+    with pytest.raises(TrainingError, match=r"\(model.student.depths: checkpoint None vs config \[2, 2\]; "
+                                            r"model.mask_block: checkpoint 32 vs config 64\)"):
+        check_same_architecture(a, c, Path("ckpt"))
+
+
+def test_optimizer_layout_mismatch_is_one_line():
+    from gfm_fast.training.checkpoints import check_same_optimizer_layout
+
+    fp32_zero0 = {"zero_optimization": {"stage": 0}}
+    check_same_optimizer_layout(fp32_zero0, {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}, Path("c"))
+    with pytest.raises(TrainingError) as error:
+        check_same_optimizer_layout(fp32_zero0, {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+                                    Path("c"))
+    assert str(error.value) == ("checkpoint c holds DeepSpeed optimizer state this run cannot load (ZeRO stage: "
+                                "checkpoint 0 vs config 1 (use run.zero_stage=0); weights: checkpoint fp32 vs config "
+                                "bf16 (use run.precision=fp32 or bf16-mixed)); resume with the checkpoint's settings, "
+                                "or start a new run (--resume none or another --output-dir)")
 
 
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
@@ -157,3 +190,16 @@ def test_a_second_ctrl_c_stops_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         stop.restore()
+
+
+def test_the_resume_command_runs_from_the_directory_it_is_printed_in(tmp_path, monkeypatch):
+    import gfm_fast
+    from gfm_fast.training.loop import resume_command
+
+    repo = Path(gfm_fast.__file__).parents[1]
+    monkeypatch.chdir(repo)
+    config = (tmp_path / "run" / "config.yaml").resolve()
+    assert resume_command(tmp_path / "run", 1) == f"python gfm_fast/train.py --config {config} --resume auto"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the script's own path
+    assert resume_command(tmp_path / "run", 2, under_srun=True) == (
+        f"srun python {repo.resolve() / 'gfm_fast' / 'train.py'} --config {config} --resume auto")

@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from gfm_fast.errors import GFMError
+from gfm_fast.errors import GFMError, ShardError, os_error_message
 
 
 def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
@@ -65,17 +65,21 @@ def _verify(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import webdataset as wds
 
-    from gfm_fast.data.shards import resolve_shards
+    from gfm_fast.data.shards import SHARD_READ_ERRORS, resolve_shards, unreadable_shard
 
     urls = resolve_shards(args.spec).urls
     dataset = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())  # in order, no shuffle
-    for i, sample in enumerate(dataset):
-        if i >= args.n:
-            break
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        files = {k: len(v) for k, v in sample.items() if not k.startswith("__") and k != "json"}
-        print(sample["__key__"], files, meta)
+    try:
+        for i, sample in enumerate(dataset):
+            if i >= args.n:
+                break
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            files = {k: len(v) for k, v in sample.items() if not k.startswith("__") and k != "json"}
+            print(sample["__key__"], files, meta)
+    except SHARD_READ_ERRORS as exc:  # show is how a remote spec is tried: say why
+        raise ShardError(unreadable_shard(exc)) from None
     return 0
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -120,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except GFMError as exn:  # the message names the problem and the fix: no traceback
         print(f"error: {exn}", file=sys.stderr)
+        return 2
+    except OSError as exn:  # --out where nothing can be written
+        print(f"error: {os_error_message(exn)}", file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from gfm_fast.data.build_scan import TAR_TAIL_BYTES, TIFF_SUFFIXES, BuildOptions, Item
-from gfm_fast.data.decode import decode_tiff
+from gfm_fast.data.decode import decode_tiff, error_message
 from gfm_fast.data.geotiff import TiffWindowReader, nodata_fraction
 from gfm_fast.data.manifest import write_json_atomic
 
@@ -247,7 +247,7 @@ def _write_item(tar, item: Item, task: ShardTask, scenes: _SceneCache, record: D
         record["skipped_nodata"][item.source] = record["skipped_nodata"].get(item.source, 0) + 1
         return
     except Exception as exn:  # unreadable/corrupt source file: report, count, never write, never fatal
-        record["failures"].append({"path": item.where, "reason": f"{type(exn).__name__}: {exn}"})
+        record["failures"].append({"path": item.where, "reason": f"{type(exn).__name__}: {error_message(exn)}"})
         return
     meta = {"source": item.source, "label": item.label, "gsd": task.gsd.get(item.source), "path": item.relpath,
             "format": ext, **info}

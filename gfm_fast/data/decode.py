@@ -27,6 +27,7 @@ None keeps the bands the rule gives):
 from __future__ import annotations
 
 import io
+import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -79,6 +80,12 @@ def find_image(sample: Dict[str, object]) -> Tuple[str, bytes]:
     raise CorruptSample(f"no image in sample (has {keys}, expected one of {list(IMAGE_EXTENSIONS)})")
 
 
+def error_message(exn: BaseException) -> str:
+    """``str(exn)`` without the in-memory stream Pillow names (``<_io.BytesIO object at 0x...>``): the
+    caller names the file, and a report (a build's manifest) stays the same from run to run."""
+    return re.sub(r" ?<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(exn))
+
+
 class EncodedImage:
     """A stored image opened lazily: its size is known before any pixel is decoded.
 
@@ -100,7 +107,7 @@ class EncodedImage:
         except CorruptSample:
             raise
         except Exception as exn:  # Pillow/tifffile raise many types for bad headers
-            raise CorruptSample(f"unreadable .{ext} header: {exn}") from None
+            raise CorruptSample(f"unreadable .{ext} header: {error_message(exn)}") from None
 
     @property
     def size(self) -> Tuple[int, int]:

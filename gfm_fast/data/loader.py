@@ -23,7 +23,7 @@ from gfm_fast.data.augment import normalization_affine
 from gfm_fast.data.failures import STAT_KEYS, DataWarning, new_stats
 from gfm_fast.data.pipeline import EpochStream, StreamPlan
 from gfm_fast.data.shards import acceptance_rates, resolve_shards
-from gfm_fast.errors import ConfigError
+from gfm_fast.errors import ConfigError, GFMError
 
 STATE_VERSION = 1
 
@@ -103,6 +103,8 @@ class GeoPileLoader:
             for images, meta in source:
                 self._advance(meta)
                 yield images
+        except GFMError as exc:  # raised in a worker: DataLoader put the worker's traceback in the message
+            raise _worker_message(exc) from None
         finally:
             self._fold_stats()
             # Stop the workers now: left to the garbage collector (an exception's traceback keeps
@@ -213,6 +215,16 @@ class GeoPileLoader:
                           "every rank's state_dict() to resume exactly", DataWarning)
             self._positions = [self._template.batch_size * _batches_before(self._batches, w, self._workers)
                                for w in range(self._workers)]
+
+
+def _worker_message(exc: GFMError) -> GFMError:
+    """``exc`` with its own one-line message again. A DataLoader re-raises a worker's exception as the same
+    type built from "Caught X in DataLoader worker N. Original Traceback ... module.X: <message>"."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return exc
+    return type(exc)(text.rsplit(marker, 1)[1].strip())
 
 
 def _batches_before(batches: int, worker: int, workers: int) -> int:

@@ -27,6 +27,8 @@ from gfm_fast.data.failures import DataWarning
 from gfm_fast.data.manifest import MANIFEST_NAME, read_manifest, shard_paths
 from gfm_fast.errors import ConfigError, ShardError
 
+SHARD_READ_ERRORS = (OSError, tarfile.TarError, ValueError)  # what webdataset raises for a shard it cannot read
+
 SAMPLE_SHARDS_DIR = Path(__file__).resolve().parent / "sample" / "shards"
 # Independent random streams per purpose, mixed into every seed.
 TAG_SHARDS, TAG_SELECT, TAG_SHUFFLE, TAG_AUGMENT = 1, 2, 3, 4
@@ -170,6 +172,25 @@ def _check_local_shards(shards: ShardSet) -> None:
     if problems:
         warnings.warn(f"{len(problems)} of {len(urls)} shards cannot be read (first: {problems[0]}); they will be "
                       "counted as failed shards", DataWarning)
+
+
+def unreadable_shard(exc: BaseException) -> str:
+    """One line for a shard webdataset could not open or read (it appends the shard's URL to ``exc.args``)."""
+    url = exc.args[-1] if len(exc.args) > 1 and isinstance(exc.args[-1], str) else "a shard"
+    detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    status = re.search(r": exit (\d+) \(read\)", detail)  # webdataset's Pipe: the reader command failed
+    if status:
+        detail = f"its reader command exited with status {status.group(1)}"
+    detail = re.sub(r" @ <.*>$", "", detail)  # tarfile's message names the stream object, not the file
+    if "aws s3" in url or url.startswith("s3://"):
+        hint = "the AWS CLI must be installed and have credentials (try `aws s3 ls` on the path)"
+    elif url.startswith(("http://", "https://")):
+        hint = "curl must be installed and reach the server (try `curl -fI` on the URL)"
+    elif url.startswith("pipe:"):
+        hint = "run the command yourself to see its error"
+    else:
+        hint = "it may be damaged or not a tar file (`python -m gfm_fast.data verify` checks a build)"
+    return f"cannot read {url}: {detail}; {hint}"
 
 
 def source_of(key: str) -> str:

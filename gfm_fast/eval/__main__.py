@@ -10,7 +10,9 @@ and one confusion-matrix PNG per model beside it. Errors in the input are one li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 
@@ -60,6 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from gfm_fast.eval.runner import evaluate
 
     try:
+        if args.json:  # before minutes of extraction, not after
+            _check_writable(args.json)
         report = evaluate(args.model, args.data, protocol=args.protocol, stage=args.stage,
                           image_size=args.image_size, folds=args.folds, seed=args.seed, k=args.k,
                           temperature=args.temperature, baseline_random=args.baseline_random, teacher=args.teacher,
@@ -70,9 +74,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(report.to_table(), end="")
     if args.json:
-        for path in report.write(args.json):
+        try:
+            written = report.write(args.json)
+        except OSError as exc:
+            print(f"error: --json {args.json}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+            return 2
+        for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """``--json``'s folder exists (made now) and takes files."""
+    from gfm_fast.eval.datasets import EvalError
+
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"--json {path}: cannot create its folder {folder} ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise EvalError(f"--json {path}: its folder {folder} is not writable")
 
 
 if __name__ == "__main__":

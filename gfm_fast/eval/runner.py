@@ -16,6 +16,7 @@ from gfm_fast.eval.protocols import (SMALL_SET, TEST_FRACTION, WEIGHT_DECAYS, Sp
                                      linear_probe_predict, macro_f1, majority_rate, stratified_folds, stratified_split,
                                      top1)
 from gfm_fast.eval.report import EvalReport, FoldResult, ModelResult, ProtocolResult
+from gfm_fast.features import check_device
 from gfm_fast.models.swin import encoder_config_of
 
 __all__ = ["evaluate", "knn_accuracy", "plan_splits", "PROTOCOLS"]
@@ -86,7 +87,7 @@ def run_protocol(name: str, features: torch.Tensor, labels: np.ndarray, splits: 
 
 def _default_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -208,6 +209,7 @@ def knn_accuracy(model: Any, data: Union[PathLike, LabelledImages], *, k: int = 
     parameter = next(evaluated.encoder.parameters(), None)
     if device is None:
         device = parameter.device if parameter is not None else torch.device("cpu")
+    device = check_device(device)
     batches = prepared_batches(dataset, evaluated.config, size, batch_size)
     features = compute_features(evaluated.encoder, batches, picked, torch.device(device))
     result = run_protocol("knn", features, dataset.labels, splits, len(dataset.classes), k=k,

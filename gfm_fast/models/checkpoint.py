@@ -124,7 +124,8 @@ def read_checkpoint(path: str) -> Any:
         return _load_tensors(path)
     except CheckpointError:
         raise
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError,
+            KeyError, IndexError) as exc:  # the last two: bytes that are not a pickle (e.g. a text file)
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt, truncated or not a PyTorch file?): "
                               f"{type(exc).__name__}: {exc}") from exc
 

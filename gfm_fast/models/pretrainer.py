@@ -7,13 +7,14 @@ DeepSpeed engine as its student (``forward(images, student=engine)``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from gfm_fast import ops
-from gfm_fast.config import ModelConfig
+from gfm_fast.config import ModelConfig, TrainConfig
+from gfm_fast.errors import ConfigError
 from gfm_fast.ops._common import check_float, check_mask_values
 from gfm_fast.masking import generate_block_mask
 from gfm_fast.models.attention import set_attention
@@ -147,7 +148,7 @@ class GFMPretrainer(nn.Module):
 
     Args:
         config: ``ModelConfig`` (default: GFM's Swin-B 192/window 6 student, Swin-B 224/window 7
-            teacher). Validated on construction.
+            teacher), or a ``TrainConfig`` (its ``model``). Validated on construction.
         teacher_state_dict: teacher weights already in memory (e.g. a GFM release's ``teacher.*``
             entries); used instead of ``config.teacher_weights``.
 
@@ -157,10 +158,15 @@ class GFMPretrainer(nn.Module):
         teacher: ``FrozenTeacher``.
     """
 
-    def __init__(self, config: Optional[ModelConfig] = None, *,
+    def __init__(self, config: Optional[Union[ModelConfig, TrainConfig]] = None, *,
                  teacher_state_dict: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         config = config if config is not None else ModelConfig()
+        if isinstance(config, TrainConfig):  # what gfm_fast.train and the YAML files hold
+            config = config.model
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(f"GFMPretrainer takes a ModelConfig or a TrainConfig, got {type(config).__name__}; "
+                              f"e.g. gfm_fast.config.load_config('configs/tiny.yaml').model")
         config.validate("model")
         self.config = config
         self.student = GFMStudent(config)

@@ -9,8 +9,9 @@ What the names add to timm's usual behaviour:
 
 * ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` reads anything ``gfm_fast.load_model``
   reads (GFM release, official / timm / mmseg Swin files, training runs, ``save_model`` directories,
-  3- or 12-band); the architecture and channel count come from the weights, mean/std from the file
-  when it has them, and ``pretrained_cfg`` carries them (``timm.data.resolve_data_config`` works).
+  3- or 12-band); the channel count comes from the weights, widths and depths from the name (or
+  ``embed_dim``/``depths``/``num_heads`` arguments; a file of others is an error naming them), mean/std
+  from the file when it has them, and ``pretrained_cfg`` carries them (``timm.data.resolve_data_config`` works).
 * ``features_only=True`` gives NCHW maps at strides 4/8/16/32, the last with the final norm, as
   ``gfm_fast.extract_features(..., stages=...)`` (timm's ``FeatureGetterNet`` over
   ``forward_intermediates``); ``out_indices`` picks stages.
@@ -62,11 +63,17 @@ def _load_pretrained(variant: str, file: Any, kwargs: Dict[str, Any]):
     encoder = load_model(file, img_size=kwargs.get("img_size", arch.img_size),
                          window_size=kwargs.get("window_size", arch.window_size), **overrides)
     saved = encoder.gfm_config.swin
-    wrong = [f"{k} {getattr(saved, k)} (the name has {getattr(arch, k)})" for k in _WEIGHT_FIELDS
-             if _as_tuple(getattr(saved, k)) != _as_tuple(kwargs.get(k, getattr(arch, k)))]
-    if wrong:
-        raise CheckpointError(f"{file} does not hold a {variant}: {', '.join(wrong)}. Create "
-                              f"{variant_name(saved)!r} instead, or use gfm_fast.load_model({str(file)!r})")
+    differ = [k for k in _WEIGHT_FIELDS if _as_tuple(getattr(saved, k)) != _as_tuple(kwargs.get(k, getattr(arch, k)))]
+    if differ:
+        wrong = ", ".join(f"{k} {getattr(saved, k)} (the name has {getattr(arch, k)})" for k in differ)
+        fitting = variant_name(saved)
+        if fitting in VARIANTS:
+            fix = f"create {fitting!r} instead"
+        else:  # no registered name fits: the name's builder takes the file's widths as arguments
+            args = ", ".join(f"{k}={_as_tuple(getattr(saved, k))}" for k in differ)
+            fix = f"pass them to timm.create_model({variant!r}, {args}, ...)"
+        raise CheckpointError(f"{file} does not hold a {variant}: {wrong}; {fix}, or use "
+                              f"gfm_fast.load_model({str(file)!r})")
     return encoder
 
 

@@ -16,6 +16,8 @@ from typing import Dict
 
 import torch
 
+from gfm_fast.errors import ConfigError, GFMError
+
 BACKENDS = ("auto", "reference", "cpp", "triton")
 OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
 ENV_BACKEND = "GFM_FAST_BACKEND"
@@ -32,8 +34,9 @@ GPU_PREFERENCE: Dict[str, str] = {
 }
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (not built, or wrong device)."""
+class BackendUnavailableError(GFMError, RuntimeError):
+    """The requested backend cannot run here (not built, or wrong device); a GFMError, so the CLIs
+    print it in one line (e.g. ``model.ops_backend=triton`` in a CPU run)."""
 
 
 _IMPORT_ERRORS: Dict[str, str] = {}
@@ -87,7 +90,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"{ENV_BACKEND}={backend!r} is not one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"{ENV_BACKEND}={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "cpp" if device.type == "cpu" else GPU_PREFERENCE[op]
     _check_can_serve(op, backend, device)

@@ -134,13 +134,20 @@ def resolve_resume(spec: Optional[str], checkpoints: Checkpoints) -> Optional[Pa
 
 
 def check_same_architecture(saved: Dict[str, Any], current: Dict[str, Any], where: Path) -> None:
-    """A checkpoint from another model config is a clear error naming what differs."""
-    keys = ("student", "teacher", "mask_block", "teacher_bands")
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-             for k in keys if saved.get(k) != current.get(k)]
+    """A checkpoint from another model config is a clear error naming each key that differs."""
+    diffs = [diff for key in ("student", "teacher", "mask_block", "teacher_bands")
+             for diff in _differences(f"model.{key}", saved.get(key), current.get(key))]
     if diffs:
-        raise TrainingError(f"checkpoint {where} was trained with a different architecture:\n  " + "\n  ".join(diffs) +
-                            "\nuse the config it was trained with, or --resume none to start afresh")
+        raise TrainingError(f"checkpoint {where} was trained with a different architecture ({'; '.join(diffs)}); "
+                            f"use the config it was trained with, or --resume none to start afresh")
+
+
+def _differences(key: str, saved: Any, current: Any) -> List[str]:
+    """``key: checkpoint X vs config Y`` for each differing value, per field of a section (``model.student``)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [diff for name in sorted(set(saved) | set(current))
+                for diff in _differences(f"{key}.{name}", saved.get(name), current.get(name))]
+    return [] if saved == current else [f"{key}: checkpoint {saved!r} vs config {current!r}"]
 
 
 def _weights_dtype(ds_config: Dict[str, Any]) -> str:
@@ -165,8 +172,8 @@ def check_same_optimizer_layout(saved: Dict[str, Any], current: Dict[str, Any], 
         same = {"fp32": "fp32 or bf16-mixed", "bf16": "bf16", "fp16": "fp16"}[dtypes[0]]
         diffs.append(f"weights: checkpoint {dtypes[0]} vs config {dtypes[1]} (use run.precision={same})")
     if diffs:
-        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load:\n  "
-                            + "\n  ".join(diffs) + "\nresume with the checkpoint's settings, or start a new run "
+        raise TrainingError(f"checkpoint {where} holds DeepSpeed optimizer state this run cannot load "
+                            f"({'; '.join(diffs)}); resume with the checkpoint's settings, or start a new run "
                             "(--resume none or another --output-dir)")
 
 

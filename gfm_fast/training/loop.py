@@ -50,12 +50,16 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 def resolve_config_path(path: Optional[str]) -> Optional[str]:
-    """A config path as given, or a bare name looked up in the shipped configs/ directory."""
+    """A config path as given, or a shipped config by name (``tiny``, ``tiny.yaml``) or by its path in
+    the repository (``configs/tiny.yaml``, as the docs write it) from any working directory."""
     if path is None:
         return str(CONFIG_DIR / DEFAULT_CONFIG)
     if os.path.exists(path):
         return path
-    for shipped in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+    relative = Path(path)
+    if relative.parent == Path(CONFIG_DIR.name):
+        relative = Path(relative.name)
+    for shipped in (CONFIG_DIR / relative, CONFIG_DIR / f"{relative}.yaml"):
         if shipped.exists():
             return str(shipped)
     raise ConfigError(f"config file {path} does not exist (nor in {CONFIG_DIR}); "
@@ -85,7 +89,24 @@ def check_paths(cfg: TrainConfig) -> None:
 
     Shards: the pattern names at least one existing local file (or remote URLs), and the first
     local one is a tar archive (later unreadable shards count as failed shards while training).
+    ``data.source_weights`` names sources of the build's manifest. An explicit ``--resume PATH``
+    holds a complete checkpoint. The output directory can be made and written (it is not made here).
+    A local ``run.eval_data`` exists (its contents are listed when the run starts).
     """
+    problem = _output_dir_problem(Path(cfg.run.output_dir))
+    if problem:
+        raise ConfigError(f"run.output_dir (--output-dir) {cfg.run.output_dir}: {problem}; choose another one")
+    eval_data = cfg.run.eval_data if cfg.run.eval_every > 0 else None
+    if eval_data and not _is_remote(eval_data) and not Path(os.path.expanduser(eval_data)).exists():
+        raise ConfigError(f"run.eval_data {eval_data} does not exist; pass a labelled folder (root/<class>/<image>) "
+                          f"or shards, or run.eval_every=0")
+    if cfg.run.resume not in (None, "none", "auto"):
+        from gfm_fast.training.checkpoints import resolve_resume
+
+        try:
+            resolve_resume(cfg.run.resume, checkpoints=None)  # a path: needs no checkpoints of this run
+        except TrainingError as exc:
+            raise ConfigError(str(exc)) from None
     weights = cfg.model.teacher_weights
     if weights is not None and not os.path.isfile(weights):
         raise ConfigError(f"model.teacher_weights: {weights} does not exist; pass --teacher-weights PATH (the "
@@ -99,16 +120,41 @@ def check_paths(cfg: TrainConfig) -> None:
         raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data.shards (--data): {exc}") from None
+    from gfm_fast.data.shards import acceptance_rates
+
+    acceptance_rates(cfg.data.source_weights, shards.source_counts)  # names the manifest lacks: ConfigError
     first = next((url for url in shards.urls if os.path.isfile(url)), None)
     if first is not None and not tarfile.is_tarfile(first):
         raise ConfigError(f"data.shards (--data): {first} is not a tar archive; pass WebDataset .tar shards (a brace "
                           f"pattern, URLs, or a directory written by `python -m gfm_fast.data build`)")
 
 
+def _is_remote(spec: str) -> bool:
+    """A shard spec that names no local path (a brace pattern, URLs, a pipe: command)."""
+    return "{" in spec or "://" in spec or spec.startswith("pipe:")
+
+
+def _output_dir_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot become the run directory, or None; its nearest existing ancestor decides."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def resume_command(output_dir: Path, world_size: int, under_srun: bool = False) -> str:
     """The command that continues this run from its newest checkpoint: its effective config, --resume auto."""
     config = shlex.quote(str(Path(output_dir).resolve() / run_dir.RUN_CONFIG_FILE))
-    args = f"gfm_fast/train.py --config {config} --resume auto"
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    try:  # as the docs write it from the repository root; from anywhere else, where it is
+        script = script.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    args = f"{shlex.quote(str(script))} --config {config} --resume auto"
     if world_size == 1:
         return f"python {args}"
     if under_srun:
@@ -269,9 +315,12 @@ def _open_eval_set(cfg: TrainConfig):
     """The labelled set of ``run.eval_data``, listed once (None when ``run.eval_every`` is 0)."""
     if cfg.run.eval_every <= 0:
         return None
-    from gfm_fast.eval import open_dataset
+    from gfm_fast.eval import EvalError, open_dataset
 
-    return open_dataset(cfg.run.eval_data)
+    try:
+        return open_dataset(cfg.run.eval_data)
+    except EvalError as exc:  # its messages name the eval CLI's --data: say which key this is
+        raise ConfigError(f"run.eval_data (the k-NN set of run.eval_every): {exc}") from None
 
 
 def _knn_eval(pretrainer, eval_set, zero_stage: int, is_main: bool) -> Dict[str, float]:

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,7 @@ def test_corrupt_sources_are_reported_counted_and_skipped(tmp_path, capsys):
     reasons = {f["path"]: f["reason"] for f in manifest["failures"]}
     assert set(reasons) == {"bad/truncated.jpg", "bad/empty.jpg", "bad/text.png", "bad/scene.tif", "geo/broken.tif"}
     assert "empty file" in reasons["bad/empty.jpg"] and "truncated" in reasons["bad/truncated.jpg"]
+    assert reasons["bad/text.png"] == "UnidentifiedImageError: cannot identify image file"  # no object address
     assert manifest["sources"]["bad"]["failures"] == 4 and manifest["sources"]["geo"]["failures"] == 1
     printed = capsys.readouterr().out
     assert "5 unreadable or corrupt file(s) were skipped" in printed and "bad/text.png" in printed
@@ -268,6 +270,11 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
     assert "unknown source(s) ['nope']" in capsys.readouterr().err
     os.remove(out / manifest["shards"][0]["name"])
     assert cli(["verify", str(out)]) == 1
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert cli(["build", f"a={folders[1]}", "--out", str(tmp_path / "a_file" / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file' / 'out'}': a file is in the way "
+                                       f"of a folder on that path\n")
     assert parse_size("1GB") == 10**9 and parse_size("300KiB") == 307200 and parse_size("5e3") == 5000
     assert parse_gsd("0.3") == 0.3 and parse_gsd("0.1-10") == (0.1, 10.0)
     with pytest.raises(BuildError, match="cannot read size"):
@@ -276,6 +283,25 @@ def test_cli_and_option_parsing(folders, tmp_path, capsys):
         _build([Source("x", str(tmp_path / "missing"))], tmp_path / "o2")
     with pytest.raises(BuildError, match="unique"):
         _build([Source("x", str(folders[0])), Source("x", str(folders[1]))], tmp_path / "o3")
+
+
+def test_show_names_a_shard_it_cannot_read(folders, tmp_path, capsys):
+    """show is how a remote spec is tried before training: a failing reader or a damaged shard is one line."""
+    out = tmp_path / "out"
+    assert cli(["build", f"cls={folders[0]}", "--out", str(out), "--shard-size", "1MB", "--no-progress"]) == 0
+    good = out / read_manifest(out)["shards"][0]["name"]
+    (tmp_path / "s-0.tar").write_bytes(good.read_bytes())
+    (tmp_path / "s-1.tar").write_bytes(good.read_bytes()[:3000])  # cut inside its first member
+    capsys.readouterr()
+    assert cli(["show", str(tmp_path / "s-{0..1}.tar"), "-n", "1000"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == read_manifest(out)["shards"][0]["samples"]  # the good shard first
+    assert captured.err == (f"error: cannot read {tmp_path / 's-1.tar'}: unexpected end of data; it may be damaged "
+                            f"or not a tar file (`python -m gfm_fast.data verify` checks a build)\n")
+    assert cli(["show", "pipe:exit 3", "-n", "1"]) == 2
+    # webdataset sees the reader's exit status, or first its empty output: either way, one line
+    assert re.fullmatch(r"error: cannot read pipe:exit 3: (its reader command exited with status 3|empty file); "
+                        r"run the command yourself to see its error\n", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [

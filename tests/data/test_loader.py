@@ -207,8 +207,10 @@ def test_unreachable_shards_are_a_clear_error_in_workers():
     loader = make_loader(small_cfg("pipe:exit 3", num_workers=1, max_consecutive_failures=5), img_size=IMG)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        with pytest.raises(TooManyFailures, match="input looks unreadable"):
+        with pytest.raises(TooManyFailures, match="input looks unreadable") as error:
             _epoch(loader)
+    # the worker's own message, not DataLoader's "Caught ... Original Traceback" around it
+    assert str(error.value).startswith("5 consecutive shard/sample failures") and "Traceback" not in str(error.value)
 
 
 def test_multiband_samples(tmp_path):

@@ -100,6 +100,10 @@ def test_unreadable_files_are_named(tmp_path):
     corrupt.write_bytes(b"not a checkpoint" * 8)
     with pytest.raises(CheckpointError, match="corrupt.pth"):
         read_checkpoint(str(corrupt))
+    for name, data in (("text.pth", b"hello"), ("opcodes.pth", b"a")):  # KeyError / IndexError in pickle
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=name):
+            read_checkpoint(str(tmp_path / name))
     truncated = tmp_path / "truncated.pth"
     torch.save({"model": {"w": torch.randn(100)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])

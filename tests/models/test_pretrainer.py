@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gfm_fast import ops
-from gfm_fast.config import ConfigError
+from gfm_fast.config import ConfigError, TrainConfig
 from gfm_fast.models.pretrainer import GFMOutput, GFMPretrainer, GFMStudent, param_groups
 from model_helpers import TINY_BLOCKS, TINY_IMG, manual_student, random_block_mask, tiny_config, tiny_pretrainer
 
@@ -143,6 +143,19 @@ def test_config_errors():
         GFMPretrainer(tiny_config(teacher_bands=(0, 1)))
     with pytest.raises(ValueError, match="multiple of the student's total stride"):
         GFMPretrainer(tiny_config(mask_block=16))
+    with pytest.raises(ConfigError, match="takes a ModelConfig or a TrainConfig, got str"):
+        GFMPretrainer("configs/tiny.yaml")
+
+
+@pytest.mark.filterwarnings("ignore:GFM teacher has NO weights")
+def test_a_train_config_gives_its_model():
+    torch.manual_seed(0)
+    from_train = GFMPretrainer(TrainConfig(model=tiny_config()))
+    torch.manual_seed(0)
+    from_model = GFMPretrainer(tiny_config())
+    assert from_train.config == from_model.config
+    for (name, a), (_, b) in zip(from_train.state_dict().items(), from_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def cpp_ready() -> bool:

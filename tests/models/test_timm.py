@@ -150,8 +150,19 @@ def test_errors_name_the_fix(tmp_path):
         timm.create_model(VARIANT, pretrained=True)
     other = tiny_pretrainer(student=dict(embed_dim=24, num_heads=(1, 2, 4, 8), window_size=2, img_size=SIZE))
     path = save_model(other, tmp_path / "other")
-    with pytest.raises(CheckpointError, match="embed_dim 24 .*gfm_fast.load_model"):
+    with pytest.raises(CheckpointError, match="embed_dim 24 .*gfm_fast.load_model") as error:
         create(path)
+    # the fix the message names works: no registered name has these widths, so they are arguments
+    assert "timm.create_model('gfm_swin_test_patch4_window2_64', embed_dim=24, ...)" in str(error.value)
+    images = uint16_images(3)
+    built = create(path, embed_dim=24)
+    with torch.no_grad():
+        torch.testing.assert_close(built(normalise(images, built.pretrained_cfg)), reference(path, images),
+                                   rtol=1e-5, atol=1e-5)
+    registered = save_model(make_pretrainer(3), tmp_path / "registered")  # fits VARIANT: the message names it
+    with pytest.raises(CheckpointError, match=f"create '{VARIANT}' instead"):
+        timm.create_model("gfm_swin_base_patch4_window6_192", pretrained=True, img_size=SIZE, window_size=2,
+                          pretrained_cfg_overlay=dict(file=str(registered)))
 
 
 def test_names_register_on_import_gfm_fast_without_heavy_imports():

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gfm_fast
 from gfm_fast import ops
+from gfm_fast.errors import ConfigError, GFMError
 from gfm_fast.ops import _backend
 
 OPS = ("masked_patch_embed", "decoder_l1_loss", "cosine_distillation")
@@ -100,15 +101,16 @@ def test_env_overrides_auto(monkeypatch):
         _run_all_ops("cpu")
     assert counter.calls == {}
     monkeypatch.setenv(_backend.ENV_BACKEND, "fastest")
-    with pytest.raises(ValueError, match="GFM_FAST_BACKEND='fastest' is not one of"):
+    with pytest.raises(ConfigError, match="GFM_FAST_BACKEND='fastest' is not one of"):  # a ValueError too
         _backend.resolve("decoder_l1_loss", "auto", torch.device("cpu"))
 
 
 def test_gpu_backend_on_cpu_tensors_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     student = torch.randn(2, 8)
-    with pytest.raises(ops.BackendUnavailableError, match="backend='triton' needs a CUDA tensor"):
+    with pytest.raises(ops.BackendUnavailableError, match="backend='triton' needs a CUDA tensor") as error:
         ops.cosine_distillation(student, student, backend="triton")
+    assert isinstance(error.value, GFMError)  # the CLIs print it in one line
 
 
 def test_cpp_without_extension_is_an_error(monkeypatch):
