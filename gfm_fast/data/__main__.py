@@ -81,7 +81,6 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gfm_fast.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
