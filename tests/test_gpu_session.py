@@ -14,22 +14,30 @@ TRITON_TESTS = ("tests/ops/test_triton_kernels.py", "tests/ops/test_triton_kerne
 NO_GPU_CHECK = "test_kernels_compile_for_h100_without_a_gpu"  # compiles every config for sm_90: minutes
 
 
-def _recorded_calls(tmp_path: Path, phase: str) -> List[List[str]]:
-    """The python calls of ``gpu_session.sh <phase>``, each as [TORCHINDUCTOR_COMPILE_THREADS, *argv].
-    The script runs from a copy (no .venv or .whl beside it: it takes $PYTHON, here the stub)."""
+def _run_session(tmp_path: Path, stub_body: str, *phases: str, expect: int = 0, **env_vars: str) -> str:
+    """``gpu_session.sh <phases>`` from a copy (no .venv or .whl beside it: it takes $PYTHON, here a
+    bash stub with ``stub_body``), with ``env_vars`` set and no deadline or backend unless given; its
+    stdout, once it exited with ``expect``."""
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
     shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
-    calls = tmp_path / "calls"
     stub = tmp_path / "python"
-    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "${{TORCHINDUCTOR_COMPILE_THREADS:-}}" "$@" >>{calls}\n'
-                    f'printf "\\n" >>{calls}\n')
+    stub.write_text(f"#!/usr/bin/env bash\n{stub_body}\n")
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
     env.pop("GPU_SESSION_SECONDS", None)
-    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), phase], env=env,
+    env.pop("GFM_DIST_BACKEND", None)
+    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), *phases], env={**env, **env_vars},
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result.stdout
+
+
+def _recorded_calls(tmp_path: Path, phase: str) -> List[List[str]]:
+    """The python calls of ``gpu_session.sh <phase>``, each as [TORCHINDUCTOR_COMPILE_THREADS, *argv]."""
+    calls = tmp_path / "calls"
+    _run_session(tmp_path, f'printf "%s\\0" "${{TORCHINDUCTOR_COMPILE_THREADS:-}}" "$@" >>{calls}\n'
+                           f'printf "\\n" >>{calls}', phase)
     return [line.rstrip("\0").split("\0") for line in calls.read_text().splitlines() if line]
 
 
@@ -72,20 +80,9 @@ def test_test_phase_reaches_the_model_checks_before_the_compiles(tmp_path):
 def _step_phase_backend(tmp_path: Path, nccl_exit: int) -> List[str]:
     """GFM_DIST_BACKEND as each python call of ``gpu_session.sh step`` saw it; the stub's NCCL
     check (the call that names init_process_group) exits with ``nccl_exit``."""
-    root = tmp_path / "repo"
-    (root / "benchmarks").mkdir(parents=True)
-    shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
     seen = tmp_path / "seen"
-    stub = tmp_path / "python"
-    stub.write_text(f'#!/usr/bin/env bash\ncase "$*" in *init_process_group*) exit {nccl_exit};; esac\n'
-                    f'echo "${{GFM_DIST_BACKEND:-default}} $*" >>{seen}\n')
-    stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
-    env.pop("GPU_SESSION_SECONDS", None)
-    env.pop("GFM_DIST_BACKEND", None)
-    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "step"], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _run_session(tmp_path, f'case "$*" in *init_process_group*) exit {nccl_exit};; esac\n'
+                           f'echo "${{GFM_DIST_BACKEND:-default}} $*" >>{seen}', "step")
     return [line.split()[0] for line in seen.read_text().splitlines() if "throughput.py" in line]
 
 
@@ -98,14 +95,6 @@ def test_engine_phases_fall_back_to_gloo_when_nccl_fails(tmp_path):
 
 def test_a_hanging_train_phase_leaves_the_deadline_to_the_phases_after_it(tmp_path):
     """The train phase is stopped after TRAIN_SECONDS even when the shared deadline is far off."""
-    root = tmp_path / "repo"
-    (root / "benchmarks").mkdir(parents=True)
-    shutil.copy(REPO / "benchmarks" / "gpu_session.sh", root / "benchmarks")
-    stub = tmp_path / "python"
-    stub.write_text('#!/usr/bin/env bash\ncase "$*" in *train.py*) sleep 60;; esac\n')
-    stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "GPU_SESSION_SECONDS": "300",
-           "TRAIN_SECONDS": "2"}
-    result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "train", "features"], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert "=== train: exit 124" in result.stdout and "=== features: exit 0" in result.stdout, result.stdout
+    out = _run_session(tmp_path, 'case "$*" in *train.py*) sleep 60;; esac', "train", "features", expect=124,
+                       GPU_SESSION_SECONDS="300", TRAIN_SECONDS="2")
+    assert "=== train: exit 124" in out and "=== features: exit 0" in out, out
