@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import at_least, fraction, positive_number  # noqa: E402
 from _timing import environment, peak_memory_bytes, print_table  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's estimators need no GPU
@@ -178,15 +179,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="base",
                         help="student family: base (Swin-B depths, measured at widths 128 and 192) or tiny")
-    parser.add_argument("--images-per-s", type=float, help="one-device rate (default: newest committed GPU "
+    parser.add_argument("--images-per-s", type=positive_number, help="one-device rate (default: newest committed GPU "
                         "result, else the project's H100 target of 3000)")
     parser.add_argument("--efficiency", type=parse_efficiency, default=parse_efficiency("8=0.9,64=0.8"),
                         help="scaling efficiency per GPU count, an assumption (default 8=0.9,64=0.8)")
-    parser.add_argument("--batch", type=int, default=128, help="per-GPU batch of the memory table")
-    parser.add_argument("--usable", type=float, default=0.9, help="fraction of a card's memory usable by "
+    parser.add_argument("--batch", type=at_least(1), default=128, help="per-GPU batch of the memory table")
+    parser.add_argument("--usable", type=fraction, default=0.9, help="fraction of a card's memory usable by "
                         "tensors (the rest: CUDA context, NCCL buffers, fragmentation)")
-    parser.add_argument("--images", type=int, default=600_000, help="GeoPile images per epoch")
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--images", type=at_least(1), default=600_000, help="GeoPile images per epoch")
+    parser.add_argument("--epochs", type=at_least(1), default=100)
     parser.add_argument("--out", help="JSON path")
     args = parser.parse_args(argv)
     depths, measured_widths = MODELS[args.model]
