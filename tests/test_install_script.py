@@ -1,0 +1,54 @@
+"""scripts/install.sh up to its first download, in a copy of the files it reads: what a new user on
+another machine meets before pip runs (a too-old Python, a .venv left broken by a failed try)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _repo_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "a checkout with spaces"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "install.sh", root / "scripts")
+    for name in ("setup.py", "requirements.txt"):
+        shutil.copy(REPO / name, root)
+    shutil.copytree(REPO / "csrc", root / "csrc")
+    return root
+
+
+def _install(root: Path, python: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PIP_"))}
+    env.update(PYTHON=python, PIP_NO_INDEX="1")  # never download: pip stops at its first requirement
+    return subprocess.run(["bash", str(root / "scripts" / "install.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_python_older_than_3_10_is_one_line_before_any_venv(tmp_path):
+    root = _repo_copy(tmp_path)
+    old = tmp_path / "python3.9"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.9.18"; exit 0; }\nexit 1\n')
+    old.chmod(0o755)
+    result = _install(root, str(old))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"install.sh: needs Python 3.10 or newer; {old} is Python 3.9.18. "
+                                     "Set PYTHON, e.g. PYTHON=python3.11 bash scripts/install.sh")
+    assert not (root / ".venv").exists()
+    missing = _install(root, str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "is not found." in missing.stderr
+
+
+def test_a_venv_without_pip_from_a_failed_try_is_made_again(tmp_path):
+    """python3 -m venv without python3-venv (Debian) leaves a .venv without pip: a re-run must not take
+    it as installed, or `pip` would be whatever pip is on PATH, outside the venv."""
+    root = _repo_copy(tmp_path)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / ".venv")], check=True)
+    result = _install(root, sys.executable)
+    assert "No matching distribution" in result.stderr  # it got as far as pip, in the venv
+    check = subprocess.run([str(root / ".venv" / "bin" / "python"), "-m", "pip", "--version"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and str(root / ".venv") in check.stdout
