@@ -1,11 +1,13 @@
 """scripts/install.sh up to its first download, in a copy of the files it reads: what a new user on
-another machine meets before pip runs (a too-old Python, a .venv left broken by a failed try)."""
+another machine meets before pip runs (a too-old Python, a .venv left broken by a failed try); and
+scripts/device_wheels.sh with its downloads recorded instead of made."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,3 +54,38 @@ def test_a_venv_without_pip_from_a_failed_try_is_made_again(tmp_path):
     check = subprocess.run([str(root / ".venv" / "bin" / "python"), "-m", "pip", "--version"], capture_output=True,
                            text=True)
     assert check.returncode == 0 and str(root / ".venv") in check.stdout
+
+
+def _wheel(path: Path, metadata: str = "") -> None:
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(path.name.split("-")[0] + "-x.dist-info/METADATA", metadata)
+
+
+def test_device_wheels_fetch_the_pydantic_core_that_pydantic_pins_and_one_of_each(tmp_path):
+    """The newest pydantic-core is often ahead of pydantic's pin, and a re-run after a release leaves
+    older wheels that gpu_session.sh would install beside the new ones (pip refuses two versions)."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "device_wheels.sh", root / "scripts")
+    whl = root / ".whl"
+    whl.mkdir()
+    _wheel(whl / "pydantic-2.9.2-py3-none-any.whl", "Requires-Dist: pydantic-core==2.23.4\n")
+    _wheel(whl / "pydantic-2.11.7-py3-none-any.whl", "Name: pydantic\nRequires-Dist: pydantic-core==2.33.2\n")
+    for core in ("2.23.4", "2.35.1"):
+        _wheel(whl / f"pydantic_core-{core}-cp312-cp312-manylinux_2_17_x86_64.whl")
+    (whl / "deepspeed-0.19.8-py3-none-any.whl").write_text("")  # built before: not rebuilt
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "pip_calls"
+    (bin_dir / "python3").write_text(  # python3 -m pip ...: recorded, not run; anything else: the real one
+        f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$@" >> "{calls}"; exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(root / "scripts" / "device_wheels.sh")], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    downloads = calls.read_text().splitlines()
+    assert downloads[-1].endswith("-d .whl pydantic-core==2.33.2"), downloads
+    assert "pydantic-core" not in downloads[0] and "pydantic>=2.11" in downloads[0]
+    assert sorted(p.name for p in whl.glob("pydantic*")) == ["pydantic-2.11.7-py3-none-any.whl"]
