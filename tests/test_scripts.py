@@ -89,3 +89,12 @@ def test_device_wheels_fetch_the_pydantic_core_that_pydantic_pins_and_one_of_eac
     assert downloads[-1].endswith("-d .whl pydantic-core==2.33.2"), downloads
     assert "pydantic-core" not in downloads[0] and "pydantic>=2.11" in downloads[0]
     assert sorted(p.name for p in whl.glob("pydantic*")) == ["pydantic-2.11.7-py3-none-any.whl"]
+
+
+def test_tests_before_install_is_one_line(tmp_path):
+    root = tmp_path / "fresh checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "test.sh", root / "scripts")
+    result = subprocess.run(["bash", str(root / "scripts" / "test.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"test.sh: no .venv in {root}: run bash scripts/install.sh first"
