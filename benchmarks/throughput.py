@@ -31,6 +31,18 @@ from _timing import environment, print_table  # noqa: E402
 from step_bench import (MODEL_SIZES, PRECISIONS, STEP_BATCH, default_batch, run_step, save_results,  # noqa: E402
                         step_modes)
 
+def _earlier_records(parser: argparse.ArgumentParser, out) -> List[Dict]:
+    """--append: the records already in ``out`` (none while it does not exist)."""
+    if out is None:
+        parser.error("--append adds to the JSON of --out: give --out FILE")
+    if not out.exists():
+        return []
+    try:
+        return json.loads(out.read_text())["records"]
+    except (ValueError, KeyError, TypeError):
+        parser.error(f"--append: {out} is not a benchmark JSON (no 'records'); choose another --out")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("step", "ops", "loader", "features"), action="append",
@@ -60,7 +72,7 @@ def main(argv=None) -> int:
     sections = args.only or ["step", "ops", "loader", "features"]
     env = environment(device)
     out = Path(args.out) if args.out else None
-    records: List[Dict] = json.loads(out.read_text())["records"] if args.append and out and out.exists() else []
+    records: List[Dict] = _earlier_records(parser, out) if args.append else []
     if "ops" in sections:
         from ops_bench import print_table as print_ops_table
         from ops_bench import run_ops
