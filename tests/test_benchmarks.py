@@ -225,6 +225,7 @@ def test_throughput_prints_each_section_in_its_own_columns(monkeypatch, capsys):
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
     ops_header, ops_row = lines[0], lines[1]
     assert ops_row[:2] == ["cosine_distillation", "cpp"] and "img_s" not in ops_header
+    assert "bandwidth_fraction" not in ops_header and len(ops_row) == len(ops_header)  # no all-'-' column
     columns = {name: ops_row[i] for i, name in enumerate(ops_header) if i < len(ops_row)}
     assert columns["images_per_s"] == "5e+03" and columns["speedup"] == "1.6"
     loader_row = lines[3]
