@@ -106,7 +106,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["gfm_fast", "gfm_fast.*"]) + ["gfm_fast.kernels"],
     package_dir={"gfm_fast.kernels": "kernels"},
     include_package_data=True,

@@ -174,13 +174,15 @@ def _cell(value) -> str:
 
 
 def print_table(records: List[Dict], columns: List[str]) -> None:
-    """A readable fixed-width table of ``records`` (missing values as '-'; ``peak_bytes`` in MiB)."""
+    """A readable fixed-width table of ``records`` (missing values as '-'; ``peak_bytes`` in MiB).
+    A column no record has (e.g. the CUDA-only bandwidth_fraction on a CPU) is left out."""
     def value(record, column):
         if column == "peak_MiB":
             peak = record.get("peak_bytes")
             return None if peak is None else peak / 2 ** 20
         return record.get(column)
 
+    columns = [c for c in columns if any(value(r, c) is not None for r in records)]
     rows = [[_cell(value(r, c)) for c in columns] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

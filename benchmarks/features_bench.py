@@ -55,7 +55,7 @@ def _encoders(size: str, device: torch.device):
 
 def run_features(device: torch.device, size: str, batch: int, precisions: List[str], warmup: int,
                  runs: int) -> List[Dict]:
-    """Records of both sides at each precision (bf16 only on a GPU, see the module docstring)."""
+    """Records of both sides at each precision (on a GPU bf16 only, see the module docstring)."""
     from gfm_fast import extract_features
 
     if device.type == "cuda" and "fp32" in precisions:
@@ -96,7 +96,7 @@ def run_features(device: torch.device, size: str, batch: int, precisions: List[s
 
 def main(argv=None) -> int:
     parser = model_arguments(__doc__.split("\n\n")[0], "images per call (default: 256 on GPU, 16 on CPU)",
-                             "repeatable (default: fp32 and bf16; bf16 only on a GPU)")
+                             "repeatable (default: fp32 and bf16; on a GPU bf16 only)")
     parser.add_argument("--out", help="JSON path")
     args, device, batch = parse_model_arguments(parser, argv, FEATURES_BATCH)
     records = run_features(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import at_least  # noqa: E402
 from _timing import _quantile, environment, time_fn  # noqa: E402
 
 TARGET_IMG_PER_S = 3000  # the GPU step target per H100 (see the README's performance goals)
@@ -400,11 +401,11 @@ def _format_cell(record: Dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batches-per-run", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--images", type=at_least(1), default=192)
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--batches-per-run", type=at_least(1), default=3)
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 2])
     parser.add_argument("--sets", nargs="+", default=list(IMAGE_SETS), choices=list(IMAGE_SETS))
     parser.add_argument("--no-codecs", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "loader_cpu.json"))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import at_least, device as device_arg  # noqa: E402
 from _timing import _quantile, copy_bandwidth, environment, peak_memory_bytes, time_fn  # noqa: E402
 from _timing import print_table as print_records  # noqa: E402
 
@@ -334,15 +335,15 @@ def fastest_fused_backends(records: List[Dict]) -> Dict[str, str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=at_least(1), default=16)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores; recorded)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=at_least(1), help="CPU threads (default: all cores; recorded)")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--runs", type=at_least(1), default=15)
     parser.add_argument("--out", help="JSON output (default benchmarks/results/<device>_ops_<dtype>_b<batch>.json)")
     args = parser.parse_args(argv)
     if args.threads:

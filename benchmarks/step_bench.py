@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import at_least, device as device_arg  # noqa: E402
 from _timing import _quantile, _sync, environment, print_table  # noqa: E402
 
 MODEL_SIZES = {  # name: (embed_dim, depths, heads); the teacher is Swin-B except for tiny (same as student)
@@ -411,13 +412,13 @@ def model_arguments(description: str, batch_help: str, precision_help: str) -> a
     """A parser with what every benchmark of a whole model takes: device, model size, batch,
     precisions, warm-up and timed rounds, threads."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base")
-    parser.add_argument("--batch", type=int, help=batch_help)
+    parser.add_argument("--batch", type=at_least(1), help=batch_help)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append", help=precision_help)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call")
-    parser.add_argument("--runs", type=int, default=5, help="timed rounds (median kept)")
-    parser.add_argument("--threads", type=int, help="CPU threads (recorded)")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed rounds after the first call")
+    parser.add_argument("--runs", type=at_least(1), default=5, help="timed rounds (median kept)")
+    parser.add_argument("--threads", type=at_least(1), help="CPU threads (recorded)")
     return parser
 
 
@@ -440,10 +441,13 @@ def main(argv=None) -> int:
                              "repeatable (default: fp32 and bf16)")
     parser.add_argument("--compile", action="store_true", help="also both sides under torch.compile")
     parser.add_argument("--compiled-only", action="store_true", help="only both sides under torch.compile")
-    parser.add_argument("--checkpoint-stages", type=int, nargs="+", default=(),
+    parser.add_argument("--checkpoint-stages", type=at_least(0), nargs="+", default=(),
                         help="also ours with activation checkpointing of these stages (e.g. 2)")
     parser.add_argument("--out", help="JSON path; the chart is written beside it (.png)")
     args, device, batch = parse_model_arguments(parser, argv, STEP_BATCH)
+    stages = len(MODEL_SIZES[args.model][1])
+    if any(stage >= stages for stage in args.checkpoint_stages):
+        parser.error(f"--checkpoint-stages: the {args.model} model has stages 0 to {stages - 1}")
     env = environment(device)
     out = Path(args.out) if args.out else None
     run_step(device, args.model, batch, args.precision or ["fp32", "bf16"], args.warmup, args.runs,

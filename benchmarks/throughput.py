@@ -26,30 +26,40 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import at_least, device as device_arg  # noqa: E402
 from _timing import environment, print_table  # noqa: E402
 from step_bench import (MODEL_SIZES, PRECISIONS, STEP_BATCH, default_batch, run_step, save_results,  # noqa: E402
                         step_modes)
 
-TABLE_COLUMNS = ["section", "case", "backend", "mode", "batch", "dtype", "median_ms", "p20_ms", "p80_ms",
-                 "images_per_s", "img_s", "peak_MiB", "speedup"]
+def _earlier_records(parser: argparse.ArgumentParser, out) -> List[Dict]:
+    """--append: the records already in ``out`` (none while it does not exist)."""
+    if out is None:
+        parser.error("--append adds to the JSON of --out: give --out FILE")
+    if not out.exists():
+        return []
+    try:
+        return json.loads(out.read_text())["records"]
+    except (ValueError, KeyError, TypeError):
+        parser.error(f"--append: {out} is not a benchmark JSON (no 'records'); choose another --out")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("step", "ops", "loader", "features"), action="append",
                         help="run only these sections (repeatable); default: all")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODEL_SIZES), default="base", help="step and features model size")
-    parser.add_argument("--batch", type=int, help="step batch (default: 128 on GPU, 4 on CPU)")
+    parser.add_argument("--batch", type=at_least(1), help="step batch (default: 128 on GPU, 4 on CPU)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), action="append",
                         help="step and features precisions, repeatable (default: fp32 and bf16; bf16 = autocast "
                              "on both sides)")
-    parser.add_argument("--ops-batch", type=int, default=16, help="batch of the fused-op benchmarks (GFM shapes)")
-    parser.add_argument("--features-batch", type=int,
+    parser.add_argument("--ops-batch", type=at_least(1), default=16, help="batch of the fused-op benchmarks (GFM shapes)")
+    parser.add_argument("--features-batch", type=at_least(1),
                         help="images per extract_features call (default: 256 on GPU, 16 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (recorded)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs/rounds after the first")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs/rounds (the median is kept)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (recorded)")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed runs/rounds after the first")
+    parser.add_argument("--runs", type=at_least(1), default=5,
+                        help="timed runs/rounds (the median is kept; the loader's timed rounds too)")
     parser.add_argument("--compile", action="store_true", help="step: also both sides under torch.compile")
     parser.add_argument("--compiled-only", action="store_true", help="step: only both sides under torch.compile")
     parser.add_argument("--out", help="write the JSON records here, and the step chart beside it (.png)")
@@ -62,13 +72,14 @@ def main(argv=None) -> int:
     sections = args.only or ["step", "ops", "loader", "features"]
     env = environment(device)
     out = Path(args.out) if args.out else None
-    records: List[Dict] = json.loads(out.read_text())["records"] if args.append and out and out.exists() else []
+    records: List[Dict] = _earlier_records(parser, out) if args.append else []
     if "ops" in sections:
+        from ops_bench import print_table as print_ops_table
         from ops_bench import run_ops
 
         ops_records = [{"section": "ops", **r} for r in run_ops(device=device, batch=args.ops_batch,
                                                                  warmup=args.warmup, runs=args.runs)]
-        print_table(ops_records, TABLE_COLUMNS)
+        print_ops_table(ops_records)
         records += ops_records
     if "step" in sections:  # its tables are printed, and the JSON rewritten, as each group ends
         done = list(records)
@@ -77,10 +88,11 @@ def main(argv=None) -> int:
                                   step_modes(args.compile, args.compiled_only),
                                   on_records=(lambda so_far: save_results(out, env, done + so_far)) if out else None)
     if "loader" in sections:
+        from loader_bench import print_table as print_loader_table
         from loader_bench import run_loader
 
-        loader_records = [{"section": "loader", **r} for r in run_loader()]
-        print_table(loader_records, TABLE_COLUMNS)
+        loader_records = [{"section": "loader", **r} for r in run_loader(rounds=args.runs)]
+        print_loader_table(loader_records)
         records += loader_records
     if "features" in sections:
         from features_bench import FEATURES_BATCH, run_features

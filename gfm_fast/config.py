@@ -149,7 +149,7 @@ class DataConfig:
     crop_scale: Tuple[float, float] = (0.67, 1.0)
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    decode_device: str = "cpu"  # cpu | cuda (decode/augment on the GPU when one is present)
+    decode_device: str = "cpu"  # older key, cpu only: images are decoded in the DataLoader workers
     max_consecutive_failures: int = 100
 
     def validate(self, prefix: str = "data") -> None:
@@ -162,7 +162,10 @@ class DataConfig:
         _require(0 < self.crop_ratio[0] <= self.crop_ratio[1], f"{prefix}.crop_ratio",
                  "must satisfy 0 < min <= max")
         _require(0.0 <= self.hflip <= 1.0, f"{prefix}.hflip", "is a probability in [0, 1]")
-        _require(self.decode_device in ("cpu", "cuda"), f"{prefix}.decode_device", "must be cpu or cuda")
+        if self.decode_device != "cpu":  # checked with the config, not when the loader starts after the model
+            raise ConfigError(f"{prefix}.decode_device={self.decode_device!r} is no longer supported: images are "
+                              "decoded in the DataLoader workers (the nvjpeg decoder was removed, never measured "
+                              f"faster); drop the key or set {prefix}.decode_device=cpu")
         _require(all(w >= 0 for w in self.source_weights.values()), f"{prefix}.source_weights",
                  "weights must be >= 0")
         _require(self.max_consecutive_failures > 0, f"{prefix}.max_consecutive_failures", "must be positive")

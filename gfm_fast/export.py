@@ -83,7 +83,7 @@ def _require_onnx_packages() -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"ONNX export needs {', '.join(ONNX_PACKAGES)} ({', '.join(missing)} not installed): "
-                          f"pip install 'gfm_fast[export]'")
+                          "GFM_EXTRAS=export bash scripts/install.sh in the repository (gfm_fast is not on PyPI)")
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, out: Path, names: List[str], meta: dict) -> None:

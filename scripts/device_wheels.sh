@@ -9,23 +9,34 @@ cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}   # the device image's python3
 mkdir -p .whl
 binary=(webdataset==1.0.2 braceexpand simplejpeg==1.9.0 hjson timm==1.0.31
-        "pydantic>=2.11" pydantic-core annotated-types typing-inspection "typing-extensions>=4.16")
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "${binary[@]}"
+        "pydantic>=2.11" annotated-types typing-inspection "typing-extensions>=4.16")
+download() {
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "$@"
+}
+download "${binary[@]}"
+# pydantic pins one pydantic-core version, often older than the newest pydantic-core: fetch that one.
+# gpu_session.sh installs every wheel in .whl/, so only the newest pydantic and its core stay (a re-run
+# after a new release would otherwise leave two versions of each, which pip refuses to install together).
+core=$(python3 - <<'PY'
+import glob, os, re, zipfile
+def version(path):
+    return tuple(int(n) for n in re.findall(r"\d+", os.path.basename(path).split("-")[1]))
+wheels = sorted(glob.glob(".whl/pydantic-2*.whl"), key=version)
+for old in wheels[:-1]:
+    os.remove(old)
+with zipfile.ZipFile(wheels[-1]) as wheel:
+    meta = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+print(re.search(r"^Requires-Dist: pydantic-core==([\w.]+)", meta, re.M).group(1))
+PY
+)
+find .whl -maxdepth 1 -name 'pydantic_core-*.whl' ! -name "pydantic_core-$core-*" -delete
+download "pydantic-core==$core"
 # deepspeed ships as an sdist only: build its pure-Python wheel here (no ops prebuilt; we use torch's AdamW).
 if ! ls .whl/deepspeed-0.19.8-*.whl >/dev/null 2>&1; then
     DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 fi
-# pydantic pins one pydantic-core version: keep only the matching one so the offline install is consistent.
-python3 - <<'PY'
-import glob, re, zipfile
-pyd = sorted(glob.glob(".whl/pydantic-2*.whl"))[-1]
-meta = zipfile.ZipFile(pyd).read(next(n for n in zipfile.ZipFile(pyd).namelist() if n.endswith("METADATA"))).decode()
-want = re.search(r"^Requires-Dist: pydantic-core==([\w.]+)", meta, re.M).group(1)
-cores = glob.glob(".whl/pydantic_core-*.whl")
-assert any(f"pydantic_core-{want}-" in c for c in cores), f"{pyd} needs pydantic-core {want}, have {cores}"
-PY
 # Optional: gfm_fast._C prebuilt here for the device (its CUDA kernels for sm_90), so that the device's
 # setup phase only checks it instead of spending device time compiling. PREBUILD_PYTHON must be a
 # python with the device's own python and torch versions (3.12, 2.11.0+cu130 as last read): an

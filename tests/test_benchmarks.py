@@ -157,3 +157,76 @@ def test_features_bench_compares_extract_features_with_plain_timm(tmp_path):
         assert r["flops_per_image"] > 1e8 and 0 < r["mfu"] < 1.5  # a tiny Swin forward at 192 px
         # the same features: fp32 to rounding, bf16 to bf16's precision
         assert r["max_rel_diff"] < (1e-5 if r["precision"] == "fp32" else 5e-2), r
+
+
+def test_bad_benchmark_arguments_are_one_usage_line(monkeypatch, capsys):
+    """A value no run can use (no timed rounds, a zero batch, a GPU that is not there, a stage the
+    model lacks) stops the command at once with argparse's one-line error, before a model is built."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import features_bench
+    import loader_bench
+    import ops_bench
+    import scaling_projection
+    import step_bench
+    import throughput
+
+    cases = [(step_bench, ["--device", "xyz"], "'xyz' is not a torch device"),
+             (step_bench, ["--batch", "0"], "--batch: must be >= 1, got 0"),
+             (step_bench, ["--runs", "0"], "--runs: must be >= 1"),
+             (step_bench, ["--warmup", "-1"], "--warmup: must be >= 0"),
+             (step_bench, ["--model", "tiny", "--checkpoint-stages", "4"], "the tiny model has stages 0 to 3"),
+             (throughput, ["--batch", "two"], "--batch: expected an integer, got 'two'"),
+             (throughput, ["--runs", "0"], "--runs: must be >= 1"),
+             (throughput, ["--append", "--out", str(REPO / "README.md")], "README.md is not a benchmark JSON"),
+             (throughput, ["--append", "--only", "ops"], "--append adds to the JSON of --out: give --out FILE"),
+             (features_bench, ["--batch", "-1"], "--batch: must be >= 1"),
+             (ops_bench, ["--runs", "0"], "--runs: must be >= 1"),
+             (loader_bench, ["--workers", "-1"], "--workers: must be >= 0"),
+             (scaling_projection, ["--usable", "1.5"], "--usable: must lie in (0, 1]"),
+             (scaling_projection, ["--images-per-s", "0"], "--images-per-s: must be > 0")]
+    if not torch.cuda.is_available():
+        cases.append((throughput, ["--device", "cuda"], "no CUDA GPU is available here; use --device cpu"))
+    for module, argv, message in cases:
+        try:
+            module.main(argv)
+        except SystemExit as stop:
+            assert stop.code == 2, (module.__name__, argv)
+        else:
+            raise AssertionError(f"{module.__name__} {argv} ran")
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: " in error, error  # argparse's own line
+        assert message in error, error
+
+
+def test_throughput_prints_each_section_in_its_own_columns(monkeypatch, capsys):
+    """The ops and loader tables name each row's backend / image set and loader, with no column
+    that is '-' on every row; --runs sets the loader's timed rounds too."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import loader_bench
+    import ops_bench
+    import throughput
+
+    ops_record = {"case": "cosine_distillation", "backend": "cpp", "mode": "full", "batch": 1, "dtype": "float32",
+                  "median_ms": 0.2, "p20_ms": 0.1, "p80_ms": 0.3, "images_per_s": 5000.0, "peak_bytes": 1024,
+                  "speedup": 1.6}
+    loader_record = {"case": "loader", "image_set": "jpeg256", "impl": "gfm_fast", "workers": 0, "median_ms": 4.5,
+                     "p20_ms": 4.4, "p80_ms": 4.6, "img_s": 880.0, "img_s_per_core": 880.0,
+                     "speedup_vs_imagefolder": 1.8, "batch_dtype": "uint8", "batch_bytes": 2 ** 20}
+    rounds = []
+    monkeypatch.setattr(ops_bench, "run_ops", lambda **kwargs: [dict(ops_record)])
+    monkeypatch.setattr(loader_bench, "run_loader", lambda rounds=5: rounds_seen(rounds))
+
+    def rounds_seen(n):
+        rounds.append(n)
+        return [dict(loader_record)]
+
+    assert throughput.main(["--only", "ops", "--only", "loader", "--runs", "2", "--device", "cpu"]) == 0
+    assert rounds == [2]
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    ops_header, ops_row = lines[0], lines[1]
+    assert ops_row[:2] == ["cosine_distillation", "cpp"] and "img_s" not in ops_header
+    assert "bandwidth_fraction" not in ops_header and len(ops_row) == len(ops_header)  # no all-'-' column
+    columns = {name: ops_row[i] for i, name in enumerate(ops_header) if i < len(ops_row)}
+    assert columns["images_per_s"] == "5e+03" and columns["speedup"] == "1.6"
+    loader_row = lines[3]
+    assert loader_row[:4] == ["loader", "jpeg256", "gfm_fast", "0"] and "880" in loader_row

@@ -37,6 +37,7 @@ def test_yaml_file_and_typed_overrides(tmp_path):
     ("model.mask_block=16", "multiple of the student's total stride"),
     ("run.save_teacher=true", "unknown config key"),  # was accepted and ignored: the frozen teacher is the given file
     ("seed", "key=value"),
+    ("data.decode_device=cuda", "data.decode_device=.cuda. is no longer supported"),  # at load, not when the loader starts
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -88,5 +88,5 @@ def test_missing_onnx_package_is_one_line_before_any_work(tmp_path, capsys, monk
     assert main(["--model", str(saved_model(tmp_path, 3)), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err == (f"error: ONNX export needs onnx, onnxscript, onnxruntime ({package} not installed): "
-                   f"pip install 'gfm_fast[export]'\n")
+                   "GFM_EXTRAS=export bash scripts/install.sh in the repository (gfm_fast is not on PyPI)\n")
     assert not out.exists()

@@ -1,6 +1,7 @@
 """benchmarks/scaling_projection.py: model-state bytes against a hand count, the hours arithmetic,
 the choice of the one-device rate, and the whole script at the tiny size."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import scaling_projection as sp  # noqa: E402
@@ -94,3 +96,25 @@ def test_script_end_to_end_tiny(tmp_path, capsys):
         assert fits == sorted(fits)
         if row["gpus"] == 1:  # nothing to partition over: stages 0-2 hold the same bytes
             assert fits[0] == fits[1] == fits[2]
+
+
+def test_activations_are_measured_on_the_gpu_paths_not_this_cpus():
+    """The measured student runs explicit attention (an upper bound of CUDA's SDPA, which keeps no
+    attention probabilities) and torch's bf16 GEMM, whatever `auto` picks on the CPU measuring it."""
+    from gfm_fast.models.pretrainer import GFMStudent
+
+    cfg = sp.student_config(TINY_DEPTHS, 32)
+    assert cfg.attention_path == "explicit" and cfg.bf16_matmul == "native"
+    student = GFMStudent(cfg)
+    cpp = GFMStudent(dataclasses.replace(cfg, attention="cpp"))
+    cpp.load_state_dict(student.state_dict())
+    images, mask = torch.randn(1, 3, 192, 192), torch.rand(1, 6, 6) < 0.6
+    z_t = torch.randn(1, cfg.teacher.num_features)
+    saved = {}
+    for name, model in (("explicit", student), ("cpp", cpp)):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            model(images, mask, z_t).loss.backward()
+        saved[name] = shapes
+    # the attention probabilities (windows, heads, 36, 36) are saved on the measured path only
+    assert any(s[-2:] == (36, 36) for s in saved["explicit"]) and not any(s[-2:] == (36, 36) for s in saved["cpp"])

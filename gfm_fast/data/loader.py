@@ -42,11 +42,7 @@ class GeoPileLoader:
 
     def __init__(self, cfg: DataConfig, *, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
                  seed: int, rank: int, world_size: int):
-        cfg.validate("data")
-        if cfg.decode_device != "cpu":
-            raise ConfigError(f"data.decode_device={cfg.decode_device!r} is no longer supported: images are decoded "
-                              "in the DataLoader workers (the nvjpeg decoder was removed, never measured faster); "
-                              "drop the key or set data.decode_device=cpu")
+        cfg.validate("data")  # also rejects the retired data.decode_device=cuda
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         global_batch = cfg.batch_size * world_size

@@ -44,6 +44,7 @@ CONFIG_FILE = "config.json"
 FORMAT = "gfm_fast.encoder"
 FORMAT_VERSION = 1
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 _SWIN_FIELDS = tuple(f.name for f in dataclasses.fields(SwinConfig))
 _NORMALIZATION = ("mean", "std")
 LAYOUTS = ("gfm_fast", "timm")
@@ -280,6 +281,12 @@ def _resolve_dir(directory: Path, prefer_training: bool) -> Union[Path, _Source]
     export = next((e for e in exports if _is_model_dir(e)), None)
     if states is not None and (prefer_training or export is None):
         return states
+    shards = tag if tag is not None else directory
+    if prefer_training and any(shards.glob(ZERO3_MODEL_STATES)):
+        # ZeRO-3 writes each rank's shard (zero_pp_rank_<r>_mp_rank_00_model_states.pt), no whole model
+        raise CheckpointError(f"{shards} is a ZeRO-3 checkpoint: its weights are partitioned over the ranks, so "
+                              f"the pretrainer (projector, decoder) cannot be rebuilt from it"
+                              + (f"; the encoder is in {export} (gfm_fast.load_model)" if export is not None else ""))
     if export is not None:
         return _read_model_dir(export)
     raise CheckpointError(f"{directory} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a "

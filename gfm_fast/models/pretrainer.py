@@ -16,7 +16,7 @@ from gfm_fast import ops
 from gfm_fast.config import ModelConfig, TrainConfig
 from gfm_fast.errors import ConfigError
 from gfm_fast.ops._common import check_float, check_mask_values
-from gfm_fast.masking import generate_block_mask
+from gfm_fast.masking import BlockMask, generate_block_mask
 from gfm_fast.models.attention import set_attention
 from gfm_fast.models.linear import set_bf16_matmul
 from gfm_fast.models.swin import EncoderConfig, GFMSwinTransformer, build_student
@@ -177,7 +177,7 @@ class GFMPretrainer(nn.Module):
         """The student encoder (what downstream work keeps)."""
         return self.student.encoder
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+    def forward(self, images: torch.Tensor, mask: Optional[Union[torch.Tensor, BlockMask]] = None, *,
                 generator: Optional[torch.Generator] = None, return_recon: bool = False,
                 student: Optional[nn.Module] = None) -> GFMOutput:
         """Compute the GFM losses for a batch.
@@ -185,7 +185,8 @@ class GFMPretrainer(nn.Module):
         Args:
             images: normalised images (B, C, H, W) NCHW with C = student in_chans and H = W = img_size.
             mask: optional 0/1 mask at block level (B, H/block, W/block) or token level (B, H/p, W/p)
-                (constant over each block), validated; drawn with ``gfm_fast.masking`` when None
+                (constant over each block), or a ``BlockMask`` of ``generate_block_mask`` with the
+                config's block size, validated; drawn with ``gfm_fast.masking`` when None
                 (no validation, no host sync: training draws its masks this way).
             generator: random source for the drawn mask.
             return_recon: also return the reconstruction D(r) (detached).
@@ -209,14 +210,19 @@ class GFMPretrainer(nn.Module):
         output = student(images.to(weights_dtype), self.decoder_mask(block_mask), z_t, return_recon=return_recon)
         return output._replace(mask=block_mask)
 
-    def block_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def block_mask(self, mask: Union[torch.Tensor, BlockMask], images: torch.Tensor) -> torch.Tensor:
         """Validate a user mask and return it at block level (B, H/block, W/block) bool on the images' device."""
         cfg = self.config
+        if isinstance(mask, BlockMask):  # what gfm_fast.masking.generate_block_mask returns
+            if mask.block_size != cfg.mask_block:
+                raise ValueError(f"mask has {mask.block_size}-px blocks but the model masks {cfg.mask_block}-px "
+                                 f"blocks (model.mask_block); draw it with block_size={cfg.mask_block}")
+            mask = mask.blocks
         batch, _, height, width = images.shape
         blocks = (height // cfg.mask_block, width // cfg.mask_block)
         tokens = (height // cfg.student.patch_size, width // cfg.student.patch_size)
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+            raise TypeError(f"mask must be a torch.Tensor or a BlockMask, got {type(mask).__name__}")
         if mask.dim() != 3 or mask.shape[0] != batch or tuple(mask.shape[1:]) not in (blocks, tokens):
             raise ValueError(f"mask must have shape (B, {blocks[0]}, {blocks[1]}) (block level, {cfg.mask_block}-px "
                              f"blocks) or (B, {tokens[0]}, {tokens[1]}) (token level) with B = {batch}, "

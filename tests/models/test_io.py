@@ -183,6 +183,22 @@ def test_checkpoint_exports_are_preferred_for_encoders(tmp_path, pretrainer):
         assert_same_encoder(load_model(path), pretrainer.encoder)  # from <tag>/model, not the empty states
 
 
+def test_load_pretrainer_of_a_zero3_run_says_why_not(tmp_path, pretrainer):
+    """DeepSpeed's ZeRO-3 writes only per-rank shards (no mp_rank_00_model_states.pt): the error names
+    the ZeRO-3 checkpoint and where the encoder is, not 'encoder-only model directory' of the run."""
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    (tag / "COMPLETE").write_text("{}")
+    (tag.parent / "latest").write_text(tag.name)
+    save_model(pretrainer, tag / "model")
+    save_model(pretrainer, tmp_path / "run" / "model")
+    for path in (tmp_path / "run", tag.parent, tag):
+        with pytest.raises(CheckpointError, match=f"{tag} is a ZeRO-3 checkpoint: .* the encoder is in "):
+            load_pretrainer(path)
+        assert_same_encoder(load_model(path), pretrainer.encoder)
+
+
 def test_dangling_latest_tag(tmp_path):
     (tmp_path / "latest").write_text("step_9")
     with pytest.raises(CheckpointError, match="names tag 'step_9'"):

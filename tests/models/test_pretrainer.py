@@ -58,6 +58,20 @@ def test_token_level_mask_equals_block_level():
     assert torch.equal(b.mask, blocks)
 
 
+def test_a_block_mask_from_generate_block_mask_is_taken_as_it_is():
+    """README: masks come from gfm_fast.masking.generate_block_mask; forward takes its BlockMask."""
+    from gfm_fast.masking import generate_block_mask
+
+    model = tiny_pretrainer()
+    x = images()
+    drawn = generate_block_mask(2, TINY_IMG, generator=torch.Generator().manual_seed(1))
+    out = model(x, drawn)
+    assert torch.equal(out.mask, drawn.blocks)
+    torch.testing.assert_close(out.loss, model(x, drawn.blocks).loss)
+    with pytest.raises(ValueError, match="mask has 16-px blocks but the model masks 32-px blocks"):
+        model(x, generate_block_mask(2, TINY_IMG, block_size=16))
+
+
 def test_generated_masks_follow_the_config_and_the_generator():
     model = tiny_pretrainer()
     x = images(3)
