@@ -23,26 +23,24 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
+def _number(text: str, ok: Callable[[float], bool], rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must {rule}, got {value}")
     return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    return _number(text, lambda value: 0 < value <= 1, "lie in (0, 1]")
 
 
 def positive_number(text: str) -> float:
     """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+    return _number(text, lambda value: value > 0, "be > 0")
 
 
 def device(text: str) -> str:
