@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-import torch
+from gfm_fast.errors import ConfigError
+from gfm_fast.features import check_device
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -44,15 +45,12 @@ def positive_number(text: str) -> float:
 
 
 def device(text: str) -> str:
-    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``), checked
+    by the same rule as ``extract_features``."""
     try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        parsed = check_device(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if parsed.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text

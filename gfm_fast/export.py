@@ -194,10 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(export_model(args.model, args.out, format=fmt, image_size=args.image_size, stages=args.stages).summary())
     except (GFMError, ValueError) as exc:  # ValueError: bad stages / model arguments, named in the message
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:  # --out where nothing can be written
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

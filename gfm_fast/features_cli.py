@@ -329,10 +329,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                            image_size=args.image_size, device=args.device, progress=not args.no_progress)
     except GFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:  # --out where nothing can be written, an unreadable input file
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted: finished chunks are kept in {args.out}{PARTS_SUFFIX}; run the same command to resume",
               file=sys.stderr)

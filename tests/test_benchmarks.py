@@ -170,7 +170,7 @@ def test_bad_benchmark_arguments_are_one_usage_line(monkeypatch, capsys):
     import step_bench
     import throughput
 
-    cases = [(step_bench, ["--device", "xyz"], "'xyz' is not a torch device"),
+    cases = [(step_bench, ["--device", "xyz"], "device 'xyz' is not a device name"),
              (step_bench, ["--batch", "0"], "--batch: must be >= 1, got 0"),
              (step_bench, ["--runs", "0"], "--runs: must be >= 1"),
              (step_bench, ["--warmup", "-1"], "--warmup: must be >= 0"),
@@ -185,7 +185,7 @@ def test_bad_benchmark_arguments_are_one_usage_line(monkeypatch, capsys):
              (scaling_projection, ["--usable", "1.5"], "--usable: must lie in (0, 1]"),
              (scaling_projection, ["--images-per-s", "0"], "--images-per-s: must be > 0")]
     if not torch.cuda.is_available():
-        cases.append((throughput, ["--device", "cuda"], "no CUDA GPU is available here; use --device cpu"))
+        cases.append((throughput, ["--device", "cuda"], "device 'cuda' is not available: this machine has no CUDA device; use 'cpu'"))
     for module, argv, message in cases:
         try:
             module.main(argv)

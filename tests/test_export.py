@@ -66,13 +66,13 @@ def test_onnx_stages(tmp_path, capsys):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     model = saved_model(tmp_path, 3)
-    assert main(["--model", str(model), "--out", str(tmp_path / "x.pt2"), "--image-size", "70"]) == 1
+    assert main(["--model", str(model), "--out", str(tmp_path / "x.pt2"), "--image-size", "70"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --image-size 70 is not a positive multiple of 32") and err.count("\n") == 1
-    assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt2")]) == 1
+    assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.pt2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
-    assert main(["--model", str(model), "--out", str(tmp_path / "a_file" / "x.pt2")]) == 1
+    assert main(["--model", str(model), "--out", str(tmp_path / "a_file" / "x.pt2")]) == 2
     assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file'}': a file is in the way of a folder "
                                        f"on that path\n")
 
@@ -85,7 +85,7 @@ def test_missing_onnx_package_is_one_line_before_any_work(tmp_path, capsys, monk
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == package else find_spec(name, *args))
     out = tmp_path / "x.onnx"
-    assert main(["--model", str(saved_model(tmp_path, 3)), "--out", str(out)]) == 1
+    assert main(["--model", str(saved_model(tmp_path, 3)), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: ONNX export needs onnx, onnxscript, onnxruntime ({package} not installed): "
                    "GFM_EXTRAS=export bash scripts/install.sh in the repository (gfm_fast is not on PyPI)\n")

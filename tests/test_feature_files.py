@@ -85,7 +85,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     out = tmp_path / f"feats{suffix}"
     args = ["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--chunk-size", "3",
             "--no-progress"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read image file") and files[4].name in err and err.count("\n") == 1
     assert not out.exists()
@@ -141,7 +141,7 @@ def test_a_damaged_shard_stops_the_run_in_one_line_keeping_finished_chunks(tmp_p
     out = tmp_path / "f.npy"
     args = ["--model", str(model), "--data", str(tmp_path / "s-{0..1}.tar"), "--out", str(out), "--image-size", "64",
             "--chunk-size", "2", "--no-progress"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert capsys.readouterr().err == (f"error: cannot read {tmp_path / 's-1.tar'}: unexpected end of data; it may be "
                                        f"damaged or not a tar file (`python -m gfm_fast.data verify` checks a build)\n")
     assert (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").is_file() and not out.exists()
@@ -149,24 +149,24 @@ def test_a_damaged_shard_stops_the_run_in_one_line_keeping_finished_chunks(tmp_p
 
 def test_errors_are_one_line(tmp_path, model, capsys):
     write_images(tmp_path / "data", count=2)
-    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.csv")]) == 1
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.csv")]) == 2
     assert "must end in .npy or .parquet" in capsys.readouterr().err
     out = tmp_path / "f.npy"
     (tmp_path / "f.npy.parts").mkdir()
     (tmp_path / "f.npy.parts" / "index.json").write_text(json.dumps({"model": "other"}))
     (tmp_path / "f.npy.parts" / "chunk-000000.ids.json").write_text("[]")
-    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 1
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 2
     assert "other settings (chunk_size, data, model)" in capsys.readouterr().err
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "g.npy"),
-                 "--image-size", "200", "--no-progress"]) == 1
+                 "--image-size", "200", "--no-progress"]) == 2
     assert capsys.readouterr().err == ("error: --image-size 200 is not a positive multiple of 32 (the model's total "
                                        "stride); e.g. --image-size 192\n")
     assert not (tmp_path / "g.npy.parts").exists()
-    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "gpu"]) == 1
+    assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "gpu"]) == 2
     assert capsys.readouterr().err == "error: device 'gpu' is not a device name; use 'cpu', 'cuda' or 'cuda:N'\n"
     (tmp_path / "a_file").write_text("")
     assert main(["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "a_file" / "f.npy"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert capsys.readouterr().err == (f"error: cannot create '{tmp_path / 'a_file' / 'f.npy.parts'}': a file is in "
                                        f"the way of a folder on that path\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(gfm_fast.__file__).parents[1]),
@@ -174,4 +174,4 @@ def test_errors_are_one_line(tmp_path, model, capsys):
     result = subprocess.run([sys.executable, "-m", "gfm_fast.features", "--model", str(tmp_path / "missing"),
                              "--data", str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True,
                             env=env)
-    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

@@ -169,7 +169,7 @@ def test_dist_backend_defaults_and_its_override(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "--output-dir", str(run_dir), *TEST_MODEL, "--max-steps",
                            "1"], capture_output=True, text=True, env={**subprocess_env(), "GFM_DIST_BACKEND": "mpi"},
                           cwd=REPO, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]  # a user error past the config checks (loop.main)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # a user error past the config checks (loop.main)
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: GFM_DIST_BACKEND='mpi'")
     assert not run_dir.exists()
@@ -215,7 +215,7 @@ def test_cli_prints_a_training_error_as_one_line(tmp_path, capsys):
         warnings.simplefilter("ignore")
         code = main(["--output-dir", str(tmp_path), "--max-steps", "2", *TEST_MODEL, "model.student.embed_dim=32",
                      "model.student.num_heads=[2,4,8,16]"])
-    assert code == 1
+    assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "different architecture" in errors[0] and "model.student" in errors[0]
 

@@ -15,14 +15,14 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from gfm_fast.errors import GFMError, ShardError, os_error_message
+from gfm_fast.errors import ConfigError, GFMError, ShardError, os_error_message
 
 
 def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
     pairs = {}
     for value in values or []:
         if "=" not in value:
-            raise SystemExit(f"{option} expects NAME=VALUE, got {value!r}")
+            raise ConfigError(f"{option} expects NAME=VALUE with NAME one of the sources, got {value!r}")
         name, text = value.split("=", 1)
         pairs[name] = text
     return pairs

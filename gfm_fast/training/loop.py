@@ -425,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = run(cfg)
         except GFMError as exc:  # a message naming the problem and the fix; no traceback needed
             print(f"error: {_one_line(exc)}", file=sys.stderr)
-            return 1
+            return 2
     if result.metrics.get("interrupted"):
         return 128 + int(result.metrics["interrupted"])  # the shell's code for that signal: 143, 130, 138
     return 0

@@ -309,6 +309,7 @@ def test_show_names_a_shard_it_cannot_read(folders, tmp_path, capsys):
     (["show", "{tmp}/none-{{0..1}}.tar"], "none of the 2 shards"),
     (["show", "{tmp}/not.tar"], "not.tar is not a tar file"),
     (["build", "x={tmp}/missing", "--out", "{tmp}/out"], "missing does not exist"),
+    (["build", "x={tmp}", "--gsd", "0.6", "--out", "{tmp}/out"], "--gsd expects NAME=VALUE"),
 ])
 def test_cli_prints_user_errors_as_one_line(tmp_path, capsys, argv, message):
     """Every GFMError (manifest, shard, build) is one `error:` line on stderr, exit status 2, no traceback."""
