@@ -282,11 +282,14 @@ def _resolve_dir(directory: Path, prefer_training: bool) -> Union[Path, _Source]
     if states is not None and (prefer_training or export is None):
         return states
     shards = tag if tag is not None else directory
-    if prefer_training and any(shards.glob(ZERO3_MODEL_STATES)):
+    if (prefer_training or export is None) and any(shards.glob(ZERO3_MODEL_STATES)):
         # ZeRO-3 writes each rank's shard (zero_pp_rank_<r>_mp_rank_00_model_states.pt), no whole model
+        wanted = "the pretrainer (projector, decoder)" if prefer_training else "no model"
+        where = (f"the encoder is in {export} (gfm_fast.load_model)" if export is not None else
+                 f"the encoder train.py gathers at each save is missing ({shards / MODEL_DIR}/ or the run's "
+                 f"{MODEL_DIR}/)")
         raise CheckpointError(f"{shards} is a ZeRO-3 checkpoint: its weights are partitioned over the ranks, so "
-                              f"the pretrainer (projector, decoder) cannot be rebuilt from it"
-                              + (f"; the encoder is in {export} (gfm_fast.load_model)" if export is not None else ""))
+                              f"{wanted} can be rebuilt from it; {where}")
     if export is not None:
         return _read_model_dir(export)
     raise CheckpointError(f"{directory} is neither a gfm_fast model directory ({CONFIG_FILE} + {MODEL_FILE}), a "

@@ -133,7 +133,9 @@ def test_model_dir_errors(tmp_path, pretrainer):
 
 def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=False, tag_export=False, zero3=False):
     """train.py's layout: <root>/checkpoints/{latest, step_00000005/{mp_rank_00_model_states.pt,
-    gfm_config.json, model/ if tag_export}}, plus <root>/model/ if with_export."""
+    gfm_config.json, model/ if tag_export}}, plus <root>/model/ if with_export. With ``zero3``, DeepSpeed's
+    ZeRO-3 layout: one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank whose module holds empty
+    placeholders (the weights live in the partitioned optimizer files)."""
     student = pretrainer.student.state_dict()
     module = {k: (torch.empty(0, dtype=dtype) if zero3 else v.to(dtype)) for k, v in student.items()}
     train_cfg = TrainConfig(model=pretrainer.config)
@@ -144,7 +146,7 @@ def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=Fal
               "gfm_torch_rng": torch.get_rng_state(), "gfm_loader": json.dumps({"epoch": 0})}
     tag = root / "checkpoints" / "step_00000005"
     tag.mkdir(parents=True)
-    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    torch.save(states, tag / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"))
     (tag / "gfm_config.json").write_text(json.dumps(to_dict(train_cfg)))
     (root / "checkpoints" / "latest").write_text("step_00000005")
     if with_export:
@@ -172,9 +174,13 @@ def test_load_model_prefers_the_export_and_reads_bf16_checkpoints(tmp_path, pret
 
 
 def test_zero3_partitioned_checkpoint_points_to_the_export(tmp_path, pretrainer):
-    write_training_run(tmp_path / "run", pretrainer, zero3=True)
-    with pytest.raises(CheckpointError, match="ZeRO-3 partitioned"):
-        load_model(tmp_path / "run" / "checkpoints")
+    tag = write_training_run(tmp_path / "run", pretrainer, zero3=True)
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tag):
+        with pytest.raises(CheckpointError, match=f"{tag} is a ZeRO-3 checkpoint: .*so no model can be rebuilt "
+                                                  f"from it; the encoder train.py gathers at each save is missing"):
+            load_model(path)
+    with pytest.raises(CheckpointError, match="holds empty \\(ZeRO-3 partitioned\\) weights"):
+        load_model(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")  # a rank's shard, named directly
 
 
 def test_checkpoint_exports_are_preferred_for_encoders(tmp_path, pretrainer):
