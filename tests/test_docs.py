@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib
 import itertools
 import json
 import re
@@ -59,7 +60,8 @@ def test_config_keys_named_in_the_docs_exist(doc):
     assert not unknown, f"{doc.name} names config keys that gfm_fast/config.py does not define: {unknown}"
 
 
-REPO_PATH = re.compile(r"(?<![\w/.<-])((?:gfm_fast|benchmarks|configs|docs|scripts|tests|csrc|kernels)/[\w./<>{},*-]*[\w*])")
+REPO_PATH = re.compile(
+    r"(?<![\w/.<-])((?:gfm_fast|benchmarks|configs|docs|scripts|tests|csrc|kernels)/[\w./<>{},*-]*[\w*])")
 
 
 def _expand(path: str):
@@ -90,6 +92,33 @@ def test_repository_paths_named_in_the_docs_exist(doc):
             continue
         missing += [p for p in _expand(path) if not _exists(p)]
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
+
+
+PYTHON_NAME = re.compile(r"(?<![\w/.])gfm_fast(?:\.[A-Za-z_]\w*)+(?![\w/])")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_python_names_in_the_docs_resolve(doc):
+    """``gfm_fast.ops.window_attention``, ``gfm_fast.eval.knn_accuracy``, ...: each is importable."""
+    unresolved = []
+    for name in sorted(set(PYTHON_NAME.findall(_text(doc)))):
+        if name.endswith((".cpp", ".py", ".so")):  # a file (csrc/gfm_fast.cpp), not a Python name
+            continue
+        parts = name.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:split]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[split:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                unresolved.append(name)
+            break
+        else:
+            unresolved.append(name)
+    assert not unresolved, f"{doc.name} names Python objects that do not exist: {unresolved}"
 
 
 def _module_map() -> dict:
