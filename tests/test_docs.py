@@ -220,3 +220,15 @@ def test_no_file_cites_files_users_never_see():
     offenders = [str(p.relative_to(ROOT)) for p in _repository_files()
                  if p.resolve() != this and pattern.search(p.read_text(encoding="utf-8", errors="replace"))]
     assert not offenders, f"these files cite shared/, GFM.md or STYLE.md: {offenders}"
+
+
+def test_sentinel2_band_order_matches_ssl4eo():
+    """The 12-band default statistics are SSL4EO-S12's L2A ones, whose band order puts B8A before B9
+    (its ALL_BANDS_S2_L2A); the warning and the README must name that order."""
+    from gfm_fast.models.normalization import default_normalization
+
+    order = "B1-B8, B8A, B9, B11, B12"
+    with pytest.warns(UserWarning) as caught:
+        default_normalization(12)
+    assert order in str(caught[0].message)
+    assert order in " ".join(_text(ROOT / "README.md").split())
