@@ -7,6 +7,7 @@ the JSONs it cites. Nothing in the repository cites files users never see.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
 import importlib
@@ -156,6 +157,64 @@ def test_module_map_lists_every_module_and_only_existing_ones():
         names, actual = names - {"__init__.py"}, actual - {"__init__.py"}  # every package has one
         assert names == actual, (f"docs/architecture.md's module map for {directory}/ disagrees with the files: "
                                  f"missing {sorted(actual - names)}, not there {sorted(names - actual)}")
+
+
+LAYERS = ("errors", "config", "masking", "ops", "losses", "kernels", "_C", "data", "models", "training", "train",
+          "features", "features_cli", "eval", "export", "run_dir", "_lazy")
+
+
+def _documented_imports() -> dict:
+    """docs/architecture.md's table: {layer: the layers it may import} (a row's layers share theirs)."""
+    text = _text(ROOT / "docs" / "architecture.md")
+    table = text.split("| package / module | role | imports from gfm_fast |", 1)[1].split("\n\n", 1)[0]
+    allowed = {}
+    for line in table.strip().splitlines()[1:]:
+        first, *_, last = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows = {re.sub(r"\.py$|/$", "", name) for name in re.findall(r"`([\w/.]+)`", first)}
+        may = {name for name in re.findall(r"\w+", last) if name in LAYERS}
+        for layer in rows:
+            allowed[layer] = may | rows
+    return allowed
+
+
+def _actual_imports() -> dict:
+    """{layer: the gfm_fast layers its modules import}, from the source (the package root and its
+    ``__version__`` left out: every layer may read those)."""
+    found: dict = {}
+    package = ROOT / "gfm_fast"
+    files = [p for p in package.rglob("*.py") if "sample" not in p.parts and "kernels" not in p.parts]
+    files += [p for p in (ROOT / "kernels").glob("*.py")]
+    for path in files:
+        parts = ["kernels", path.stem] if path.parent.name == "kernels" else list(
+            path.relative_to(package).with_suffix("").parts)
+        layer = parts[0]
+        package_parts = ["gfm_fast"] + (parts if path.name == "__init__.py" else parts[:-1])
+        if path.name == "__init__.py":
+            package_parts = package_parts[:-1]
+        for node in ast.walk(ast.parse(_text(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package_parts[:len(package_parts) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if base == "gfm_fast" else base for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                names = target.split(".")
+                if names[0] == "gfm_fast" and len(names) > 1 and names[1] in LAYERS and names[1] != layer:
+                    found.setdefault(layer, set()).add(names[1])
+    return found
+
+
+def test_imports_follow_the_documented_layers():
+    allowed = _documented_imports()
+    assert {"ops", "models", "data", "training", "config", "errors"} <= set(allowed)
+    wrong = {layer: sorted(imported - allowed.get(layer, set()) - {"_lazy"})
+             for layer, imported in _actual_imports().items()}
+    wrong = {layer: names for layer, names in wrong.items() if names}
+    assert not wrong, f"imports that docs/architecture.md's table does not allow: {wrong}"
 
 
 RESULT_JSON = re.compile(r"`(?:benchmarks/results/)?((?:cpu|loader|scaling)_[\w*]+\.json)`")
