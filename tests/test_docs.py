@@ -122,6 +122,28 @@ def test_python_names_in_the_docs_resolve(doc):
     assert not unresolved, f"{doc.name} names Python objects that do not exist: {unresolved}"
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set:
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", _text(path), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_and_anchors_resolve(doc):
+    broken = []
+    for target in LINK.findall(_text(doc)):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        path = (doc.parent / file_part) if file_part else doc
+        if not path.exists() or (anchor and anchor not in _anchors(path)):
+            broken.append(target)
+    assert not broken, f"{doc.name} has links to files or headings that do not exist: {broken}"
+
+
 def _module_map() -> dict:
     """docs/architecture.md's module map: {directory: set of file names listed for it}."""
     text = _text(ROOT / "docs" / "architecture.md")
