@@ -1,9 +1,10 @@
 """The documentation says what the code does: README.md and docs/*.md against the repository.
 
-Checks what can be checked without running anything heavy: every config key the docs name exists,
-every repository path they name exists, docs/architecture.md's module map lists exactly the
-package's modules, every result JSON they cite is committed, and the README's step table matches
-the JSONs it cites. Nothing in the repository cites files users never see.
+Checks what can be checked without running anything heavy: every config key, repository path,
+``gfm_fast.*`` name, relative link and result JSON the docs name exists; docs/architecture.md's
+module map lists exactly the package's modules and its table allows every import the source makes;
+the README's step table matches the JSONs it cites; the Sentinel-2 band order is SSL4EO-S12's.
+Nothing in the repository cites files users never see.
 """
 from __future__ import annotations
 
