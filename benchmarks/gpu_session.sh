@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a session with a GPU runs (DEVELOPERS' guide: GPU work comes first), in phases:
+# What a session with a GPU runs, GPU-only work first, in phases:
 #   bash benchmarks/gpu_session.sh [setup] [step] [bench] [test] [train] [features] [compile] [bench32]
 #   (none: all, in this order)
 #   setup   gfm_fast._C with its CUDA kernels for this card: the one prebuilt by scripts/device_wheels.sh

@@ -96,8 +96,8 @@ class ModelConfig:
     # the fused C++ kernel on CPU), cpp, sdpa or explicit (timm's bmm + softmax).
     attention: str = "auto"
     # bf16 GEMMs of the linear layers: auto (on a CPU without bf16 instructions, the fp32 GEMM on
-    # bf16 operands, exact products and fp32 sums as a bf16 GEMM, ~4x faster than torch's emulated
-    # one; torch's elsewhere), native (torch's) or widened.
+    # bf16 operands, exact products and fp32 sums as a bf16 GEMM, ~4.6x the rate of torch's emulated
+    # one in benchmarks/results/cpu_step_*.json; torch's elsewhere), native (torch's) or widened.
     bf16_matmul: str = "auto"
     fused_attn: Optional[bool] = None  # older name: true = attention sdpa, false = explicit; null: use attention
 

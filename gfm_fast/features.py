@@ -7,8 +7,8 @@ Input scaling (documented once, applied everywhere):
 
 * float tensors / float NumPy arrays are model inputs already normalised with the model's
   mean/std: used as they are;
-* uint8 data (tensors, arrays, 8-bit PNG/JPEG/TIFF) is divided by 255, uint16 data (arrays,
-  16-bit PNG/TIFF, e.g. multi-band GeoTIFF) by 65535, floating-point TIFF bands are taken as
+* uint8 data (tensors, arrays, 8-bit PNG/JPEG/TIFF) is divided by 255, uint16 data (tensors,
+  arrays, 16-bit PNG/TIFF, e.g. multi-band GeoTIFF) by 65535, floating-point TIFF bands are taken as
   already in [0, 1]; then each channel is normalised with the model's mean/std.
 
 Image files are decoded by the training loader's decoder (gfm_fast.data.decode, whose docstring
@@ -315,8 +315,8 @@ def extract_features(model_or_path: Any, images: Any, *, batch_size: int = 64,
     Args:
         model_or_path: an encoder (``load_model`` result or any timm Swin), a ``GFMPretrainer``
             (its student encoder is used), or a path accepted by ``gfm_fast.load_model``.
-        images: a float tensor (B, C, H, W) or (C, H, W) already normalised; a uint8 tensor or a
-            uint8/uint16/float NumPy array, HWC or CHW, single image or batch (integers are scaled
+        images: a float tensor (B, C, H, W) or (C, H, W) already normalised; a uint8/uint16 tensor or
+            a uint8/uint16/float NumPy array, HWC or CHW, single image or batch (integers are scaled
             to [0, 1] and normalised with the model's mean/std; floats are taken as normalised);
             a list of image file paths (PNG, JPEG, TIFF incl. multi-band GeoTIFF); a single file;
             or a directory (its images, sorted by name). See the module docstring for scaling.

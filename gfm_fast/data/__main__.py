@@ -103,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     build.add_argument("--nodata", type=float, default=None, help="nodata value (default: the GDAL_NODATA tag)")
     build.add_argument("--tile-format", default="raw", choices=("raw", "compressed", "jpeg"),
                        help="how tiles are stored: raw (uncompressed TIFF: lossless, fastest to decode; default), "
-                            "compressed (PNG / zlib TIFF: lossless, compact, ~30x slower to decode), jpeg (lossy, "
+                            "compressed (PNG / zlib TIFF: lossless, compact; the loader reads 512 px PNG tiles ~7x "
+                            "slower, benchmarks/results/loader_cpu.json), jpeg (lossy, "
                             "8-bit RGB/gray tiles only; for storage-bound setups)")
     build.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --tile-format jpeg")
     build.add_argument("--prefix", default="geopile", help="shard file name prefix")

@@ -1,8 +1,9 @@
 """The one image decoder: training shards (the loader) and image files (``extract_features``) both use it.
 
 Decoder choice, by measurement (benchmarks/loader_bench.py, benchmarks/results/loader_cpu.json;
-one core, 256 px JPEG): simplejpeg 0.29 ms < torchvision.io.decode_jpeg 0.32 ms < Pillow 0.37 ms
-per image (all libjpeg-turbo), which makes the whole loader ~20% faster with simplejpeg. So
+one core, 256 px JPEG): simplejpeg 0.40 ms < torchvision.io.decode_jpeg 0.44 ms < Pillow 0.58 ms
+per image (all libjpeg-turbo), which makes the whole loader ~15% faster with simplejpeg (1,054
+against 914 images/s). So
 plain RGB/gray JPEGs go through simplejpeg when it is installed (optional dependency), else
 Pillow; CMYK JPEG, PNG, WebP and BMP through Pillow, except 16-bit colour PNG (Pillow keeps only
 its high bytes) through imagecodecs; TIFF (multi-band, 16-bit, float) through tifffile. Large

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "ImageNet-22k teacher swin_base_patch4_window7_224_22k.pth")
     parser.add_argument("--teacher-bands", type=_bands, default=(0, 1, 2), metavar="B,G,R",
                         help="multi-band models: the bands the teacher's RGB filters read (default 0,1,2)")
-    parser.add_argument("--cache-dir", help="feature cache (default: $GFM_FAST_CACHE/eval or ~/.cache/gfm_fast/eval)")
+    parser.add_argument("--cache-dir", help="feature cache (default: $GFM_FAST_CACHE/eval, else "
+                        "$XDG_CACHE_HOME/gfm_fast/eval, else ~/.cache/gfm_fast/eval)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

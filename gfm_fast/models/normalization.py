@@ -32,8 +32,8 @@ def default_normalization(chans: int) -> Tuple[Tuple[float, ...], Tuple[float, .
     if chans == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     if chans == 12:
-        warnings.warn("12-band weights without mean/std: using Sentinel-2 L2A statistics (SSL4EO-S12; bands B1-B9, "
-                      "B8A, B11, B12 in that order, uint16 reflectance x 10000). Pass mean=..., std=... (12 values, "
+        warnings.warn("12-band weights without mean/std: using Sentinel-2 L2A statistics (SSL4EO-S12; bands B1-B8, "
+                      "B8A, B9, B11, B12 in that order, uint16 reflectance x 10000). Pass mean=..., std=... (12 values, "
                       "for pixels scaled to [0, 1]) if your bands, order or product level differ", UserWarning,
                       stacklevel=3)
         return SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD

@@ -33,8 +33,17 @@ class CosineDistillationFunction(torch.autograd.Function):
 
 
 def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """-mean_b cos(student[b], teacher[b]) over (B, D); teacher detached (cast to the student's dtype), eps 1e-8.
-    Under ``torch.autocast`` both are computed in float32, as autocast runs cosine_similarity."""
+    """L_feat = -mean_b cos(student[b], teacher[b]), each norm clamped at 1e-8 (torch's cosine_similarity).
+
+    Args:
+        student: z_s, (B, D); receives the gradient.
+        teacher: z_t, (B, D); detached, and cast to the student's dtype.
+        backend: auto | reference | cpp | triton.
+
+    Returns:
+        Scalar loss in the student's dtype. Under ``torch.autocast`` both inputs are computed in
+        float32 first, as autocast runs cosine_similarity.
+    """
     if isinstance(student, torch.Tensor):
         (student,) = cast_floats(autocast_dtype(student.device, loss=True), student)
     if isinstance(teacher, torch.Tensor):  # anything else gets check_same's TypeError below

@@ -49,7 +49,9 @@ def decoder_l1_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         bias: (stride*stride*C,).
         images: target (B, C, h*stride, w*stride), normalised, NCHW.
         mask: (B, h, w) 0/1 at block level (one entry per decoder output position).
-        backend: auto | reference | cpp | triton.
+        stride: the PixelShuffle factor s (the student's total stride, 32), equal to the mask block.
+        backend: auto | reference | cpp | triton. The fused backends give no gradient for the
+            target ``images`` and refuse images that require one; ``backend="reference"`` gives it.
 
     Returns:
         Scalar loss in the features' dtype. Under ``torch.autocast`` the floating inputs are cast to

@@ -54,10 +54,15 @@ def masked_patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: torch.T
         mask: (B, h, w) 0/1 on the token grid (H/p, W/p) or any coarser grid dividing it
             (e.g. 32-px blocks); upsampled on the fly.
         mask_token: (D,) or (1, 1, D); replaces masked tokens after the LayerNorm.
-        backend: auto | reference | cpp | triton.
+        patch_size: p, the conv's kernel and stride (4 in Swin).
+        eps: the LayerNorm's epsilon.
+        backend: auto | reference | cpp | triton. The fused backends give no gradient for
+            ``images`` and refuse images that require one; ``backend="reference"`` gives it.
 
-    Under ``torch.autocast`` the floating inputs (not the mask) are cast to the autocast dtype first,
-    as autocast does for a convolution; the LayerNorm statistics are fp32 inside the kernels.
+    Returns:
+        Tokens (B, L, D) in the images' dtype. Under ``torch.autocast`` the floating inputs (not the
+        mask) are cast to the autocast dtype first, as autocast does for a convolution; the
+        LayerNorm statistics are fp32 inside the kernels.
     """
     if isinstance(images, torch.Tensor):
         images, weight, bias, norm_weight, norm_bias, mask_token = cast_floats(

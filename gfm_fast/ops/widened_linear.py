@@ -1,10 +1,11 @@
 """A bf16 linear layer computed by the fp32 GEMM, for CPUs without bf16 dot-product instructions.
 
 x86 CPUs without AVX512-BF16 or AMX have no bf16 multiply: torch's bf16 GEMMs (oneDNN) emulate it
-and run about 5x slower than fp32 GEMMs on the same CPU (measured on a 2-core AVX-512 Xeon: ~65
-against ~330 GFLOP/s). Here the bf16 operands are widened to fp32, which is exact, and the fp32
-GEMM computes the same thing a bf16 GEMM computes: every product of two bf16 numbers is exact in
-fp32, the sums accumulate in fp32, and the output is rounded to bf16. So this is a bf16 linear (bf16
+and run about 5x slower than fp32 GEMMs on the same CPU (measured on a 2-core AVX-512 Xeon: ~68
+against ~350 GFLOP/s, benchmarks/results/cpu_step_base_b4.json). Here the bf16 operands are
+widened to fp32, which is exact, and the fp32 GEMM computes the same thing a bf16 GEMM computes:
+every product of two bf16 numbers is exact in fp32, the sums accumulate in fp32, and the output is
+rounded to bf16. So this is a bf16 linear (bf16
 operands, fp32 accumulation, bf16 output), not an fp32 one; only the summation order differs from a
 native bf16 GEMM's, and the gradients of fp32 inputs (the weights, LayerNorm outputs) are returned
 as the fp32 sums instead of being rounded to bf16 first. The conversions are memory-bound passes
