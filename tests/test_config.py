@@ -12,6 +12,13 @@ def test_defaults_are_the_paper_recipe():
     assert cfg.model.student.num_features == 1024 and cfg.model.student.total_stride == 32
     assert cfg.model.mask_ratio == 0.6 and cfg.model.mask_block == 32
     assert cfg.optim.base_lr == 2e-4 and cfg.optim.clip_grad == 5.0 and cfg.optim.weight_decay == 0.05
+    # docs/method.md: warmup from 1e-6 over 10 of 100 epochs, cosine to 1e-5, LRs for a global batch of 512
+    assert (cfg.optim.warmup_lr, cfg.optim.min_lr, cfg.optim.lr_scale_batch) == (1e-6, 1e-5, 512)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs) == (100, 10)
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.eps == 1e-8
+    # RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3)), flip p=0.5, ImageNet statistics
+    assert cfg.data.crop_scale == (0.67, 1.0) and cfg.data.crop_ratio == (3 / 4, 4 / 3) and cfg.data.hflip == 0.5
+    assert cfg.model.mean == (0.485, 0.456, 0.406) and cfg.model.std == (0.229, 0.224, 0.225)
 
 
 def test_yaml_file_and_typed_overrides(tmp_path):
