@@ -436,6 +436,26 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         assert acc[step] == pytest.approx(big[step], rel=1e-4, abs=1e-5), step
 
 
+def test_every_param_group_steps_with_the_scheduled_lr(tmp_path):
+    """The LR each AdamW update really used, in both groups (decayed and not), against the recipe
+    written out by hand: global batch 4 scales every LR by 4/512; a 20-step schedule warms up over
+    its first 2 steps (10 of 100 epochs) from warmup_lr to base_lr, then the cosine starts at base_lr."""
+    used = []
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: used.append([group["lr"] for group in optimizer.param_groups]))
+    try:
+        _run(tmp_path, "run.max_steps=3", "optim.schedule_steps=20", "optim.epochs=100", "optim.warmup_epochs=10",
+             "optim.lr_scale_batch=512", "optim.base_lr=1e-3", "optim.warmup_lr=1e-4")
+    finally:
+        handle.remove()
+    scale = 4 / 512
+    want = [1e-4 * scale, (1e-4 + (1e-3 - 1e-4) / 2) * scale, 1e-3 * scale]
+    assert len(used) == 3 and all(len(lrs) == 2 for lrs in used)
+    for step, lrs in enumerate(used):
+        assert lrs == pytest.approx([want[step]] * 2, rel=1e-9), step
+    assert _metric(tmp_path, "lr") == pytest.approx({1: want[0], 2: want[1], 3: want[2]}, rel=1e-9)
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(tmp_path, "run.max_steps=4", "run.ckpt_every=1", "run.keep_last=2")
     tags = Checkpoints(tmp_path, 2).complete_tags()
