@@ -350,3 +350,36 @@ def test_shards_that_are_missing_or_not_tars_fail_when_the_loader_is_made(tmp_pa
         warnings.simplefilter("ignore", DataWarning)
         assert len(_epoch(loader)) == 1
     assert loader.stats["failed_shards"] >= 1  # the zip, counted when a worker reads it
+
+
+def _copies(tmp_path, array, count):
+    """A shard of ``count`` samples holding the same lossless image."""
+    return write_tar(tmp_path / "copies.tar", [(f"cp/img{i:03d}", {"png": encode(array, "PNG")}) for i in range(count)])
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_configured_recipe_and_statistics_reach_the_batches(tmp_path, hflip):
+    """data.crop_scale / crop_ratio / hflip and the model's mean/std are the ones the batches get: a
+    full-image crop at the image's own size is the image itself (flipped when hflip=1), and
+    loader.normalize applies the given statistics, written out by hand."""
+    array = textured(IMG, IMG, seed=4)
+    cfg = small_cfg(_copies(tmp_path, array, 8), batch_size=8, samples_per_epoch=8, shuffle_buffer=0,
+                    crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=hflip)
+    mean, std = (0.2, 0.5, 0.7), (0.3, 0.1, 0.6)
+    loader = make_loader(cfg, img_size=IMG, mean=mean, std=std)
+    (batch,) = _epoch(loader)
+    image = torch.from_numpy(array).permute(2, 0, 1)
+    want = image.flip(-1) if hflip else image
+    assert batch.dtype == torch.uint8 and all(torch.equal(row, want) for row in batch)
+    by_hand = (want.double() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(loader.normalize(batch), by_hand.float().expand(8, -1, -1, -1))
+
+
+def test_every_sample_draws_its_own_crop_and_flip(tmp_path):
+    """16 copies of one image through the default recipe: each sample's crop and flip are its own
+    draw, so the rows differ (one draw per slot would give 16 equal rows)."""
+    cfg = small_cfg(_copies(tmp_path, textured(48, 48, seed=5), 16), batch_size=16, samples_per_epoch=16,
+                    shuffle_buffer=0)
+    (batch,) = _epoch(make_loader(cfg, img_size=IMG))
+    distinct = {bytes(row.flatten().tolist()) for row in batch}
+    assert len(distinct) >= 12
