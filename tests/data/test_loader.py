@@ -383,3 +383,21 @@ def test_every_sample_draws_its_own_crop_and_flip(tmp_path):
     (batch,) = _epoch(make_loader(cfg, img_size=IMG))
     distinct = {bytes(row.flatten().tolist()) for row in batch}
     assert len(distinct) >= 12
+
+
+def test_only_failures_in_a_row_stop_the_loader(tmp_path):
+    """data.max_consecutive_failures counts failures with no good sample between them: 6 corrupt
+    samples, never 2 in a row, pass a limit of 2; the same 6 in a row stop the loader at the 2nd."""
+    good, bad = good_samples("cc", 6), [(f"cc/bad{i}", {"jpg": b"garbage"}) for i in range(6)]
+    spread = write_tar(tmp_path / "spread.tar", [s for pair in zip(bad, good) for s in pair])
+    loader = make_loader(small_cfg(spread, shuffle_buffer=0, batch_size=6, samples_per_epoch=6,
+                                   max_consecutive_failures=2), img_size=IMG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert len(_epoch(loader)) == 1
+        assert loader.stats["corrupt_samples"] == 6
+        in_a_row = write_tar(tmp_path / "in_a_row.tar", bad + good)
+        loader = make_loader(small_cfg(in_a_row, shuffle_buffer=0, batch_size=6, samples_per_epoch=6,
+                                       max_consecutive_failures=2), img_size=IMG)
+        with pytest.raises(TooManyFailures, match="^2 consecutive shard/sample failures"):
+            _epoch(loader)
