@@ -64,6 +64,7 @@ def test_epoch_yields_exact_normalised_batches(built):
     first = _epoch(loader)
     assert len(first) == 10 and all(b.shape == (4, 3, IMG, IMG) and b.dtype == torch.uint8 for b in first)  # 8-bit
     assert loader.epoch == 1 and loader.stats["samples"] == 40
+    assert loader.stats["shards_read"] >= 4  # 40 of the 42 samples in 7 shards: at least 4 read to their end
     images = torch.stack([loader.normalize(b) for b in first])
     assert images.dtype == torch.float32 and -2.5 < images.mean() < 2.5 and images.std() > 0.1  # normalised imagery
     second = _epoch(loader)  # the loader moved to epoch 1 by itself: a new order
@@ -85,7 +86,8 @@ def test_resume_reproduces_the_rest_of_the_epoch(mixed_with_corrupt, workers, st
     cfg = small_cfg(mixed_with_corrupt, num_workers=workers, samples_per_epoch=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        full = _epoch(make_loader(cfg, img_size=IMG, seed=1))
+        uninterrupted = make_loader(cfg, img_size=IMG, seed=1)
+        full = _epoch(uninterrupted)
         loader = make_loader(cfg, img_size=IMG, seed=1)
         iterator = iter(loader)
         head = [next(iterator).clone() for _ in range(stop)]
@@ -97,6 +99,10 @@ def test_resume_reproduces_the_rest_of_the_epoch(mixed_with_corrupt, workers, st
         tail = _epoch(resumed)
     assert state["batches"] == stop and len(tail) == len(full) - stop
     assert _same(head + tail, full)
+    # The sample counters carry over too (data/corrupt_samples in the training log does not restart at 0).
+    for key in ("samples", "corrupt_samples"):
+        assert resumed.stats[key] == uninterrupted.stats[key], key
+    assert uninterrupted.stats["corrupt_samples"] > 0
 
 
 def test_set_epoch(built):
