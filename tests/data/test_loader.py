@@ -407,3 +407,22 @@ def test_only_failures_in_a_row_stop_the_loader(tmp_path):
                                        max_consecutive_failures=2), img_size=IMG)
         with pytest.raises(TooManyFailures, match="^2 consecutive shard/sample failures"):
             _epoch(loader)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_ranks_and_workers_read_disjoint_shards(tmp_path):
+    """2 ranks x 2 workers over 8 shards of 4 one-colour images (the colour names the sample, and
+    survives any crop): one epoch of both ranks sees every sample exactly once."""
+    def one_colour(value):
+        return {"png": encode(np.full((40, 40, 3), 7 * value, np.uint8), "PNG")}
+
+    shards = [write_tar(tmp_path / f"s{s}.tar", [(f"cc/s{s}_{i}", one_colour(4 * s + i)) for i in range(4)])
+              for s in range(8)]
+    cfg = small_cfg(",".join(shards), num_workers=2, shuffle_buffer=0, samples_per_epoch=32)
+    seen = []
+    for rank in range(2):
+        rows = [row for batch in _epoch(make_loader(cfg, img_size=IMG, seed=3, rank=rank, world_size=2))
+                for row in batch]
+        assert len(rows) == 16 and all(int(row.min()) == int(row.max()) for row in rows)
+        seen += [int(row[0, 0, 0]) // 7 for row in rows]
+    assert sorted(seen) == list(range(32))
