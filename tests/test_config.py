@@ -45,6 +45,13 @@ def test_yaml_file_and_typed_overrides(tmp_path):
     ("run.save_teacher=true", "unknown config key"),  # was accepted and ignored: the frozen teacher is the given file
     ("seed", "key=value"),
     ("data.decode_device=cuda", "data.decode_device=.cuda. is no longer supported"),  # at load, not when the loader starts
+    ("data.crop_scale=[0.5]", r"data.crop_scale: expected 2 values, got 1"),
+    ("data.crop_scale=[0.5,1.5]", r"data.crop_scale: must satisfy 0 < min <= max <= 1"),
+    ("data.hflip=1.5", r"data.hflip: is a probability"),
+    ("model.alpha=nan", r"model.alpha: NaN is not allowed"),
+    ("optim.warmup_epochs=101", r"optim.warmup_epochs: must lie in \[0, epochs\]"),
+    ("run.output_dir=[1,2]", r"run.output_dir: expected a string"),
+    ("run.eval_every=5", r"run.eval_data: must name a labelled folder"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
