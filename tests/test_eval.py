@@ -100,6 +100,39 @@ def test_knn_votes_match_hand_computation():
     assert knn_predict(train, labels, query, 2, k=100, temperature=100.0).tolist() == [1]  # k capped at 4: 2 vs 2 votes, class 1 closer
 
 
+def test_protocol_runner_passes_k_and_temperature_to_the_votes():
+    """run_protocol (what evaluate and knn_accuracy score with) on the hand-computed example above:
+    the query is class 1; T = 2 over 3 neighbours gets it right, T = 0.5 or k = 1 does not."""
+    from gfm_fast.eval.runner import run_protocol
+
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.0], [1.0, 0.2]])
+    labels = np.array([0, 1, 1, 0, 1])
+    split = [(np.arange(4), np.array([4]))]
+
+    def top1(k, temperature):
+        return run_protocol("knn", features, labels, split, 2, k=k, temperature=temperature, seed=0,
+                            device=torch.device("cpu")).top1
+
+    assert (top1(3, 2.0), top1(3, 0.5), top1(1, 2.0)) == (1.0, 0.0, 0.0)
+
+
+def test_linear_probe_standardises_with_the_training_fold_only(monkeypatch):
+    """Every fit sees features standardised by the training fold's own mean and std (computed here
+    in float64): test features far off that distribution must not shift them (no test leakage)."""
+    import gfm_fast.eval.protocols as protocols
+
+    gen = torch.Generator().manual_seed(2)
+    train, test = torch.randn(60, 4, generator=gen) * 3 + 1, torch.randn(20, 4, generator=gen) * 10 + 50
+    labels = torch.arange(60) % 2
+    seen, real = [], protocols._fit_logistic
+    monkeypatch.setattr(protocols, "_fit_logistic", lambda x, *a, **k: seen.append(x) or real(x, *a, **k))
+    linear_probe_predict(train, labels, test, 2, seed=0)
+    x = train.double().numpy()
+    standardised = torch.from_numpy((x - x.mean(0)) / x.std(0)).float()
+    final = seen[-1]  # the refit on the whole training fold (60 images > 4 features: no span basis)
+    torch.testing.assert_close(final, standardised, rtol=1e-4, atol=1e-5)
+
+
 def test_linear_probe_separates_separable_features():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=gen) * 4
