@@ -92,10 +92,13 @@ def test_zero_stages_train_alike(tmp_path):
             assert norm == pytest.approx(norms[0][step], rel=1e-3), (stage, step)
 
 
-@pytest.mark.parametrize("steps,ckpt_every", [(6, 3), (18, 16)], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, steps, ckpt_every):
-    """16 steps make an epoch of TEST_MODEL: a checkpoint there must resume in the next epoch."""
-    schedule = (f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}")
+@pytest.mark.parametrize("steps,ckpt_every,extra",
+                         [(6, 3, ()), (18, 16, ()), (4, 2, ("model.student.drop_path_rate=0.3",))],
+                         ids=["mid-epoch", "epoch-boundary", "drop-path"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, steps, ckpt_every, extra):
+    """16 steps make an epoch of TEST_MODEL: a checkpoint there must resume in the next epoch. Drop-path
+    draws from torch's global RNG, which the checkpoint restores too."""
+    schedule = (f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}", *extra)
     _run(tmp_path / "full", *schedule)
     real_save = Checkpoints.save
 
