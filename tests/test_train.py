@@ -129,20 +129,24 @@ def test_exported_model_matches_the_trained_student(tmp_path):
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
-    real_save = Checkpoints.save
+    """Killed while DeepSpeed writes the step-4 files (Checkpoints.save itself runs): neither the
+    COMPLETE marker nor the latest pointer may name the partial checkpoint."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
-    def crash_midway(self, engine, step, client_state, rank, export=None):
-        # Write part of a checkpoint, then die before it is marked complete.
-        (self.root / self.tag(step)).mkdir(parents=True)
-        (self.root / self.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+
+    def crash_midway(self, save_dir, tag=None, **kwargs):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(Checkpoints, "save", crash_midway)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")
-    monkeypatch.setattr(Checkpoints, "save", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(DeepSpeedEngine, "save_checkpoint", crash_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")
+    assert (tmp_path / "checkpoints" / Checkpoints.tag(4) / "mp_rank_00_model_states.pt").read_bytes() == b"partial"
     assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(2)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == Checkpoints.tag(2)
     result = _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")  # resumes from step 2, replaces the partial
     assert result.metrics["step"] == 4
     assert (tmp_path / "checkpoints" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
