@@ -20,7 +20,7 @@ from gfm_fast.errors import ConfigError, GFMError
 from gfm_fast.eval import EvalError, evaluate, knn_accuracy, open_dataset
 from gfm_fast.eval.__main__ import main
 from gfm_fast.eval.models import random_baseline, resolve_models
-from gfm_fast.eval.protocols import (_fit_logistic, _logits, _span_basis, knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
+from gfm_fast.eval.protocols import (WEIGHT_DECAYS, _fit_logistic, _logits, _span_basis, knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
                                      stratified_split)
 from gfm_fast.models.io import save_model
 from gfm_fast.models.swin import EncoderConfig, build_student, swin_kwargs
@@ -141,7 +141,7 @@ def test_linear_probe_separates_separable_features():
     test = torch.arange(90) % 3 == 0
     predicted, decay = linear_probe_predict(features[~test], labels[~test], features[test], 3, seed=0)
     assert (predicted == labels[test]).float().mean().item() == 1.0
-    assert decay > 0
+    assert decay == max(WEIGHT_DECAYS)  # every penalty separates the held-out part: the tie goes to the strongest
     # Labels no linear map of the features explains: the probe cannot generalise.
     shuffled = labels[torch.randperm(90, generator=gen)]
     predicted, _ = linear_probe_predict(features[~test], shuffled[~test], features[test], 3, seed=0)
@@ -173,6 +173,9 @@ def test_stratified_folds_keep_proportions_and_are_seeded():
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
     with pytest.raises(ValueError, match="too few"):
         stratified_folds(labels[:3], 5, seed=0)
+    # Class sizes that 5 does not divide: the folds' sizes still differ by at most one.
+    uneven = stratified_folds(np.repeat([0, 1, 2], 7), 5, seed=0)
+    assert sorted(len(test) for _, test in uneven) == [4, 4, 4, 4, 5]
 
 
 def test_stratified_split_holds_out_each_class():
@@ -181,6 +184,8 @@ def test_stratified_split_holds_out_each_class():
     assert np.bincount(labels[test], minlength=3).tolist() == [10, 6, 0]  # a single image stays in training
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(81))
     assert np.array_equal(test, stratified_split(labels, 0.2, seed=0)[1])
+    train, test = stratified_split(np.array([0, 0, 1, 1, 1]), 0.9, seed=0)  # rounds to all of each class
+    assert len(train) == 2 and set(np.array([0, 0, 1, 1, 1])[train]) == {0, 1}  # one training image each
 
 
 def test_metrics_match_hand_computation():
@@ -188,6 +193,8 @@ def test_metrics_match_hand_computation():
     # F1: class 0 = 2*1/(2+1+1), class 1 = 2*2/(4+1+0), class 2 = 0
     assert macro_f1(truth, predicted, 4) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert majority_rate(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(1 / 3)
+    # A class only predicted, never true, counts with F1 0: (2/3 + 1 + 0) / 3
+    assert macro_f1(np.array([0, 0, 1]), np.array([0, 2, 1]), 3) == pytest.approx(5 / 9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +257,26 @@ def test_stage_and_image_size(scenes, tiny_model):
     assert model.feature_dim == 32 and model.image_size == 96 and model.stage.startswith("stage 1")
     last = evaluate(tiny_model, scenes, protocol="knn", stage=-1, baseline_random=False, **QUIET).models[0]
     assert last.feature_dim == 128 and last.stage == "last (pooled)"
+
+
+def test_eval_features_are_extract_features_of_the_files(tmp_path, tiny_model):
+    """The images evaluate scores, at the model's own size (no resize): the pooled feature and a
+    stage's spatial mean equal what extract_features gives for the same files."""
+    from gfm_fast.eval.extraction import compute_features, prepared_batches
+
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    dataset = open_dataset(tmp_path)
+    encoder = gfm_fast.load_model(tiny_model)
+    files = [sample.path for sample in dataset.samples]
+    references = {None: gfm_fast.extract_features(tiny_model, files),
+                  1: gfm_fast.extract_features(tiny_model, files, stages=[1])[1].mean(dim=(2, 3))}
+    for stage, reference in references.items():
+        got = compute_features(encoder, prepared_batches(dataset, encoder.gfm_config, 64, 4), stage,
+                               torch.device("cpu"))
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5, msg=f"stage {stage}")
 
 
 def test_cache_second_run_skips_extraction(scenes, tiny_model, tmp_path, monkeypatch):
