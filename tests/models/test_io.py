@@ -162,6 +162,24 @@ def test_load_model_from_training_checkpoints(tmp_path, pretrainer):
         assert loaded.gfm_config.swin == pretrainer.config.student  # image size from the run config
 
 
+def test_the_newest_complete_checkpoint_wins_over_a_stale_latest(tmp_path, pretrainer):
+    """A run stopped between a checkpoint's COMPLETE marker and the latest update: the readers take
+    the newest complete checkpoint (step 9), not the older one latest still names (step 5)."""
+    older = write_training_run(tmp_path / "run", pretrainer)
+    newer = older.parent / "step_00000009"
+    newer.mkdir()
+    states = torch.load(older / "mp_rank_00_model_states.pt", weights_only=True)
+    states["module"] = {k: v + 1 for k, v in states["module"].items()}
+    torch.save(states, newer / "mp_rank_00_model_states.pt")
+    (newer / "gfm_config.json").write_text((older / "gfm_config.json").read_text())
+    for tag in (older, newer):
+        (tag / "COMPLETE").write_text("{}")
+    assert (older.parent / "latest").read_text() == older.name
+    for path in (tmp_path / "run", older.parent):
+        loaded = load_model(path)
+        torch.testing.assert_close(loaded.patch_embed.proj.weight, pretrainer.encoder.patch_embed.proj.weight + 1)
+
+
 def test_load_model_prefers_the_export_and_reads_bf16_checkpoints(tmp_path, pretrainer):
     write_training_run(tmp_path / "run", pretrainer, dtype=torch.bfloat16, with_export=True)
     assert_same_encoder(load_model(tmp_path / "run"), pretrainer.encoder)  # the fp32 export
