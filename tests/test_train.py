@@ -223,6 +223,13 @@ def test_skipped_step_count_survives_resume(tmp_path, monkeypatch):
     assert _metric(tmp_path, "train/bad_steps")[3] == 1
 
 
+def test_only_non_finite_steps_in_a_row_are_fatal(tmp_path, monkeypatch):
+    """run.max_bad_steps=2 counts skipped steps in a row: two NaN batches with a good step between
+    them are skipped, counted (2 in total) and the run finishes."""
+    _run_with_nan_batches(tmp_path, monkeypatch, {1, 3}, "run.max_steps=3", "run.max_bad_steps=2")
+    assert _metric(tmp_path, "train/bad_steps") == {1: 0, 2: 1, 3: 2}
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_non_finite_second_micro_batch_skips_the_whole_step(tmp_path, monkeypatch, stage):
     """grad_accum=2, NaN in the 2nd micro-batch of the 2nd step (loader batch 3): the step is skipped as a
