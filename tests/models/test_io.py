@@ -99,6 +99,29 @@ def test_save_refuses_to_overwrite_user_files(tmp_path, pretrainer):
         save_model(pretrainer, first)
 
 
+def test_a_failed_replace_keeps_the_previous_model(tmp_path, pretrainer, monkeypatch):
+    """The new model cannot be moved into place (disk full, say): the model saved before is still
+    there and loads, and no staging or retired directory is left beside it."""
+    target = save_model(pretrainer, tmp_path / "model")
+    before = load_model(target).state_dict()
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(src).startswith(".model.tmp-"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    with torch.no_grad():
+        pretrainer.encoder.norm.weight.add_(1.0)
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(pretrainer, target)
+    monkeypatch.setattr(os, "rename", real_rename)
+    after = load_model(target).state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_save_plain_encoder_without_config(tmp_path):
     import timm
 
