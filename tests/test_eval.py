@@ -290,8 +290,9 @@ def test_cache_second_run_skips_extraction(scenes, tiny_model, tmp_path, monkeyp
     second = evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False)
     assert all(m.cached for m in second.models)
     assert [m.protocols["knn"].confusion for m in second.models] == [m.protocols["knn"].confusion for m in first.models]
-    with pytest.raises(AssertionError, match="extracted"):  # other settings: another key
-        evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, image_size=96, progress=False)
+    for other in ({"image_size": 96}, {"stage": 1}):  # other settings: another key, never the cached features
+        with pytest.raises(AssertionError, match="extracted"):
+            evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False, **other)
 
 
 def test_knn_accuracy_for_training_loop(scenes, tiny_model):
