@@ -320,6 +320,13 @@ def test_shipped_split_files_are_used(tmp_path, tiny_model):
     report = evaluate(tiny_model, root, protocol="knn", baseline_random=False, **QUIET)
     knn = report.models[0].protocols["knn"]
     assert (knn.n_train, knn.n_test, len(knn.folds)) == (24, 10, 1) and "shipped split" in report.split
+    (root / "val.txt").write_text("\n".join(names[1::2][10:14]) + "\n")  # a shipped val split is training data
+    train, test = open_dataset(root).split
+    assert (len(train), len(test)) == (28, 10)
+    (root / "val.txt").write_text(names[1] + "\n")  # also in test.txt
+    with pytest.raises(EvalError, match="split files list 1 image.s. in both train and test"):
+        open_dataset(root)
+    (root / "val.txt").unlink()
     (root / "test.txt").unlink()
     with pytest.raises(EvalError, match="not both a train and a test"):
         open_dataset(root)
