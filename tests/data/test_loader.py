@@ -426,3 +426,14 @@ def test_ranks_and_workers_read_disjoint_shards(tmp_path):
         assert len(rows) == 16 and all(int(row.min()) == int(row.max()) for row in rows)
         seen += [int(row[0, 0, 0]) // 7 for row in rows]
     assert sorted(seen) == list(range(32))
+
+
+def test_ranks_draw_their_own_crops(tmp_path):
+    """Every shard holds copies of one image: rank 0 and rank 1 read different shards of the same
+    pixels, so only their own crop and flip draws tell their batches apart (ranks that shared the
+    draws would train on the same augmented batch)."""
+    image = {"png": encode(textured(48, 48, seed=6), "PNG")}
+    shards = [write_tar(tmp_path / f"s{s}.tar", [(f"cc/s{s}_{i}", image) for i in range(8)]) for s in range(2)]
+    cfg = small_cfg(",".join(shards), batch_size=8, samples_per_epoch=16, shuffle_buffer=0)
+    first, second = (_epoch(make_loader(cfg, img_size=IMG, seed=0, rank=r, world_size=2))[0] for r in range(2))
+    assert sum(torch.equal(a, b) for a, b in zip(first, second)) <= 2
