@@ -12,6 +12,13 @@ def test_defaults_are_the_paper_recipe():
     assert cfg.model.student.num_features == 1024 and cfg.model.student.total_stride == 32
     assert cfg.model.mask_ratio == 0.6 and cfg.model.mask_block == 32
     assert cfg.optim.base_lr == 2e-4 and cfg.optim.clip_grad == 5.0 and cfg.optim.weight_decay == 0.05
+    # docs/method.md: warmup from 1e-6 over 10 of 100 epochs, cosine to 1e-5, LRs for a global batch of 512
+    assert (cfg.optim.warmup_lr, cfg.optim.min_lr, cfg.optim.lr_scale_batch) == (1e-6, 1e-5, 512)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs) == (100, 10)
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.eps == 1e-8
+    # RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3)), flip p=0.5, ImageNet statistics
+    assert cfg.data.crop_scale == (0.67, 1.0) and cfg.data.crop_ratio == (3 / 4, 4 / 3) and cfg.data.hflip == 0.5
+    assert cfg.model.mean == (0.485, 0.456, 0.406) and cfg.model.std == (0.229, 0.224, 0.225)
 
 
 def test_yaml_file_and_typed_overrides(tmp_path):
@@ -38,6 +45,13 @@ def test_yaml_file_and_typed_overrides(tmp_path):
     ("run.save_teacher=true", "unknown config key"),  # was accepted and ignored: the frozen teacher is the given file
     ("seed", "key=value"),
     ("data.decode_device=cuda", "data.decode_device=.cuda. is no longer supported"),  # at load, not when the loader starts
+    ("data.crop_scale=[0.5]", r"data.crop_scale: expected 2 values, got 1"),
+    ("data.crop_scale=[0.5,1.5]", r"data.crop_scale: must satisfy 0 < min <= max <= 1"),
+    ("data.hflip=1.5", r"data.hflip: is a probability"),
+    ("model.alpha=nan", r"model.alpha: NaN is not allowed"),
+    ("optim.warmup_epochs=101", r"optim.warmup_epochs: must lie in \[0, epochs\]"),
+    ("run.output_dir=[1,2]", r"run.output_dir: expected a string"),
+    ("run.eval_every=5", r"run.eval_data: must name a labelled folder"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

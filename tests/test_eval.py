@@ -20,7 +20,7 @@ from gfm_fast.errors import ConfigError, GFMError
 from gfm_fast.eval import EvalError, evaluate, knn_accuracy, open_dataset
 from gfm_fast.eval.__main__ import main
 from gfm_fast.eval.models import random_baseline, resolve_models
-from gfm_fast.eval.protocols import (_fit_logistic, _logits, _span_basis, knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
+from gfm_fast.eval.protocols import (WEIGHT_DECAYS, _fit_logistic, _logits, _span_basis, knn_predict, linear_probe_predict, macro_f1, majority_rate, stratified_folds,
                                      stratified_split)
 from gfm_fast.models.io import save_model
 from gfm_fast.models.swin import EncoderConfig, build_student, swin_kwargs
@@ -100,6 +100,39 @@ def test_knn_votes_match_hand_computation():
     assert knn_predict(train, labels, query, 2, k=100, temperature=100.0).tolist() == [1]  # k capped at 4: 2 vs 2 votes, class 1 closer
 
 
+def test_protocol_runner_passes_k_and_temperature_to_the_votes():
+    """run_protocol (what evaluate and knn_accuracy score with) on the hand-computed example above:
+    the query is class 1; T = 2 over 3 neighbours gets it right, T = 0.5 or k = 1 does not."""
+    from gfm_fast.eval.runner import run_protocol
+
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.0], [1.0, 0.2]])
+    labels = np.array([0, 1, 1, 0, 1])
+    split = [(np.arange(4), np.array([4]))]
+
+    def top1(k, temperature):
+        return run_protocol("knn", features, labels, split, 2, k=k, temperature=temperature, seed=0,
+                            device=torch.device("cpu")).top1
+
+    assert (top1(3, 2.0), top1(3, 0.5), top1(1, 2.0)) == (1.0, 0.0, 0.0)
+
+
+def test_linear_probe_standardises_with_the_training_fold_only(monkeypatch):
+    """Every fit sees features standardised by the training fold's own mean and std (computed here
+    in float64): test features far off that distribution must not shift them (no test leakage)."""
+    import gfm_fast.eval.protocols as protocols
+
+    gen = torch.Generator().manual_seed(2)
+    train, test = torch.randn(60, 4, generator=gen) * 3 + 1, torch.randn(20, 4, generator=gen) * 10 + 50
+    labels = torch.arange(60) % 2
+    seen, real = [], protocols._fit_logistic
+    monkeypatch.setattr(protocols, "_fit_logistic", lambda x, *a, **k: seen.append(x) or real(x, *a, **k))
+    linear_probe_predict(train, labels, test, 2, seed=0)
+    x = train.double().numpy()
+    standardised = torch.from_numpy((x - x.mean(0)) / x.std(0)).float()
+    final = seen[-1]  # the refit on the whole training fold (60 images > 4 features: no span basis)
+    torch.testing.assert_close(final, standardised, rtol=1e-4, atol=1e-5)
+
+
 def test_linear_probe_separates_separable_features():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=gen) * 4
@@ -108,7 +141,7 @@ def test_linear_probe_separates_separable_features():
     test = torch.arange(90) % 3 == 0
     predicted, decay = linear_probe_predict(features[~test], labels[~test], features[test], 3, seed=0)
     assert (predicted == labels[test]).float().mean().item() == 1.0
-    assert decay > 0
+    assert decay == max(WEIGHT_DECAYS)  # every penalty separates the held-out part: the tie goes to the strongest
     # Labels no linear map of the features explains: the probe cannot generalise.
     shuffled = labels[torch.randperm(90, generator=gen)]
     predicted, _ = linear_probe_predict(features[~test], shuffled[~test], features[test], 3, seed=0)
@@ -140,6 +173,9 @@ def test_stratified_folds_keep_proportions_and_are_seeded():
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
     with pytest.raises(ValueError, match="too few"):
         stratified_folds(labels[:3], 5, seed=0)
+    # Class sizes that 5 does not divide: the folds' sizes still differ by at most one.
+    uneven = stratified_folds(np.repeat([0, 1, 2], 7), 5, seed=0)
+    assert sorted(len(test) for _, test in uneven) == [4, 4, 4, 4, 5]
 
 
 def test_stratified_split_holds_out_each_class():
@@ -148,6 +184,8 @@ def test_stratified_split_holds_out_each_class():
     assert np.bincount(labels[test], minlength=3).tolist() == [10, 6, 0]  # a single image stays in training
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(81))
     assert np.array_equal(test, stratified_split(labels, 0.2, seed=0)[1])
+    train, test = stratified_split(np.array([0, 0, 1, 1, 1]), 0.9, seed=0)  # rounds to all of each class
+    assert len(train) == 2 and set(np.array([0, 0, 1, 1, 1])[train]) == {0, 1}  # one training image each
 
 
 def test_metrics_match_hand_computation():
@@ -155,6 +193,8 @@ def test_metrics_match_hand_computation():
     # F1: class 0 = 2*1/(2+1+1), class 1 = 2*2/(4+1+0), class 2 = 0
     assert macro_f1(truth, predicted, 4) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     assert majority_rate(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(1 / 3)
+    # A class only predicted, never true, counts with F1 0: (2/3 + 1 + 0) / 3
+    assert macro_f1(np.array([0, 0, 1]), np.array([0, 2, 1]), 3) == pytest.approx(5 / 9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +259,26 @@ def test_stage_and_image_size(scenes, tiny_model):
     assert last.feature_dim == 128 and last.stage == "last (pooled)"
 
 
+def test_eval_features_are_extract_features_of_the_files(tmp_path, tiny_model):
+    """The images evaluate scores, at the model's own size (no resize): the pooled feature and a
+    stage's spatial mean equal what extract_features gives for the same files."""
+    from gfm_fast.eval.extraction import compute_features, prepared_batches
+
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    dataset = open_dataset(tmp_path)
+    encoder = gfm_fast.load_model(tiny_model)
+    files = [sample.path for sample in dataset.samples]
+    references = {None: gfm_fast.extract_features(tiny_model, files),
+                  1: gfm_fast.extract_features(tiny_model, files, stages=[1])[1].mean(dim=(2, 3))}
+    for stage, reference in references.items():
+        got = compute_features(encoder, prepared_batches(dataset, encoder.gfm_config, 64, 4), stage,
+                               torch.device("cpu"))
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5, msg=f"stage {stage}")
+
+
 def test_cache_second_run_skips_extraction(scenes, tiny_model, tmp_path, monkeypatch):
     first = evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False)
     assert not any(m.cached for m in first.models)
@@ -230,8 +290,9 @@ def test_cache_second_run_skips_extraction(scenes, tiny_model, tmp_path, monkeyp
     second = evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False)
     assert all(m.cached for m in second.models)
     assert [m.protocols["knn"].confusion for m in second.models] == [m.protocols["knn"].confusion for m in first.models]
-    with pytest.raises(AssertionError, match="extracted"):  # other settings: another key
-        evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, image_size=96, progress=False)
+    for other in ({"image_size": 96}, {"stage": 1}):  # other settings: another key, never the cached features
+        with pytest.raises(AssertionError, match="extracted"):
+            evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False, **other)
 
 
 def test_knn_accuracy_for_training_loop(scenes, tiny_model):
@@ -259,6 +320,13 @@ def test_shipped_split_files_are_used(tmp_path, tiny_model):
     report = evaluate(tiny_model, root, protocol="knn", baseline_random=False, **QUIET)
     knn = report.models[0].protocols["knn"]
     assert (knn.n_train, knn.n_test, len(knn.folds)) == (24, 10, 1) and "shipped split" in report.split
+    (root / "val.txt").write_text("\n".join(names[1::2][10:14]) + "\n")  # a shipped val split is training data
+    train, test = open_dataset(root).split
+    assert (len(train), len(test)) == (28, 10)
+    (root / "val.txt").write_text(names[1] + "\n")  # also in test.txt
+    with pytest.raises(EvalError, match="split files list 1 image.s. in both train and test"):
+        open_dataset(root)
+    (root / "val.txt").unlink()
     (root / "test.txt").unlink()
     with pytest.raises(EvalError, match="not both a train and a test"):
         open_dataset(root)

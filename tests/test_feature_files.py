@@ -134,6 +134,31 @@ def test_shards_with_resize(tmp_path, model):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)  # JPEG decoders may differ by a unit
 
 
+def test_corrupt_shard_samples_are_skipped_and_counted(tmp_path, model, capsys):
+    """A shard of 3 images with 2 undecodable samples between them: 3 rows, the 3 ids, and the summary
+    line counts the 2 skipped samples."""
+    rng = np.random.default_rng(5)
+    members = []
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        members.append((f"site/img{i}.png", buffer.getvalue()))
+        if i < 2:
+            members.append((f"site/bad{i}.png", b"not a png"))
+    with tarfile.open(tmp_path / "s-0.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "f.npy"
+    assert main(["--model", str(model), "--data", str(tmp_path / "s-0.tar"), "--out", str(out), "--chunk-size", "2",
+                 "--no-progress"]) == 0
+    features, ids = read_output(out)
+    assert ids == ["site/img0", "site/img1", "site/img2"] and features.shape == (3, 128)
+    assert capsys.readouterr().err == (f"wrote {out} (3 x 128 float32, 2 corrupt samples skipped) and "
+                                       f"f.ids.txt\n")
+
+
 def test_a_damaged_shard_stops_the_run_in_one_line_keeping_finished_chunks(tmp_path, model, capsys):
     first = sorted(SAMPLE_SHARDS.glob("*.tar"))[0]
     (tmp_path / "s-0.tar").write_bytes(first.read_bytes())

@@ -70,6 +70,11 @@ def test_stages_are_timms_intermediates(encoder):
         torch.testing.assert_close(maps[i], expected[i])
     torch.testing.assert_close(maps[3].mean(dim=(2, 3)), extract_features(encoder, x))  # pooled = last map, pooled
     assert list(extract_features(encoder, x, stages=[-1])) == [3]
+    # Stages asked out of order, repeated or from the end: each key still holds its own stage's map.
+    shuffled = extract_features(encoder, x, stages=[3, 0, -3, 3])
+    assert sorted(shuffled) == [0, 1, 3]
+    for i in (0, 1, 3):
+        torch.testing.assert_close(shuffled[i], expected[i])
 
 
 def test_uint8_tensors_in_every_layout(encoder):

@@ -45,6 +45,22 @@ def test_build_optimizer_by_zero_stage_and_precision():
     assert build_optimizer(params(), cfg, "fp32").defaults["fused"] is None  # torch's default AdamW
 
 
+@pytest.mark.parametrize("fused, precision", [(True, "fp32"), (True, "bf16"), (False, "fp32")])
+def test_every_optimizer_takes_the_configured_adamw_settings(fused, precision):
+    """The paper's AdamW (0.9, 0.999), eps 1e-8, and whatever the config overrides, in each optimizer kind;
+    weight decay comes from the parameter groups (none for norms and biases)."""
+    cfg = TrainConfig()
+    cfg.optim.fused = fused
+    groups = [{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.05},
+              {"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.0}]
+    opt = build_optimizer(groups, cfg, precision)
+    assert [(g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups] == [
+        ((0.9, 0.999), 1e-8, 0.05), ((0.9, 0.999), 1e-8, 0.0)]
+    cfg.optim.betas, cfg.optim.eps = (0.8, 0.95), 1e-6
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2))]}], cfg, precision)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["eps"] == 1e-6
+
+
 def test_resumes_from_a_checkpoint_of_torchs_default_adamw():
     """Optimizer state written by torch's default AdamW (older runs, optim.fused=false) loads into
     ClippedAdamW, which keeps its fused kernel (torch's loader would take the file's kernel choice,

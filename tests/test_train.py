@@ -92,10 +92,13 @@ def test_zero_stages_train_alike(tmp_path):
             assert norm == pytest.approx(norms[0][step], rel=1e-3), (stage, step)
 
 
-@pytest.mark.parametrize("steps,ckpt_every", [(6, 3), (18, 16)], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, steps, ckpt_every):
-    """16 steps make an epoch of TEST_MODEL: a checkpoint there must resume in the next epoch."""
-    schedule = (f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}")
+@pytest.mark.parametrize("steps,ckpt_every,extra",
+                         [(6, 3, ()), (18, 16, ()), (4, 2, ("model.student.drop_path_rate=0.3",))],
+                         ids=["mid-epoch", "epoch-boundary", "drop-path"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, steps, ckpt_every, extra):
+    """16 steps make an epoch of TEST_MODEL: a checkpoint there must resume in the next epoch. Drop-path
+    draws from torch's global RNG, which the checkpoint restores too."""
+    schedule = (f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}", *extra)
     _run(tmp_path / "full", *schedule)
     real_save = Checkpoints.save
 
@@ -126,20 +129,24 @@ def test_exported_model_matches_the_trained_student(tmp_path):
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
-    real_save = Checkpoints.save
+    """Killed while DeepSpeed writes the step-4 files (Checkpoints.save itself runs): neither the
+    COMPLETE marker nor the latest pointer may name the partial checkpoint."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
-    def crash_midway(self, engine, step, client_state, rank, export=None):
-        # Write part of a checkpoint, then die before it is marked complete.
-        (self.root / self.tag(step)).mkdir(parents=True)
-        (self.root / self.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+
+    def crash_midway(self, save_dir, tag=None, **kwargs):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(Checkpoints, "save", crash_midway)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")
-    monkeypatch.setattr(Checkpoints, "save", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(DeepSpeedEngine, "save_checkpoint", crash_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")
+    assert (tmp_path / "checkpoints" / Checkpoints.tag(4) / "mp_rank_00_model_states.pt").read_bytes() == b"partial"
     assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(2)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == Checkpoints.tag(2)
     result = _run(tmp_path, "run.max_steps=4", "run.ckpt_every=4")  # resumes from step 2, replaces the partial
     assert result.metrics["step"] == 4
     assert (tmp_path / "checkpoints" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
@@ -214,6 +221,13 @@ def test_skipped_step_count_survives_resume(tmp_path, monkeypatch):
     assert _metric(tmp_path, "train/bad_steps")[2] == 1
     _run(tmp_path, "run.max_steps=3")
     assert _metric(tmp_path, "train/bad_steps")[3] == 1
+
+
+def test_only_non_finite_steps_in_a_row_are_fatal(tmp_path, monkeypatch):
+    """run.max_bad_steps=2 counts skipped steps in a row: two NaN batches with a good step between
+    them are skipped, counted (2 in total) and the run finishes."""
+    _run_with_nan_batches(tmp_path, monkeypatch, {1, 3}, "run.max_steps=3", "run.max_bad_steps=2")
+    assert _metric(tmp_path, "train/bad_steps") == {1: 0, 2: 1, 3: 2}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -434,6 +448,33 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     assert sorted(big) == sorted(acc) == [1, 2, 3]
     for step in big:
         assert acc[step] == pytest.approx(big[step], rel=1e-4, abs=1e-5), step
+
+
+def test_every_param_group_steps_with_the_scheduled_lr(tmp_path):
+    """The LR each AdamW update really used, in both groups (decayed and not), against the recipe
+    written out by hand: global batch 4 scales every LR by 4/512; a 20-step schedule warms up over
+    its first 2 steps (10 of 100 epochs) from warmup_lr to base_lr, then the cosine starts at base_lr."""
+    used = {}
+
+    def record(optimizer, args, kwargs):
+        # By AdamW's own step count: ClippedAdamW.step calls AdamW.step, and once torch has wrapped both
+        # classes' step (any AdamW made earlier in the process) the hook runs twice per update.
+        count = max(int(state["step"]) for state in optimizer.state.values())
+        used[count] = [group["lr"] for group in optimizer.param_groups]
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        _run(tmp_path, "run.max_steps=3", "optim.schedule_steps=20", "optim.epochs=100", "optim.warmup_epochs=10",
+             "optim.lr_scale_batch=512", "optim.base_lr=1e-3", "optim.warmup_lr=1e-4", "run.log_every=2")
+    finally:
+        handle.remove()
+    scale = 4 / 512
+    want = [1e-4 * scale, (1e-4 + (1e-3 - 1e-4) / 2) * scale, 1e-3 * scale]
+    assert sorted(used) == [1, 2, 3] and all(len(lrs) == 2 for lrs in used.values())
+    for step, lrs in used.items():
+        assert lrs == pytest.approx([want[step - 1]] * 2, rel=1e-9), step
+    # logged every 2 steps, and at the last step (3) whatever log_every says
+    assert _metric(tmp_path, "lr") == pytest.approx({2: want[1], 3: want[2]}, rel=1e-9)
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

@@ -122,6 +122,10 @@ def test_architecture_mismatch_is_named():
     with pytest.raises(TrainingError, match=r"\(model.student.depths: checkpoint None vs config \[2, 2\]; "
                                             r"model.mask_block: checkpoint 32 vs config 64\)"):
         check_same_architecture(a, c, Path("ckpt"))
+    # The teacher and the bands it is fed are part of what a checkpoint was trained with, too.
+    with pytest.raises(TrainingError, match=r"\(model.teacher.embed_dim: checkpoint 32 vs config 64; "
+                                            r"model.teacher_bands: checkpoint \[0, 1, 2\] vs config \[2, 1, 0\]\)"):
+        check_same_architecture(a, {**a, "teacher": {"embed_dim": 64}, "teacher_bands": [2, 1, 0]}, Path("ckpt"))
 
 
 def test_optimizer_layout_mismatch_is_one_line():

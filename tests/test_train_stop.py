@@ -152,6 +152,8 @@ def test_launcher_variables_from_slurm():
                                    "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}
     assert launcher_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "29400"})["MASTER_ADDR"] == "head"
     assert launcher_env({**slurm, "RANK": "0"}) == {}  # a launcher's variables win
+    # `srun -n 4` inside an 8-task allocation: the step's 4 tasks are the world, not the job's 8
+    assert launcher_env({**slurm, "SLURM_STEP_NUM_TASKS": "4"})["WORLD_SIZE"] == "4"
     single = launcher_env({})
     assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
 

@@ -95,6 +95,18 @@ def test_geotiff_scenes_are_tiled_multiband_kept_nodata_skipped(tmp_path):
     np.testing.assert_array_equal(decode_tiff(rgb_tile["tif"]), rgb[0:64, 64:128])
 
 
+def test_a_nodata_pixel_has_every_band_at_the_nodata_value():
+    from gfm_fast.data.geotiff import nodata_fraction
+
+    tile = np.ones((2, 2, 3), np.float32)
+    tile[0, 0] = 0  # all bands: nodata
+    tile[0, 1, 0] = 0  # one band only: a real (dark) pixel
+    assert nodata_fraction(tile, 0.0) == 0.25 and nodata_fraction(tile, None) == 0.0
+    tile[1, 1] = np.nan
+    tile[1, 0, 2] = np.nan
+    assert nodata_fraction(tile, float("nan")) == 0.25
+
+
 def test_band_selection_for_tiles(tmp_path):
     scene = textured(64, 128, bands=4, seed=5)  # e.g. NAIP: R, G, B, NIR
     root = write_files(tmp_path / "naip", {"m.tif": tiff(scene)})
@@ -236,6 +248,11 @@ def test_damaged_shard_is_rebuilt_on_rerun(folders, tmp_path):
     _build(sources, tmp_path / "out", shard_size=parse_size("12KB"))
     assert verify_build(tmp_path / "out") == []
     assert sha256_file(victim) == manifest["shards"][0]["sha256"]
+    damaged = bytearray(victim.read_bytes())
+    damaged[600] ^= 0xFF  # one flipped bit pattern, same size: only the checksum sees it
+    victim.write_bytes(damaged)
+    assert verify_build(tmp_path / "out") == [f"{victim}: sha256 differs from the manifest"]
+    assert verify_build(tmp_path / "out", checksums=False) == []
 
 
 def test_changed_sources_are_not_mixed_into_an_old_build(folders, tmp_path):

@@ -64,6 +64,7 @@ def test_epoch_yields_exact_normalised_batches(built):
     first = _epoch(loader)
     assert len(first) == 10 and all(b.shape == (4, 3, IMG, IMG) and b.dtype == torch.uint8 for b in first)  # 8-bit
     assert loader.epoch == 1 and loader.stats["samples"] == 40
+    assert loader.stats["shards_read"] >= 4  # 40 of the 42 samples in 7 shards: at least 4 read to their end
     images = torch.stack([loader.normalize(b) for b in first])
     assert images.dtype == torch.float32 and -2.5 < images.mean() < 2.5 and images.std() > 0.1  # normalised imagery
     second = _epoch(loader)  # the loader moved to epoch 1 by itself: a new order
@@ -85,7 +86,8 @@ def test_resume_reproduces_the_rest_of_the_epoch(mixed_with_corrupt, workers, st
     cfg = small_cfg(mixed_with_corrupt, num_workers=workers, samples_per_epoch=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        full = _epoch(make_loader(cfg, img_size=IMG, seed=1))
+        uninterrupted = make_loader(cfg, img_size=IMG, seed=1)
+        full = _epoch(uninterrupted)
         loader = make_loader(cfg, img_size=IMG, seed=1)
         iterator = iter(loader)
         head = [next(iterator).clone() for _ in range(stop)]
@@ -97,6 +99,10 @@ def test_resume_reproduces_the_rest_of_the_epoch(mixed_with_corrupt, workers, st
         tail = _epoch(resumed)
     assert state["batches"] == stop and len(tail) == len(full) - stop
     assert _same(head + tail, full)
+    # The sample counters carry over too (data/corrupt_samples in the training log does not restart at 0).
+    for key in ("samples", "corrupt_samples"):
+        assert resumed.stats[key] == uninterrupted.stats[key], key
+    assert uninterrupted.stats["corrupt_samples"] > 0
 
 
 def test_set_epoch(built):
@@ -350,3 +356,84 @@ def test_shards_that_are_missing_or_not_tars_fail_when_the_loader_is_made(tmp_pa
         warnings.simplefilter("ignore", DataWarning)
         assert len(_epoch(loader)) == 1
     assert loader.stats["failed_shards"] >= 1  # the zip, counted when a worker reads it
+
+
+def _copies(tmp_path, array, count):
+    """A shard of ``count`` samples holding the same lossless image."""
+    return write_tar(tmp_path / "copies.tar", [(f"cp/img{i:03d}", {"png": encode(array, "PNG")}) for i in range(count)])
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_configured_recipe_and_statistics_reach_the_batches(tmp_path, hflip):
+    """data.crop_scale / crop_ratio / hflip and the model's mean/std are the ones the batches get: a
+    full-image crop at the image's own size is the image itself (flipped when hflip=1), and
+    loader.normalize applies the given statistics, written out by hand."""
+    array = textured(IMG, IMG, seed=4)
+    cfg = small_cfg(_copies(tmp_path, array, 8), batch_size=8, samples_per_epoch=8, shuffle_buffer=0,
+                    crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=hflip)
+    mean, std = (0.2, 0.5, 0.7), (0.3, 0.1, 0.6)
+    loader = make_loader(cfg, img_size=IMG, mean=mean, std=std)
+    (batch,) = _epoch(loader)
+    image = torch.from_numpy(array).permute(2, 0, 1)
+    want = image.flip(-1) if hflip else image
+    assert batch.dtype == torch.uint8 and all(torch.equal(row, want) for row in batch)
+    by_hand = (want.double() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(loader.normalize(batch), by_hand.float().expand(8, -1, -1, -1))
+
+
+def test_every_sample_draws_its_own_crop_and_flip(tmp_path):
+    """16 copies of one image through the default recipe: each sample's crop and flip are its own
+    draw, so the rows differ (one draw per slot would give 16 equal rows)."""
+    cfg = small_cfg(_copies(tmp_path, textured(48, 48, seed=5), 16), batch_size=16, samples_per_epoch=16,
+                    shuffle_buffer=0)
+    (batch,) = _epoch(make_loader(cfg, img_size=IMG))
+    distinct = {bytes(row.flatten().tolist()) for row in batch}
+    assert len(distinct) >= 12
+
+
+def test_only_failures_in_a_row_stop_the_loader(tmp_path):
+    """data.max_consecutive_failures counts failures with no good sample between them: 6 corrupt
+    samples, never 2 in a row, pass a limit of 2; the same 6 in a row stop the loader at the 2nd."""
+    good, bad = good_samples("cc", 6), [(f"cc/bad{i}", {"jpg": b"garbage"}) for i in range(6)]
+    spread = write_tar(tmp_path / "spread.tar", [s for pair in zip(bad, good) for s in pair])
+    loader = make_loader(small_cfg(spread, shuffle_buffer=0, batch_size=6, samples_per_epoch=6,
+                                   max_consecutive_failures=2), img_size=IMG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert len(_epoch(loader)) == 1
+        assert loader.stats["corrupt_samples"] == 6
+        in_a_row = write_tar(tmp_path / "in_a_row.tar", bad + good)
+        loader = make_loader(small_cfg(in_a_row, shuffle_buffer=0, batch_size=6, samples_per_epoch=6,
+                                       max_consecutive_failures=2), img_size=IMG)
+        with pytest.raises(TooManyFailures, match="^2 consecutive shard/sample failures"):
+            _epoch(loader)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_ranks_and_workers_read_disjoint_shards(tmp_path):
+    """2 ranks x 2 workers over 8 shards of 4 one-colour images (the colour names the sample, and
+    survives any crop): one epoch of both ranks sees every sample exactly once."""
+    def one_colour(value):
+        return {"png": encode(np.full((40, 40, 3), 7 * value, np.uint8), "PNG")}
+
+    shards = [write_tar(tmp_path / f"s{s}.tar", [(f"cc/s{s}_{i}", one_colour(4 * s + i)) for i in range(4)])
+              for s in range(8)]
+    cfg = small_cfg(",".join(shards), num_workers=2, shuffle_buffer=0, samples_per_epoch=32)
+    seen = []
+    for rank in range(2):
+        rows = [row for batch in _epoch(make_loader(cfg, img_size=IMG, seed=3, rank=rank, world_size=2))
+                for row in batch]
+        assert len(rows) == 16 and all(int(row.min()) == int(row.max()) for row in rows)
+        seen += [int(row[0, 0, 0]) // 7 for row in rows]
+    assert sorted(seen) == list(range(32))
+
+
+def test_ranks_draw_their_own_crops(tmp_path):
+    """Every shard holds copies of one image: rank 0 and rank 1 read different shards of the same
+    pixels, so only their own crop and flip draws tell their batches apart (ranks that shared the
+    draws would train on the same augmented batch)."""
+    image = {"png": encode(textured(48, 48, seed=6), "PNG")}
+    shards = [write_tar(tmp_path / f"s{s}.tar", [(f"cc/s{s}_{i}", image) for i in range(8)]) for s in range(2)]
+    cfg = small_cfg(",".join(shards), batch_size=8, samples_per_epoch=16, shuffle_buffer=0)
+    first, second = (_epoch(make_loader(cfg, img_size=IMG, seed=0, rank=r, world_size=2))[0] for r in range(2))
+    assert sum(torch.equal(a, b) for a, b in zip(first, second)) <= 2

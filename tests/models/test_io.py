@@ -99,6 +99,29 @@ def test_save_refuses_to_overwrite_user_files(tmp_path, pretrainer):
         save_model(pretrainer, first)
 
 
+def test_a_failed_replace_keeps_the_previous_model(tmp_path, pretrainer, monkeypatch):
+    """The new model cannot be moved into place (disk full, say): the model saved before is still
+    there and loads, and no staging or retired directory is left beside it."""
+    target = save_model(pretrainer, tmp_path / "model")
+    before = load_model(target).state_dict()
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(src).startswith(".model.tmp-"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    with torch.no_grad():
+        pretrainer.encoder.norm.weight.add_(1.0)
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(pretrainer, target)
+    monkeypatch.setattr(os, "rename", real_rename)
+    after = load_model(target).state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_save_plain_encoder_without_config(tmp_path):
     import timm
 
@@ -162,6 +185,24 @@ def test_load_model_from_training_checkpoints(tmp_path, pretrainer):
         loaded = load_model(path)
         assert_same_encoder(loaded, pretrainer.encoder)
         assert loaded.gfm_config.swin == pretrainer.config.student  # image size from the run config
+
+
+def test_the_newest_complete_checkpoint_wins_over_a_stale_latest(tmp_path, pretrainer):
+    """A run stopped between a checkpoint's COMPLETE marker and the latest update: the readers take
+    the newest complete checkpoint (step 9), not the older one latest still names (step 5)."""
+    older = write_training_run(tmp_path / "run", pretrainer)
+    newer = older.parent / "step_00000009"
+    newer.mkdir()
+    states = torch.load(older / "mp_rank_00_model_states.pt", weights_only=True)
+    states["module"] = {k: v + 1 for k, v in states["module"].items()}
+    torch.save(states, newer / "mp_rank_00_model_states.pt")
+    (newer / "gfm_config.json").write_text((older / "gfm_config.json").read_text())
+    for tag in (older, newer):
+        (tag / "COMPLETE").write_text("{}")
+    assert (older.parent / "latest").read_text() == older.name
+    for path in (tmp_path / "run", older.parent):
+        loaded = load_model(path)
+        torch.testing.assert_close(loaded.patch_embed.proj.weight, pretrainer.encoder.patch_embed.proj.weight + 1)
 
 
 def test_load_model_prefers_the_export_and_reads_bf16_checkpoints(tmp_path, pretrainer):
