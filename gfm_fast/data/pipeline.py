@@ -123,9 +123,22 @@ class SourceMixer:
         return False
 
 
-def skip_consumed(samples: Iterator[Any], *, start: int) -> Iterator[Tuple[int, Any]]:
-    """Number the shuffled stream and drop the first ``start`` samples (resume) before decoding."""
-    return itertools.islice(enumerate(samples), start, None)
+# Counted while reading, before the resume position: a resumed slot reading its way back there
+# would count these a second time (the checkpoint's stats already hold them).
+READ_AHEAD_STATS = ("shards_read", "failed_shards", "filtered_samples")
+
+
+def skip_consumed(samples: Iterator[Any], *, start: int, stats: Dict[str, int]) -> Iterator[Tuple[int, Any]]:
+    """Number the shuffled stream and drop the first ``start`` samples (resume) before decoding.
+
+    The stream is deterministic, so reaching sample ``start`` counts exactly what the interrupted
+    run had counted when it yielded the batch ending there; those counts are taken back."""
+    indexed = enumerate(samples)
+    if start:
+        before = {key: stats[key] for key in READ_AHEAD_STATS}
+        next(itertools.islice(indexed, start - 1, None))  # drops samples 0 .. start - 1
+        stats.update(before)
+    yield from indexed
 
 
 def decode_augment(indexed: Iterator[Tuple[int, Dict[str, Any]]], *, augment: GFMAugment, seed_prefix: Tuple[int, ...],
@@ -235,7 +248,7 @@ def build_pipeline(plan: StreamPlan, worker: int, stats: Dict[str, int]) -> wds.
     stages += [
         wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer,
                     rng=random.Random(mix_seed(*slot_seed, TAG_SHUFFLE))),
-        partial(skip_consumed, start=plan.positions[worker]),
+        partial(skip_consumed, start=plan.positions[worker], stats=stats),
         partial(decode_augment, augment=augment, seed_prefix=slot_seed, counter=counter),
         partial(batch_samples, batch_size=plan.batch_size, augment=augment, worker=worker, stats=stats),
     ]

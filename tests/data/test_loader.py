@@ -99,10 +99,27 @@ def test_resume_reproduces_the_rest_of_the_epoch(mixed_with_corrupt, workers, st
         tail = _epoch(resumed)
     assert state["batches"] == stop and len(tail) == len(full) - stop
     assert _same(head + tail, full)
-    # The sample counters carry over too (data/corrupt_samples in the training log does not restart at 0).
-    for key in ("samples", "corrupt_samples"):
-        assert resumed.stats[key] == uninterrupted.stats[key], key
+    # The counters carry over too (data/corrupt_samples in the training log does not restart at 0), and
+    # what the resumed slots read again to reach their positions is not counted twice.
+    assert resumed.stats == uninterrupted.stats
     assert uninterrupted.stats["corrupt_samples"] > 0
+
+
+def test_resume_counts_what_it_reads_again_once(built):
+    """Source mixing filters samples before the resume position: the resumed run counts them once."""
+    cfg = small_cfg(str(built), num_workers=2, samples_per_epoch=32, source_weights={"aa": 1.0, "bb": 0.3})
+    uninterrupted = make_loader(cfg, img_size=IMG, seed=2)
+    _epoch(uninterrupted)
+    loader = make_loader(cfg, img_size=IMG, seed=2)
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    state = loader.state_dict()
+    del iterator
+    resumed = make_loader(cfg, img_size=IMG, seed=2)
+    resumed.load_state_dict(state)
+    _epoch(resumed)
+    assert resumed.stats == uninterrupted.stats and uninterrupted.stats["filtered_samples"] > 0
 
 
 def test_set_epoch(built):
