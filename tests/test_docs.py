@@ -106,20 +106,20 @@ def test_python_names_in_the_docs_resolve(doc):
     for name in sorted(set(PYTHON_NAME.findall(_text(doc)))):
         if name.endswith((".cpp", ".py", ".so")):  # a file (csrc/gfm_fast.cpp), not a Python name
             continue
+        # As a user reaches it: attributes first (``gfm_fast.train`` is the function), importing a
+        # submodule only where no attribute exists yet (importing gfm_fast/train.py would rebind
+        # ``gfm_fast.train`` to that module for every later test).
         parts = name.split(".")
-        for split in range(len(parts), 0, -1):
+        obj = importlib.import_module(parts[0])
+        for depth in range(1, len(parts)):
             try:
-                obj = importlib.import_module(".".join(parts[:split]))
-            except ImportError:
-                continue
-            try:
-                for attr in parts[split:]:
-                    obj = getattr(obj, attr)
+                obj = getattr(obj, parts[depth])
             except AttributeError:
-                unresolved.append(name)
-            break
-        else:
-            unresolved.append(name)
+                try:
+                    obj = importlib.import_module(".".join(parts[:depth + 1]))
+                except ImportError:
+                    unresolved.append(name)
+                    break
     assert not unresolved, f"{doc.name} names Python objects that do not exist: {unresolved}"
 
 
