@@ -133,6 +133,22 @@ def test_bitwise_deterministic(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("trainable", ["bias", "weight", "features"])
+def test_gradient_of_one_trainable_input(backend, device, trainable):
+    """Only one of features / weight / bias requires grad (a frozen decoder, a frozen encoder): the
+    fused forward must still keep the gradients that input needs."""
+    case = CASES[1]
+    features, weight, bias, images, mask = _make_inputs(case, torch.float32, device)
+    inputs = {"features": features, "weight": weight, "bias": bias}
+    leaf = inputs[trainable].clone().requires_grad_()
+    ops.decoder_l1_loss(*(leaf if name == trainable else t for name, t in inputs.items()), images, mask,
+                        stride=case.stride, backend=backend).backward()
+    _, expected_grads = _reference(features, weight, bias, images, mask, case.stride,
+                                   torch.tensor(1.0, device=device), torch.float32)
+    assert_close(f"g_{trainable}", leaf.grad, expected_grads[list(inputs).index(trainable)], torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_unit_grad_and_retained_graph(backend, device):
     """backward() (grad_loss = 1) and a second backward through a retained graph both accumulate correctly."""
     case = CASES[1]

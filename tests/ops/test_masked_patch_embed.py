@@ -139,6 +139,27 @@ def test_float64_eps_is_exact(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
+def test_eps_argument_reaches_the_kernels(backend, device):
+    """A non-default eps (0.1, of the order of the token variance here) changes the LayerNorm: the
+    fused backends must use the eps they are given, not the default 1e-5."""
+    case = CASES[1]
+    images, params, mask = _make_inputs(case, torch.float64, device)
+    params["weight"] = params["weight"] * 0.3
+    leaves = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    want = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    grad_out = torch.randn(case.batch, case.grid[0] * case.grid[1], case.dim, device=device, dtype=torch.float64)
+    out = ops.masked_patch_embed(images, *(leaves[n] for n in PARAM_NAMES[:4]), mask, leaves["mask_token"],
+                                 patch_size=case.patch, eps=0.1, backend=backend)
+    expected = reference.masked_patch_embed(images, *(want[n] for n in PARAM_NAMES[:4]), mask, want["mask_token"],
+                                            patch_size=case.patch, eps=0.1)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert_close("tokens", out, expected, torch.float64)
+    for name in PARAM_NAMES:
+        assert_close(f"g_{name}", leaves[name].grad, want[name].grad, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_masked_rows_are_mask_token_and_send_no_gradient(backend, device):
     case = CASES[1]  # image 0 fully masked
     images, params, mask = _make_inputs(case, torch.float32, device)
