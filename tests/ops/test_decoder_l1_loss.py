@@ -107,6 +107,18 @@ def test_matches_reference_other_dtypes(backend, device, dtype, case):
     _check_against_reference(case, dtype, backend, device)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(backends=("cpp",), devices=("cpu",)))
+def test_two_cpu_threads_match_reference(backend, device):
+    """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
+    (the test runs otherwise use one) the merged sums must still be the reference's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_against_reference(CASES[6], torch.float32, backend, device)  # 3 images of 5x7 blocks
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_nothing_masked_gives_zero_loss_and_gradients(backend, device):
     """reference: sum(0) / (0 + 1e-5) = 0 (the reference losses refuse an empty mask outright)."""
