@@ -12,7 +12,9 @@ def test_gfm_default_counts_and_shapes():
     assert mask.block_size == 32
 
 
-@pytest.mark.parametrize("num_blocks, ratio, expected", [(36, 0.6, 22), (36, 0.5, 18), (4, 0.1, 1), (64, 0.75, 48)])
+@pytest.mark.parametrize("num_blocks, ratio, expected", [(36, 0.6, 22), (36, 0.5, 18), (4, 0.1, 1), (64, 0.75, 48),
+                                                       # float products just above an integer: 0.28 * 25 = 7.000000000000001
+                                                       (25, 0.28, 7), (100, 0.55, 55)])
 def test_num_masked_blocks_is_ceil(num_blocks, ratio, expected):
     assert num_masked_blocks(num_blocks, ratio) == expected
 
@@ -38,10 +40,17 @@ def test_every_block_is_masked_about_equally_often():
     assert torch.allclose(freq, torch.full_like(freq, 22 / 36), atol=0.04)
 
 
+def test_mask_lands_on_the_requested_device():
+    """``device`` wins over the generator's device (the draw stays on the generator's)."""
+    mask = generate_block_mask(2, 64, generator=torch.Generator().manual_seed(0), device="meta")
+    assert mask.blocks.device.type == "meta" and mask.blocks.shape == (2, 2, 2)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="not divisible by the mask block size"):
         generate_block_mask(2, 200)
-    with pytest.raises(ValueError, match="ratio"):
-        generate_block_mask(2, 192, ratio=1.5)
+    for ratio in (1.5, 1.0, 0.0):  # 1.0 would leave the student no visible token, 0.0 no loss
+        with pytest.raises(ValueError, match="ratio"):
+            generate_block_mask(2, 192, ratio=ratio)
     with pytest.raises(ValueError, match="batch_size"):
         generate_block_mask(0, 192)

@@ -268,6 +268,39 @@ def test_train_step_is_one_adamw_step_through_the_pretrainer():
         torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_train_step_accumulates_micro_batches_into_one_adamw_step():
+    """grad_accum=2: one optimizer step on the mean of the two micro-batches' losses (plain PyTorch
+    as the reference), loss sums over both and their mean in step_metrics; a NaN in the first
+    micro-batch skips the whole step."""
+    from gfm_fast.models.pretrainer import param_groups
+    from gfm_fast.training import train_step
+    from gfm_fast.training.step import step_metrics
+
+    cfg, pretrainer, engine, _, reference = _tiny_setup("optim.grad_accum=2")
+    batches = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)]
+    result = train_step(engine, pretrainer, iter(batches).__next__, 2, generator=torch.Generator().manual_seed(3))
+    assert result.applied and result.micro_batches == 2
+
+    ref_opt = torch.optim.AdamW(param_groups(reference.student, cfg.optim.weight_decay), lr=cfg.optim.base_lr,
+                                betas=cfg.optim.betas, eps=cfg.optim.eps)
+    generator = torch.Generator().manual_seed(3)
+    outs = [reference(images, generator=generator) for images in batches]
+    ((outs[0].loss + outs[1].loss) / 2).backward()
+    torch.nn.utils.clip_grad_norm_(reference.student.parameters(), cfg.optim.clip_grad)
+    ref_opt.step()
+    total = outs[0].loss.detach() + outs[1].loss.detach()
+    torch.testing.assert_close(result.sums[0], total)
+    assert step_metrics(result, engine)["loss/total"] == pytest.approx(total.item() / 2, rel=1e-6)
+    trained = dict(pretrainer.student.named_parameters())
+    for name, param in reference.student.named_parameters():
+        torch.testing.assert_close(trained[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+    before = {k: v.clone() for k, v in pretrainer.student.state_dict().items()}
+    nan_first = iter([torch.full((2, 3, 64, 64), float("nan")), torch.randn(2, 3, 64, 64)])
+    assert not train_step(engine, pretrainer, nan_first.__next__, 2).applied
+    assert all(torch.equal(before[k], v) for k, v in pretrainer.student.state_dict().items())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step_skips_a_non_finite_step_and_reports_a_stop(precision):
     """A NaN step changes no weight and leaves no gradient behind (bf16 keeps fp32 gradient copies

@@ -47,6 +47,19 @@ def test_every_linear_is_routed_and_bad_paths_are_errors():
         tiny_config(bf16_matmul="fast").validate()
 
 
+def test_linear_subclasses_with_their_own_forward_are_left_alone():
+    """Only plain nn.Linear layers are routed: a subclass keeps its class and its own forward."""
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Doubled(4, 4))
+    set_bf16_matmul(model, "widened")
+    assert type(model[0]) is linear.RoutedLinear and type(model[1]) is Doubled
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model[1](x), 2 * torch.nn.functional.linear(x, model[1].weight, model[1].bias))
+
+
 def _losses_and_grads(model, images, mask):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, mask)

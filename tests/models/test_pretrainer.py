@@ -128,6 +128,27 @@ def test_param_groups():
     assert {"projector.bias", "encoder.norm.weight", "encoder.layers.0.blocks.0.norm1.bias"} <= exempt
 
 
+def test_param_groups_of_a_pretrainer_leave_the_frozen_teacher_out():
+    """The docstring's "or a GFMPretrainer": the teacher's frozen weights never reach the optimizer."""
+    model = tiny_pretrainer()
+    grouped = {id(p) for group in param_groups(model, 0.05) for p in group["params"]}
+    assert grouped == {id(p) for p in model.student.parameters()}
+    assert not grouped & {id(p) for p in model.teacher.parameters()}
+
+
+def test_mask_blocks_coarser_than_the_decoder_grid():
+    """model.mask_block = 64 with total stride 32: each mask block covers 2x2 decoder cells; the
+    losses are those of the step-by-step computation on the 64-px block mask."""
+    model = tiny_pretrainer(mask_block=64)
+    x = images()
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]], dtype=torch.bool)  # (B, 128/64, 128/64)
+    out = model(x, mask)
+    expected, _ = manual_student(model, x, mask, model.teacher(x))
+    assert torch.equal(out.mask, mask)
+    torch.testing.assert_close(out.loss_rec, expected.loss_rec)
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
 @pytest.mark.parametrize("mask, match", [
     (torch.ones(2, 3, 3), r"mask must have shape \(B, 4, 4\)"),
     (torch.ones(3, 4, 4), r"mask must have shape"),
@@ -273,6 +294,19 @@ def test_activation_checkpointing_keeps_losses_and_gradients(option):
     torch.testing.assert_close(out_c.loss, out_p.loss, rtol=0, atol=0)
     for (name, p_p), p_c in zip(plain.student.named_parameters(), ckpt.student.parameters()):
         torch.testing.assert_close(p_c.grad, p_p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_checkpointed_last_stage_recomputes_in_the_backward():
+    """checkpoint_stages=(3,) checkpoints the reconstruction tail too (forward_tail): its blocks run
+    again in the backward; without checkpointing they run once."""
+    calls = []
+    for option, runs in (({"checkpoint_stages": (3,)}, 2), ({}, 1)):
+        model = tiny_pretrainer(**option)
+        block = model.encoder.layers[3].blocks[0]
+        block.register_forward_pre_hook(lambda *args: calls.append(1))  # the recompute may stop early
+        calls.clear()
+        model(images(1), random_block_mask(1)).loss.backward()
+        assert len(calls) == runs, option
 
 
 def test_whole_model_pickles_with_its_paths():

@@ -179,3 +179,16 @@ def test_names_register_on_import_gfm_fast_without_heavy_imports():
                                           f"assert {VARIANT!r} in timm.list_models('gfm_swin_*')"], check=True, env=env)
     assert gfm_fast  # imported here too (by the test module): the names are registered in this process
     assert VARIANT in timm.list_models("gfm_swin_*")
+
+
+def test_timm_config_keeps_a_non_default_mlp_ratio():
+    """config.json's model_args carry mlp_ratio: plain timm builds MLPs of the saved width (timm's
+    default is 4), and gfm_fast reads the same ratio back."""
+    from gfm_fast.config import SwinConfig
+    from gfm_fast.models.timm_format import read_timm_config, timm_config_json
+
+    swin = SwinConfig(**{**TINY_STUDENT, "window_size": 2, "img_size": SIZE, "mlp_ratio": 2.0})
+    meta = timm_config_json(swin, (0.5,) * 3, (0.2,) * 3, model_name=VARIANT, format_tag="test")
+    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=0, **meta["model_args"])
+    assert model.layers[0].blocks[0].mlp.fc1.out_features == 2 * TINY_STUDENT["embed_dim"]
+    assert read_timm_config(meta, "config.json")[0].mlp_ratio == 2.0

@@ -110,6 +110,19 @@ def test_teacher_gets_no_gradient(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
+def test_teacher_of_another_dtype_is_cast_to_the_students(backend, device):
+    """A bf16 teacher (run under autocast) against an fp32 student: the documented cast, not a dtype error."""
+    student, teacher = _make_inputs(2, 16, torch.float32, device)
+    teacher = teacher.to(torch.bfloat16)
+    grad_loss = torch.tensor(1.0, device=device)
+    loss, grad = _fast(student, teacher, grad_loss, backend)
+    expected, expected_grad = _reference(student, teacher.float(), grad_loss, torch.float32)
+    assert loss.dtype == torch.float32
+    assert_close("loss", loss, expected, torch.float32)
+    assert_close("g_student", grad, expected_grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
 def test_noncontiguous_inputs(backend, device):
     student, teacher = _make_inputs(4, 48, torch.float32, device)
     grad_loss = torch.tensor(1.5, device=device)

@@ -107,6 +107,18 @@ def test_matches_reference_other_dtypes(backend, device, dtype, case):
     _check_against_reference(case, dtype, backend, device)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(backends=("cpp",), devices=("cpu",)))
+def test_two_cpu_threads_match_reference(backend, device):
+    """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
+    (the test runs otherwise use one) the merged sums must still be the reference's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_against_reference(CASES[6], torch.float32, backend, device)  # 3 images of 5x7 blocks
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_nothing_masked_gives_zero_loss_and_gradients(backend, device):
     """reference: sum(0) / (0 + 1e-5) = 0 (the reference losses refuse an empty mask outright)."""
@@ -130,6 +142,22 @@ def test_bitwise_deterministic(backend, device):
     assert_bitwise_equal("loss", loss, loss_again)
     for name, grad, grad_again in zip(("g_features", "g_weight", "g_bias"), grads, grads_again):
         assert_bitwise_equal(name, grad, grad_again)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("trainable", ["bias", "weight", "features"])
+def test_gradient_of_one_trainable_input(backend, device, trainable):
+    """Only one of features / weight / bias requires grad (a frozen decoder, a frozen encoder): the
+    fused forward must still keep the gradients that input needs."""
+    case = CASES[1]
+    features, weight, bias, images, mask = _make_inputs(case, torch.float32, device)
+    inputs = {"features": features, "weight": weight, "bias": bias}
+    leaf = inputs[trainable].clone().requires_grad_()
+    ops.decoder_l1_loss(*(leaf if name == trainable else t for name, t in inputs.items()), images, mask,
+                        stride=case.stride, backend=backend).backward()
+    _, expected_grads = _reference(features, weight, bias, images, mask, case.stride,
+                                   torch.tensor(1.0, device=device), torch.float32)
+    assert_close(f"g_{trainable}", leaf.grad, expected_grads[list(inputs).index(trainable)], torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

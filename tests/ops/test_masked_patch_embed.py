@@ -115,6 +115,18 @@ def test_matches_reference_other_dtypes(backend, device, dtype, case):
     _check_against_reference(case, dtype, backend, device)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(backends=("cpp",), devices=("cpu",)))
+def test_two_cpu_threads_match_reference(backend, device):
+    """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
+    (the test runs otherwise use one) the merged sums must still be the reference's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_against_reference(CASES[6], torch.float32, backend, device)  # 3 images of 10 token rows
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_bitwise_deterministic(backend, device):
     """The parameter gradients sum over every token (per thread, per warp, per block): the same
@@ -136,6 +148,27 @@ def test_float64_eps_is_exact(backend, device):
     case = CASES[1]
     _skip_if_slow(backend, device, case)
     _check_against_reference(case, torch.float64, backend, device, conv_scale=3e-3)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_eps_argument_reaches_the_kernels(backend, device):
+    """A non-default eps (0.1, of the order of the token variance here) changes the LayerNorm: the
+    fused backends must use the eps they are given, not the default 1e-5."""
+    case = CASES[1]
+    images, params, mask = _make_inputs(case, torch.float64, device)
+    params["weight"] = params["weight"] * 0.3
+    leaves = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    want = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    grad_out = torch.randn(case.batch, case.grid[0] * case.grid[1], case.dim, device=device, dtype=torch.float64)
+    out = ops.masked_patch_embed(images, *(leaves[n] for n in PARAM_NAMES[:4]), mask, leaves["mask_token"],
+                                 patch_size=case.patch, eps=0.1, backend=backend)
+    expected = reference.masked_patch_embed(images, *(want[n] for n in PARAM_NAMES[:4]), mask, want["mask_token"],
+                                            patch_size=case.patch, eps=0.1)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert_close("tokens", out, expected, torch.float64)
+    for name in PARAM_NAMES:
+        assert_close(f"g_{name}", leaves[name].grad, want[name].grad, torch.float64)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

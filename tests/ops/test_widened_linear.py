@@ -72,6 +72,25 @@ def test_fp32_gradients_are_the_exact_sums_of_bf16_products():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
+@needs_kernels
+def test_two_cpu_threads_give_the_exact_sums():
+    """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
+    (the test runs otherwise use one) the merged sums must still be the reference's."""
+    x, weight, b = _operands(shape=(1024, 32), out_features=64)  # 4 row chunks of the kernels' grain
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = widened_linear(x, weight, b)
+        grad_out = torch.randn(out.shape).to(BF16)
+        out.backward(grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    exact, gx, gw, gb = _exact(x, weight, b, grad_out)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()
+    for name, got, want in (("x", x.grad, gx), ("weight", weight.grad, gw), ("bias", b.grad, gb)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
 def test_matches_torch_bf16_linear_under_autocast():
     x, weight, b = _operands()
     grad_out = torch.randn(3, 37, 48)

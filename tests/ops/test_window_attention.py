@@ -70,6 +70,17 @@ def test_frozen_bias_and_no_grad():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_bias_gradient_with_frozen_qkv():
+    """Only the relative-position bias trains (qkv without grad): the kernel must still keep what
+    the bias gradient needs."""
+    qkv, bias = _inputs(4, 9, 2, 8, 2, torch.float32)
+    grad_out = torch.randn(4, 9, 16)
+    got, want = bias.clone().requires_grad_(), bias.clone().requires_grad_()
+    window_attention(qkv, got, 2, 0.3).backward(grad_out)
+    reference.window_attention(qkv, want, 2, 0.3).backward(grad_out)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("needs_grad", [True, False])
 def test_opcheck_cpp_ops(needs_grad):
     qkv, bias = _inputs(4, 9, 2, 8, 2, torch.float32)
