@@ -12,8 +12,8 @@ from gfm_fast import ops
 from gfm_fast.ops import reference
 from gfm_fast.ops.masked_patch_embed import MaskedPatchEmbedFunction
 
-from .utils import (assert_bitwise_equal, assert_close, backend_device_params, is_interpreted, make_mask,
-                    reference_dtype, skip_if_slow)
+from .utils import (assert_bitwise_equal, assert_close, backend_device_params, cpu_threads, is_interpreted,
+                    make_mask, reference_dtype, skip_if_slow)
 
 PARAM_NAMES = ("weight", "bias", "norm_weight", "norm_bias", "mask_token")
 
@@ -118,13 +118,9 @@ def test_matches_reference_other_dtypes(backend, device, dtype, case):
 @pytest.mark.parametrize("backend,device", backend_device_params(backends=("cpp",), devices=("cpu",)))
 def test_two_cpu_threads_match_reference(backend, device):
     """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
-    (the test runs otherwise use one) the merged sums must still be the reference's."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    the merged sums must still be the reference's."""
+    with cpu_threads(2):
         _check_against_reference(CASES[6], torch.float32, backend, device)  # 3 images of 10 token rows
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

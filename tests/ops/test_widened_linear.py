@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from gfm_fast.ops.widened_linear import cpuinfo_has_bf16, kernels_built, widened_linear
 
+from .utils import cpu_threads
+
 module = importlib.import_module("gfm_fast.ops.widened_linear")  # the module (ops.widened_linear is the function)
 
 BF16 = torch.bfloat16
@@ -77,14 +79,10 @@ def test_two_cpu_threads_give_the_exact_sums():
     """The CPU kernels split rows over threads and add per-thread partial sums: with two threads
     (the test runs otherwise use one) the merged sums must still be the reference's."""
     x, weight, b = _operands(shape=(1024, 32), out_features=64)  # 4 row chunks of the kernels' grain
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_threads(2):
         out = widened_linear(x, weight, b)
         grad_out = torch.randn(out.shape).to(BF16)
         out.backward(grad_out)
-    finally:
-        torch.set_num_threads(threads)
     exact, gx, gw, gb = _exact(x, weight, b, grad_out)
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()
     for name, got, want in (("x", x.grad, gx), ("weight", weight.grad, gw), ("bias", b.grad, gb)):

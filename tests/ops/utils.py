@@ -9,7 +9,8 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import pytest
 import torch
@@ -50,6 +51,18 @@ def backend_device_params(backends: Iterable[str] = FAST_BACKENDS, devices: Iter
                 marks.append(pytest.mark.skip(reason=f"{backend} on {device}: {why}"))
             params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
     return params
+
+
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run the body on ``count`` CPU threads, whatever OMP_NUM_THREADS the suite was started with: on
+    one thread the C++ kernels never merge per-thread partial sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def is_interpreted(backend: str, device: str) -> bool:
