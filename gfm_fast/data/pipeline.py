@@ -27,6 +27,7 @@ itself is described in docs/method.md.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import tarfile
@@ -136,7 +137,7 @@ def skip_consumed(samples: Iterator[Any], *, start: int, stats: Dict[str, int]) 
     indexed = enumerate(samples)
     if start:
         before = {key: stats[key] for key in READ_AHEAD_STATS}
-        next(itertools.islice(indexed, start - 1, None))  # drops samples 0 .. start - 1
+        collections.deque(itertools.islice(indexed, start), maxlen=0)  # drops samples 0 .. start - 1
         stats.update(before)
     yield from indexed
 
