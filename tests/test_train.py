@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError
+from gfm_fast.training.distributed import shm_allreduce_buffer
 
 from train_helpers import REPO, TEST_MODEL, TRAIN_PY
 from train_helpers import losses as _losses
@@ -410,11 +411,17 @@ def test_cli_rejects_a_bad_config_before_any_work():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_gloo_run(tmp_path, stage):
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29500 + stage * 7 + os.getpid() % 500),
+    port = 29500 + stage * 7 + os.getpid() % 500
+    # DeepSpeed's CPU all-reduce buffers of this port (66 MB each): a leftover of an older run goes first.
+    buffers = [shm_allreduce_buffer(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    for path in buffers:
+        Path(path).unlink(missing_ok=True)
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port),
            str(TRAIN_PY), "--max-steps", "3", "--zero-stage", str(stage), "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd + TEST_MODEL, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr + proc.stdout
+    assert not [path for path in buffers if os.path.exists(path)], "the run left its shm buffers in RAM"
     assert len(_losses(tmp_path)) == 3
     assert (tmp_path / "checkpoints" / Checkpoints.tag(3) / COMPLETE_MARKER).is_file()
     model = gfm_fast.load_model(tmp_path)

@@ -98,7 +98,38 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if device_type == "cpu":
+            _unlink_shm_allreduce_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def shm_allreduce_buffer(rank: int, environ: Mapping[str, str] = os.environ) -> str:
+    """The /dev/shm file DeepSpeed's CPU backend creates for ``rank`` when every rank runs on one
+    machine (its shm_comm op: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+            f"{environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed never removes its CPU all-reduce buffers (66 MB of RAM per rank, named by port):
+    each local multi-process CPU run left them in /dev/shm until a reboot, and enough runs filled
+    memory. Once every rank has mapped its peers' buffers (they do so inside init_distributed,
+    before the barrier), the names can go: the mappings stay valid and the kernel frees the
+    memory when the last process exits, however it exits."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    # The op maps buffers only when LOCAL_SIZE is the world size (every rank on this machine): the
+    # same answer on every rank, so either all ranks reach the barrier or none does.
+    in_use = (getattr(ds_comm.cdb, "shm_comm_op", None) is not None
+              and os.environ.get("LOCAL_SIZE") == str(dist.get_world_size()))
+    if not in_use:
+        return
+    dist.barrier()
+    try:
+        os.unlink(shm_allreduce_buffer(rank))
+    except FileNotFoundError:
+        pass
 
 
 def pick_device(cfg: TrainConfig, local_rank: int):
