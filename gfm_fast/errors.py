@@ -7,8 +7,11 @@ code that caught those keeps working.
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable, Optional, Tuple, Type
+
 __all__ = ["GFMError", "ConfigError", "CheckpointError", "ManifestError", "BuildError", "TooManyFailures",
-           "TrainingError", "ShardError", "os_error_message"]
+           "TrainingError", "ShardError", "os_error_message", "exit_status"]
 
 
 class GFMError(Exception):
@@ -51,3 +54,17 @@ def os_error_message(exc: OSError) -> str:
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
         return f"cannot create {where}: a file is in the way of a folder on that path"
     return f"cannot use {where}: {exc.strerror}"
+
+
+def exit_status(work: Callable[[], Optional[int]],
+                user_errors: Tuple[Type[BaseException], ...] = (GFMError, OSError)) -> int:
+    """A command line tool's exit status: what ``work()`` returns (``None`` is 0), or 2 after one
+    ``error:`` line on stderr, without a traceback, when it raises one of ``user_errors``: problems
+    the user can fix, whose message says how (an ``OSError`` as :func:`os_error_message` words it)."""
+    try:
+        status = work()
+    except user_errors as exc:
+        message = os_error_message(exc) if isinstance(exc, OSError) and not isinstance(exc, GFMError) else str(exc)
+        print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    return 0 if status is None else status

@@ -25,7 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gfm_fast.errors import GFMError, os_error_message
+from gfm_fast.errors import GFMError, exit_status
 
 __all__ = ["export_model", "ExportResult", "FORMATS", "TOLERANCE"]
 
@@ -190,15 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="export per-stage NCHW maps of these stages (default: the pooled feature)")
     args = parser.parse_args(argv)
     fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
-    try:
-        print(export_model(args.model, args.out, format=fmt, image_size=args.image_size, stages=args.stages).summary())
-    except (GFMError, ValueError) as exc:  # ValueError: bad stages / model arguments, named in the message
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # --out where nothing can be written
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return 2
-    return 0
+    # ValueError: bad stages or model arguments, named in the message; OSError: an --out where nothing can be written
+    return exit_status(lambda: print(export_model(args.model, args.out, format=fmt, image_size=args.image_size,
+                                                  stages=args.stages).summary()),
+                       (GFMError, ValueError, OSError))
 
 
 if __name__ == "__main__":

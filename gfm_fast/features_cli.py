@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import gfm_fast
-from gfm_fast.errors import GFMError, os_error_message
+from gfm_fast.errors import GFMError, exit_status
 
 __all__ = ["write_feature_file", "FeatureFileError", "main"]
 
@@ -324,17 +324,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
+    def work() -> None:
         write_feature_file(args.model, args.data, args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
                            image_size=args.image_size, device=args.device, progress=not args.no_progress)
-    except GFMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # --out where nothing can be written, an unreadable input file
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return 2
+
+    try:  # OSError: an --out where nothing can be written, an unreadable input file
+        return exit_status(work)
     except KeyboardInterrupt:
         print(f"interrupted: finished chunks are kept in {args.out}{PARTS_SUFFIX}; run the same command to resume",
               file=sys.stderr)
         return 130
-    return 0

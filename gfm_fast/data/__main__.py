@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from gfm_fast.errors import ConfigError, GFMError, ShardError, os_error_message
+from gfm_fast.errors import ConfigError, ShardError, exit_status
 
 
 def _pairs(values: Optional[List[str]], option: str) -> Dict[str, str]:
@@ -120,14 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     show.add_argument("-n", type=int, default=5)
     show.set_defaults(func=_show)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except GFMError as exn:  # the message names the problem and the fix: no traceback
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    except OSError as exn:  # --out where nothing can be written
-        print(f"error: {os_error_message(exn)}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: args.func(args))  # OSError: an --out where nothing can be written
 
 
 if __name__ == "__main__":

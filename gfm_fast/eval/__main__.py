@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from gfm_fast.errors import GFMError
+    from gfm_fast.errors import exit_status
     from gfm_fast.eval.runner import evaluate
 
-    try:
+    def work() -> None:
         if args.json:  # before minutes of extraction, not after
             _check_writable(args.json)
         report = evaluate(args.model, args.data, protocol=args.protocol, stage=args.stage,
@@ -70,19 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                           temperature=args.temperature, baseline_random=args.baseline_random, teacher=args.teacher,
                           teacher_bands=args.teacher_bands, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-    except GFMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.to_table(), end="")
-    if args.json:
-        try:
-            written = report.write(args.json)
-        except OSError as exc:
-            print(f"error: --json {args.json}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
-            return 2
-        for path in written:
+        print(report.to_table(), end="")
+        for path in report.write(args.json) if args.json else []:
             print(f"wrote {path}")
-    return 0
+
+    return exit_status(work)
 
 
 def _check_writable(path: str) -> None:

@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import sys
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from gfm_fast import run_dir
 from gfm_fast.config import TrainConfig, apply_overrides, load_config
-from gfm_fast.errors import ConfigError, GFMError, TrainingError
+from gfm_fast.errors import ConfigError, GFMError, TrainingError, exit_status
 
 __all__ = ["TrainResult", "run", "train", "main", "parse_args", "build_config", "resolve_config_path",
            "check_paths", "resume_command"]
@@ -399,13 +398,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: 0 when done, 2 for a bad config or path, 1 for another user error (one
-    ``error:`` line, no traceback), 128 + the signal's number when a signal stopped the run."""
+    """The command line: 0 when done, 2 for a problem the user can fix (a bad config or path, a
+    checkpoint of another run: one ``error:`` line, no traceback), 128 + the signal's number when a
+    signal stopped the run."""
     args = parse_args(argv)
     shortcuts = {"data.shards": args.data, "run.output_dir": args.output_dir,
                  "model.teacher_weights": args.teacher_weights, "run.max_steps": args.max_steps,
@@ -413,19 +409,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.overrides)
     if args.resume is not None:  # --resume wins over a run.resume=... given among the overrides
         overrides.append(f"run.resume={args.resume}")
-    try:
+
+    def work() -> int:
         cfg = build_config(args.config, overrides)
         check_paths(cfg)
-    except GFMError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             result = run(cfg)
-        except GFMError as exc:  # a message naming the problem and the fix; no traceback needed
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-    if result.metrics.get("interrupted"):
-        return 128 + int(result.metrics["interrupted"])  # the shell's code for that signal: 143, 130, 138
-    return 0
+        interrupted = result.metrics.get("interrupted")  # the shell's code for that signal: 143, 130, 138
+        return 128 + int(interrupted) if interrupted else 0
+
+    # GFMError only: an OSError in the middle of training keeps its traceback, for a bug report
+    return exit_status(work, (GFMError,))
