@@ -1,7 +1,14 @@
 import os
+import signal
 
 # Triton runs its kernels in the interpreter on CPU; this must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A suite started in the background by a script (`cmd &` in a non-interactive shell, nohup)
+# inherits SIGINT ignored, and so would every process it starts; the Ctrl-C tests need the
+# terminal's SIGINT, which raises KeyboardInterrupt here and is not ignored in the trainers.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
