@@ -9,11 +9,13 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +107,30 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, signu
     assert sorted(resumed) == list(range(1, reached + 3))
     for step, loss in reference.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_ctrl_c_under_the_deepspeed_launcher_saves(tmp_path):
+    """The quick start's ``deepspeed gfm_fast/train.py``: Ctrl-C reaches the trainer, and the
+    launcher then sends it SIGTERM as well; the two are one request, answered with a checkpoint."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    with socket.socket() as sock:  # a port no other run on this machine holds
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(TRAIN_PY), "--output-dir",
+           str(run_dir), *TEST_MODEL, *UNTIL_STOPPED]
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
+                                start_new_session=True)
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)  # the launcher's own status is 1, whatever its trainers return
+    output = log_file.read_text()
+    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
+    latest = Checkpoints(run_dir, 5).latest()
+    assert latest is not None and f"saved checkpoint {latest}" in output and "exiting with 130" in output, \
+        output[-3000:]
+    assert (run_dir / "model" / "model.safetensors").is_file()
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(tmp_path):
