@@ -53,6 +53,17 @@ def test_resuming_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_a_fresh_start_in_an_earlier_runs_directory_replaces_its_log_and_sets_its_checkpoints_aside(tmp_path):
+    """--resume none over a finished run, as over a run killed before its first checkpoint (which
+    --resume auto starts afresh): the log holds the new run's steps once, and the old run's
+    checkpoints do not pass for the new run's on the next --resume auto."""
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=2")
+    _run(tmp_path, "run.max_steps=3", "run.resume=none")
+    assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(3)
+    assert (tmp_path / "checkpoints" / "abandoned" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
 def test_mask_blocks_larger_than_the_decoder_cell(tmp_path):
     """64-px mask blocks over a 32-px decoder grid: the mask reaches the student upsampled."""
     sizes = ("model.student.img_size=128", "model.teacher.img_size=128", "model.mask_block=64")

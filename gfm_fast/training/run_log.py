@@ -39,11 +39,12 @@ class RunLogger:
         total_steps: the step the run stops at (the bar's end).
         start_step: the step the run starts from.
         enabled: False on every rank but 0 (all calls then do nothing).
-        resumed: the run continues from a checkpoint: the steps logged after it (before a crash)
-            are about to be run again, so they leave the log and TensorBoard.
+
+    Steps logged after ``start_step`` (by a run that crashed after its checkpoint, or before its
+    first one) are about to be run again, so they leave the log and TensorBoard.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, resumed: bool = False):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.writer = self.bar = self.jsonl = None
         if not enabled:
@@ -51,10 +52,8 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        if resumed:
-            _drop_logged_steps_after(output_dir / run_dir.METRICS_FILE, start_step)
-        self.writer = SummaryWriter(str(output_dir / run_dir.TENSORBOARD_DIR),
-                                    purge_step=start_step + 1 if resumed else None)
+        _drop_logged_steps_after(output_dir / run_dir.METRICS_FILE, start_step)
+        self.writer = SummaryWriter(str(output_dir / run_dir.TENSORBOARD_DIR), purge_step=start_step + 1)
         self.jsonl = open(output_dir / run_dir.METRICS_FILE, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="gfm", dynamic_ncols=True,
                         unit="step", mininterval=1.0, file=sys.stderr)
