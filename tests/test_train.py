@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError
-from gfm_fast.training.distributed import shm_allreduce_buffer
+from gfm_fast.training.distributed import LAUNCHER_VARIABLES, shm_allreduce_buffer
 
 from train_helpers import REPO, TEST_MODEL, TRAIN_PY
 from train_helpers import losses as _losses
@@ -63,6 +63,14 @@ def test_a_fresh_start_in_an_earlier_runs_directory_replaces_its_log_and_sets_it
     assert (tmp_path / "checkpoints" / "abandoned" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+def test_a_run_leaves_no_launcher_variables_behind(tmp_path, monkeypatch):
+    """After gfm_fast.train(), a train.py or benchmark started from the same process took its RANK
+    and MASTER_PORT for a launcher's and failed: the port is this process's rendezvous store's."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    _run(tmp_path, "run.max_steps=1")
+    assert [key for key in LAUNCHER_VARIABLES if key in os.environ] == []
 
 def test_mask_blocks_larger_than_the_decoder_cell(tmp_path):
     """64-px mask blocks over a 32-px decoder grid: the mask reaches the student upsampled."""

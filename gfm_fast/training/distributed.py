@@ -3,6 +3,7 @@ process), the device of each rank, process-wide math modes, and the few collecti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -11,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["init_distributed", "dist_backend", "launcher_env", "first_slurm_host", "pick_device", "set_math_modes",
+__all__ = ["init_distributed", "dist_backend", "launcher_env", "launcher_variables_restored", "LAUNCHER_VARIABLES", "first_slurm_host", "pick_device", "set_math_modes",
            "gather_from_ranks", "max_over_ranks"]
 
 def _free_port() -> int:
@@ -66,6 +67,26 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
     env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
     env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(_free_port())
     return env
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launcher_variables_restored():
+    """Puts :data:`LAUNCHER_VARIABLES` back as they were once the block ends. ``init_distributed``
+    sets them for DeepSpeed; left behind after an in-process run, a process started later (another
+    ``train.py``, a benchmark) would take them as its launcher's and fail to open its rendezvous
+    on the port this process's store still holds."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 DIST_BACKENDS = ("nccl", "gloo")

@@ -167,6 +167,13 @@ def resume_command(output_dir: Path, world_size: int, under_srun: bool = False) 
 
 def run(cfg: TrainConfig) -> TrainResult:
     """Train with a validated config (``train`` and ``main`` build one); every rank calls it."""
+    from gfm_fast.training.distributed import launcher_variables_restored
+
+    with launcher_variables_restored():
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> TrainResult:
     import numpy as np
     import torch
 
