@@ -19,7 +19,7 @@ import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError
 from gfm_fast.training.distributed import LAUNCHER_VARIABLES, shm_allreduce_buffer
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port
 from train_helpers import losses as _losses
 from train_helpers import metric as _metric
 from train_helpers import run_tiny as _run
@@ -430,7 +430,7 @@ def test_cli_rejects_a_bad_config_before_any_work():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_gloo_run(tmp_path, stage):
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = 29500 + stage * 7 + os.getpid() % 500
+    port = free_port()
     # DeepSpeed's CPU all-reduce buffers of this port (66 MB each): a leftover of an older run goes first.
     buffers = [shm_allreduce_buffer(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
     for path in buffers:
@@ -450,9 +450,10 @@ def test_two_process_gloo_run(tmp_path, stage):
 def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Per-rank loader positions and mask RNGs survive a resume (ZeRO-2, 2 processes)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
+    port = free_port()
 
     def launch(out, steps):
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29800 + os.getpid() % 500), str(TRAIN_PY),
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(TRAIN_PY),
                *TEST_MODEL, "--max-steps", str(steps), "--zero-stage", "2", "--output-dir", str(out),
                "optim.schedule_steps=4", "run.ckpt_every=2"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)

@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,7 +25,7 @@ from gfm_fast.training import Checkpoints, build_config, check_paths, main
 from gfm_fast.errors import ConfigError
 from gfm_fast.training.distributed import dist_backend, first_slurm_host, launcher_env
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY, losses, run_tiny, subprocess_env
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port, losses, run_tiny, subprocess_env
 
 # Trains until stopped; a fixed schedule length, so that a shorter resumed run has the same LRs.
 UNTIL_STOPPED = ["--max-steps", "100000", "optim.schedule_steps=100000", "data.num_workers=2"]
@@ -113,11 +112,8 @@ def test_ctrl_c_under_the_deepspeed_launcher_saves(tmp_path):
     """The quick start's ``deepspeed gfm_fast/train.py``: Ctrl-C reaches the trainer, and the
     launcher then sends it SIGTERM as well; the two are one request, answered with a checkpoint."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    with socket.socket() as sock:  # a port no other run on this machine holds
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
-    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(port), str(TRAIN_PY), "--output-dir",
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(free_port()), str(TRAIN_PY), "--output-dir",
            str(run_dir), *TEST_MODEL, *UNTIL_STOPPED]
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
@@ -155,12 +151,13 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(tmp_path)
 
 
 def test_srun_tasks_train_without_a_launcher(tmp_path):
-    """Two tasks as ``srun --ntasks 2`` starts them: rank, world size and master from SLURM's variables."""
-    job = 100 + os.getpid() % 5000
+    """Two tasks as ``srun --ntasks 2`` starts them: rank, world size and master from SLURM's variables
+    (the port a batch script may set: the one derived from the job id may be taken here)."""
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**subprocess_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
-               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job)}
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "123", "MASTER_PORT": str(port)}
         cmd = [sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path), "--max-steps", "2", *TEST_MODEL]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       cwd=REPO))
