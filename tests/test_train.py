@@ -399,6 +399,18 @@ def test_cli_rejects_an_output_dir_it_cannot_make_before_any_work(tmp_path):
                     f"a file, not a directory; choose another one")
 
 
+def test_cli_names_the_extensions_folder_an_unwritable_home_blocks(tmp_path):
+    """DeepSpeed's CPU backend compiles an op under ~/.cache on first use: a read-only home (some
+    clusters, containers) gets one line naming the fix, not DeepSpeed's traceback."""
+    (tmp_path / "home").write_text("")  # a file where the home folder would be
+    env = {**_env(), "HOME": str(tmp_path / "home")}
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path / "run"), "run.max_steps=1",
+                           "run.device=cpu", *TEST_MODEL], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: DeepSpeed builds its CPU communication op in ") and "TORCH_EXTENSIONS_DIR" in line
+
 def test_cli_rejects_a_missing_eval_set_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.eval_every=2", f"run.eval_data={tmp_path / 'nope'}",
                            "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=_env(),

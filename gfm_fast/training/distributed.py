@@ -118,7 +118,17 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except OSError as exc:  # on CPU DeepSpeed JIT-builds its shm op, by default under ~/.cache
+            from torch.utils.cpp_extension import get_default_build_root
+
+            build_root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+            if device_type != "cpu" or not exc.filename or not build_root.startswith(str(exc.filename)):
+                raise
+            raise ConfigError(f"DeepSpeed builds its CPU communication op in {build_root}, which cannot be "
+                              f"created ({exc.strerror}: {exc.filename}); set TORCH_EXTENSIONS_DIR to a "
+                              f"writable folder") from None
         if device_type == "cpu":
             _unlink_shm_allreduce_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
