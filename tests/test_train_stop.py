@@ -179,6 +179,12 @@ def test_launcher_variables_from_slurm():
     assert launcher_env({**slurm, "SLURM_STEP_NUM_TASKS": "4"})["WORLD_SIZE"] == "4"
     single = launcher_env({})
     assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    # One process rendezvous with itself: a MASTER_PORT the shell exports (a job script's, held by
+    # another run) or a MASTER_ADDR elsewhere are not its own.
+    exported = {"MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
+    for environ in (exported, {**slurm, **exported, "SLURM_NTASKS": "1"}):
+        single = launcher_env(environ)
+        assert single["MASTER_ADDR"] == "127.0.0.1" and single["MASTER_PORT"] != "29500"
 
 
 def test_dist_backend_defaults_and_its_override(tmp_path):

@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["init_distributed", "dist_backend", "launcher_env", "launcher_variables_restored", "LAUNCHER_VARIABLES", "first_slurm_host", "pick_device", "set_math_modes",
-           "gather_from_ranks", "max_over_ranks"]
+__all__ = ["init_distributed", "dist_backend", "launcher_env", "launcher_variables_restored", "LAUNCHER_VARIABLES",
+           "first_slurm_host", "pick_device", "set_math_modes", "gather_from_ranks", "max_over_ranks"]
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -39,7 +39,8 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
     ``srun`` without a launcher, one task per rank: rank ``SLURM_PROCID``, world size
     ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master the job's first node (port
     ``MASTER_PORT`` if set, else one derived from ``SLURM_JOB_ID``, the same in every task). Else
-    one process on a free local port.
+    one process on a free local port, whatever ``MASTER_ADDR`` / ``MASTER_PORT`` the shell exports
+    (another run's: a second run on that port fails, an address elsewhere never answers).
 
     Args:
         environ: the process environment.
@@ -64,8 +65,7 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
             return env
     else:
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
-    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(_free_port())
+    env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     return env
 
 
