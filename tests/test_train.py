@@ -72,6 +72,16 @@ def test_a_run_leaves_no_launcher_variables_behind(tmp_path, monkeypatch):
     _run(tmp_path, "run.max_steps=1")
     assert [key for key in LAUNCHER_VARIABLES if key in os.environ] == []
 
+def test_a_metrics_line_torn_by_a_crash_does_not_stop_the_resume(tmp_path):
+    """A node that lost power mid-write (or a full disk) leaves half a line, or zeros, at the end
+    of metrics.jsonl: the resumed run drops it with the steps it repeats."""
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "loss/total": 0.5\n\0\0\0\n')
+    _run(tmp_path, "run.max_steps=3")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
 def test_mask_blocks_larger_than_the_decoder_cell(tmp_path):
     """64-px mask blocks over a 32-px decoder grid: the mask reaches the student upsampled."""
     sizes = ("model.student.img_size=128", "model.teacher.img_size=128", "model.mask_block=64")

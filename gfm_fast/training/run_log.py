@@ -19,12 +19,21 @@ __all__ = ["RunLogger", "preview_grid", "Throughput", "last_logged_metrics", "wr
 WARMUP_STEPS_FOR_THROUGHPUT = 5  # skip allocator/autotune warm-up when measuring images/s (nanoGPT)
 
 
+def _logged_step(line: str) -> Optional[int]:
+    """The step of a metrics.jsonl line; None for a line a crash tore (a power loss, a full disk)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
+
+
 def _drop_logged_steps_after(log: Path, step: int) -> None:
-    """Rewrite ``log`` (JSON lines with a "step") without the lines after ``step``, atomically."""
+    """Rewrite ``log`` (JSON lines with a "step") without the lines after ``step`` or torn ones, atomically."""
     if not log.is_file():
         return
-    lines = log.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = log.read_text(errors="replace").splitlines()
+    logged = [_logged_step(line) for line in lines]
+    kept = [line for line, at in zip(lines, logged) if at is not None and at <= step]
     if len(kept) != len(lines):
         tmp = log.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
