@@ -532,6 +532,18 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert tags == [Checkpoints.tag(3), Checkpoints.tag(4)]
 
 
+def test_saves_cut_short_by_a_kill_are_removed_once_passed(tmp_path):
+    """A SIGKILL mid-save (a scheduler's, after its grace period) leaves a checkpoint without its
+    marker: never resumed from, never pruned (pruning counts complete ones), GBs each for a real model."""
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+    for step in (1, 9):  # one the next run passes, one it does not reach
+        (tmp_path / "checkpoints" / Checkpoints.tag(step)).mkdir()
+        (tmp_path / "checkpoints" / Checkpoints.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=2", "optim.schedule_steps=4")  # resumes at 2, saves 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", Checkpoints.tag(2), Checkpoints.tag(4), Checkpoints.tag(9)]
+
+
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     _run(tmp_path, "run.max_steps=1")
     states = tmp_path / "checkpoints" / Checkpoints.tag(1) / "mp_rank_00_model_states.pt"
