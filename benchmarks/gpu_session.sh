@@ -138,6 +138,9 @@ phase_train() {
                 optim.schedule_steps=60 data.num_workers=4 run.ckpt_every=20 run.preview_every=20)
     "$PY" gfm_fast/train.py "${args[@]}" --max-steps 40 && "$PY" gfm_fast/train.py "${args[@]}" --max-steps 60 &&
     cp "$dir/metrics.jsonl" "$RESULTS/${c}_train_metrics.jsonl" 2>/dev/null
+    local status=$?
+    rm -rf "$dir"  # its checkpoints: the metrics are all the session keeps
+    return $status
 }
 
 # torch.distributed as the DeepSpeed engine uses it, one rank: NCCL has never run on the lent machines.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,22 +161,30 @@ def export_model(model_or_path: Any, out: Any, *, format: str = "onnx", image_si
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, config.swin.in_chans, size, size, generator=generator)
     check = torch.randn(CHECK_BATCH, config.swin.in_chans, size, size, generator=generator)
-    # Standard operators only (SDPA), not gfm_fast's CPU kernel: the file must run without gfm_fast.
-    with torch.no_grad(), allow_any_input_size(encoder), attention_path(encoder, "sdpa"):
-        if format == "onnx":
-            _export_onnx(module, example, out, names, meta)
-        else:
-            _export_pt2(module, example, out, meta)
-        eager = module(check)
-    eager = list(eager) if isinstance(eager, tuple) else [eager]
-    with torch.no_grad():
-        exported, checked_with = _run_onnx(out, check) if format == "onnx" else _run_pt2(out, check)
-    if len(exported) != len(eager) or any(a.shape != b.shape for a, b in zip(exported, eager)):
-        raise ExportError(f"{out}: output shapes {[tuple(a.shape) for a in exported]} differ from eager "
-                          f"{[tuple(b.shape) for b in eager]}")
-    error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(exported, eager))
-    if not error <= TOLERANCE:
-        raise ExportError(f"{out}: outputs differ from eager PyTorch by {error:.2e} (relative), above {TOLERANCE:g}")
+    # Written and checked under a temporary name, then renamed: a file at ``out`` is always a checked
+    # one (never half written by a killed export, nor one that failed the check).
+    tmp = out.with_name(f"{out.stem}.tmp{out.suffix}")
+    try:
+        # Standard operators only (SDPA), not gfm_fast's CPU kernel: the file must run without gfm_fast.
+        with torch.no_grad(), allow_any_input_size(encoder), attention_path(encoder, "sdpa"):
+            if format == "onnx":
+                _export_onnx(module, example, tmp, names, meta)
+            else:
+                _export_pt2(module, example, tmp, meta)
+            eager = module(check)
+        eager = list(eager) if isinstance(eager, tuple) else [eager]
+        with torch.no_grad():
+            exported, checked_with = _run_onnx(tmp, check) if format == "onnx" else _run_pt2(tmp, check)
+        if len(exported) != len(eager) or any(a.shape != b.shape for a, b in zip(exported, eager)):
+            raise ExportError(f"{out}: output shapes {[tuple(a.shape) for a in exported]} differ from eager "
+                              f"{[tuple(b.shape) for b in eager]}")
+        error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(exported, eager))
+        if not error <= TOLERANCE:
+            raise ExportError(f"{out}: outputs differ from eager PyTorch by {error:.2e} (relative), above "
+                              f"{TOLERANCE:g}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ExportResult(out, format, (-1, config.swin.in_chans, size, size),
                         [(-1, *b.shape[1:]) for b in eager], error, checked_with)
 

@@ -13,6 +13,16 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gfm_fast.training.distributed import LAUNCHER_VARIABLES  # noqa: E402
+
+# The suite's training runs are one process each (or launch their own): a launcher's or a SLURM
+# allocation's variables inherited from the shell (RANK, SLURM_NTASKS=4 under salloc or sbatch)
+# would make every in-process run wait for ranks that never start. GFM_FAST_BACKEND=reference
+# would make backend="auto" the reference, and the tests of auto against it compare it with itself.
+for _key in [key for key in os.environ
+             if key in LAUNCHER_VARIABLES or key.startswith("SLURM_") or key == "GFM_FAST_BACKEND"]:
+    del os.environ[_key]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

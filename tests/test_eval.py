@@ -295,6 +295,16 @@ def test_cache_second_run_skips_extraction(scenes, tiny_model, tmp_path, monkeyp
             evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path, progress=False, **other)
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning(scenes, tiny_model, tmp_path):
+    """The default cache lives in the home directory, read-only on some clusters and containers: the
+    evaluation still finishes (after minutes of extraction), uncached, and says so."""
+    (tmp_path / "home").write_text("")  # a file where the cache's folder would go
+    reference = evaluate(tiny_model, scenes, protocol="knn", progress=False, use_cache=False)
+    with pytest.warns(UserWarning, match="cannot be written"):
+        report = evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path / "home" / "cache", progress=False)
+    assert [m.protocols["knn"].confusion for m in report.models] == \
+        [m.protocols["knn"].confusion for m in reference.models]
+
 def test_knn_accuracy_for_training_loop(scenes, tiny_model):
     encoder = gfm_fast.load_model(tiny_model).train()
     accuracy = knn_accuracy(encoder, scenes, k=5)

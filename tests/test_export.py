@@ -44,6 +44,23 @@ def test_pt2_12_band_at_another_size(tmp_path, capsys):
     torch.testing.assert_close(program.module()(x[:1]), expected[:1], rtol=1e-4, atol=1e-5)  # batch 1 too
 
 
+def test_a_file_that_fails_the_check_is_not_left_as_the_output(tmp_path, capsys, monkeypatch):
+    """--out holds a checked file or nothing: an export that fails its check (or is killed before
+    it) leaves no file a script would take for the export, and keeps an earlier good one."""
+    import gfm_fast.export
+
+    model = saved_model(tmp_path, 3)
+    out = tmp_path / "gfm.pt2"
+    monkeypatch.setattr(gfm_fast.export, "TOLERANCE", -1.0)
+    assert main(["--model", str(model), "--out", str(out)]) == 2
+    assert "outputs differ from eager PyTorch" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model3"]
+    monkeypatch.undo()
+    assert main(["--model", str(model), "--out", str(out)]) == 0
+    monkeypatch.setattr(gfm_fast.export, "TOLERANCE", -1.0)
+    assert main(["--model", str(model), "--out", str(out)]) == 2
+    assert torch.export.load(str(out))  # the earlier, checked file
+
 def test_onnx_stages(tmp_path, capsys):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -24,7 +24,7 @@ def _run_session(tmp_path: Path, stub_body: str, *phases: str, expect: int = 0, 
     stub = tmp_path / "python"
     stub.write_text(f"#!/usr/bin/env bash\n{stub_body}\n")
     stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}  # mktemp's
     env.pop("GPU_SESSION_SECONDS", None)
     env.pop("GFM_DIST_BACKEND", None)
     result = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), *phases], env={**env, **env_vars},
@@ -98,3 +98,14 @@ def test_a_hanging_train_phase_leaves_the_deadline_to_the_phases_after_it(tmp_pa
     out = _run_session(tmp_path, 'case "$*" in *train.py*) sleep 60;; esac', "train", "features", expect=124,
                        GPU_SESSION_SECONDS="300", TRAIN_SECONDS="2")
     assert "=== train: exit 124" in out and "=== features: exit 0" in out, out
+
+
+def test_the_train_phase_leaves_no_run_directory_behind(tmp_path):
+    """Its run (checkpoints included) goes to a temporary directory; the metrics file is what it keeps."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    stub = 'out=$(printf "%s\\n" "$@" | grep -A1 -- --output-dir | tail -1); [ -n "$out" ] && echo "{}" >"$out/metrics.jsonl"'
+    out = _run_session(tmp_path, stub, "train", TMPDIR=str(temp))
+    assert "=== train: exit 0" in out, out
+    assert list(temp.iterdir()) == []
+    assert list((tmp_path / "out").glob("*_train_metrics.jsonl"))

@@ -17,9 +17,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError
-from gfm_fast.training.distributed import shm_allreduce_buffer
+from gfm_fast.training.distributed import LAUNCHER_VARIABLES, shm_allreduce_buffer
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port
 from train_helpers import losses as _losses
 from train_helpers import metric as _metric
 from train_helpers import run_tiny as _run
@@ -52,6 +52,35 @@ def test_resuming_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
+
+def test_a_fresh_start_in_an_earlier_runs_directory_replaces_its_log_and_sets_its_checkpoints_aside(tmp_path):
+    """--resume none over a finished run, as over a run killed before its first checkpoint (which
+    --resume auto starts afresh): the log holds the new run's steps once, and the old run's
+    checkpoints do not pass for the new run's on the next --resume auto."""
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=2")
+    _run(tmp_path, "run.max_steps=3", "run.resume=none")
+    assert Checkpoints(tmp_path, 5).latest().name == Checkpoints.tag(3)
+    assert (tmp_path / "checkpoints" / "abandoned" / Checkpoints.tag(4) / COMPLETE_MARKER).is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+def test_a_run_leaves_no_launcher_variables_behind(tmp_path, monkeypatch):
+    """After gfm_fast.train(), a train.py or benchmark started from the same process took its RANK
+    and MASTER_PORT for a launcher's and failed: the port is this process's rendezvous store's."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    _run(tmp_path, "run.max_steps=1")
+    assert [key for key in LAUNCHER_VARIABLES if key in os.environ] == []
+
+def test_a_metrics_line_torn_by_a_crash_does_not_stop_the_resume(tmp_path):
+    """A node that lost power mid-write (or a full disk) leaves half a line, or zeros, at the end
+    of metrics.jsonl: the resumed run drops it with the steps it repeats."""
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "loss/total": 0.5\n\0\0\0\n')
+    _run(tmp_path, "run.max_steps=3")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 def test_mask_blocks_larger_than_the_decoder_cell(tmp_path):
     """64-px mask blocks over a 32-px decoder grid: the mask reaches the student upsampled."""
@@ -380,6 +409,18 @@ def test_cli_rejects_an_output_dir_it_cannot_make_before_any_work(tmp_path):
                     f"a file, not a directory; choose another one")
 
 
+def test_cli_names_the_extensions_folder_an_unwritable_home_blocks(tmp_path):
+    """DeepSpeed's CPU backend compiles an op under ~/.cache on first use: a read-only home (some
+    clusters, containers) gets one line naming the fix, not DeepSpeed's traceback."""
+    (tmp_path / "home").write_text("")  # a file where the home folder would be
+    env = {**_env(), "HOME": str(tmp_path / "home")}
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path / "run"), "run.max_steps=1",
+                           "run.device=cpu", *TEST_MODEL], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: DeepSpeed builds its CPU communication op in ") and "TORCH_EXTENSIONS_DIR" in line
+
 def test_cli_rejects_a_missing_eval_set_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "run.eval_every=2", f"run.eval_data={tmp_path / 'nope'}",
                            "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=_env(),
@@ -411,7 +452,7 @@ def test_cli_rejects_a_bad_config_before_any_work():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_gloo_run(tmp_path, stage):
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = 29500 + stage * 7 + os.getpid() % 500
+    port = free_port()
     # DeepSpeed's CPU all-reduce buffers of this port (66 MB each): a leftover of an older run goes first.
     buffers = [shm_allreduce_buffer(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
     for path in buffers:
@@ -431,9 +472,10 @@ def test_two_process_gloo_run(tmp_path, stage):
 def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Per-rank loader positions and mask RNGs survive a resume (ZeRO-2, 2 processes)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
+    port = free_port()
 
     def launch(out, steps):
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(29800 + os.getpid() % 500), str(TRAIN_PY),
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(TRAIN_PY),
                *TEST_MODEL, "--max-steps", str(steps), "--zero-stage", "2", "--output-dir", str(out),
                "optim.schedule_steps=4", "run.ckpt_every=2"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
@@ -488,6 +530,18 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(tmp_path, "run.max_steps=4", "run.ckpt_every=1", "run.keep_last=2")
     tags = Checkpoints(tmp_path, 2).complete_tags()
     assert tags == [Checkpoints.tag(3), Checkpoints.tag(4)]
+
+
+def test_saves_cut_short_by_a_kill_are_removed_once_passed(tmp_path):
+    """A SIGKILL mid-save (a scheduler's, after its grace period) leaves a checkpoint without its
+    marker: never resumed from, never pruned (pruning counts complete ones), GBs each for a real model."""
+    _run(tmp_path, "run.max_steps=2", "run.ckpt_every=2")
+    for step in (1, 9):  # one the next run passes, one it does not reach
+        (tmp_path / "checkpoints" / Checkpoints.tag(step)).mkdir()
+        (tmp_path / "checkpoints" / Checkpoints.tag(step) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    _run(tmp_path, "run.max_steps=4", "run.ckpt_every=2", "optim.schedule_steps=4")  # resumes at 2, saves 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", Checkpoints.tag(2), Checkpoints.tag(4), Checkpoints.tag(9)]
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):

@@ -196,6 +196,30 @@ def test_a_second_ctrl_c_stops_at_once():
         stop.restore()
 
 
+def test_the_launchers_sigterm_after_a_ctrl_c_is_the_same_request():
+    """DeepSpeed's launcher forwards a Ctrl-C to its trainers as SIGTERM, milliseconds after they got
+    the terminal's SIGINT: one request, still answered with a checkpoint."""
+    import os
+    import signal
+
+    from gfm_fast.training import _StopRequest
+
+    def stopped_at_once(signum, frame):
+        raise AssertionError("the launcher's SIGTERM was taken for a second request")
+
+    previous = signal.signal(signal.SIGTERM, stopped_at_once)  # what the handler would hand the signal on to
+    stop = _StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between bytecodes
+            pass
+        assert stop.signum == signal.SIGINT
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGTERM, previous)
+
 def test_the_resume_command_runs_from_the_directory_it_is_printed_in(tmp_path, monkeypatch):
     import gfm_fast
     from gfm_fast.training.loop import resume_command

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from gfm_fast.training import Checkpoints, build_config, check_paths, main
 from gfm_fast.errors import ConfigError
 from gfm_fast.training.distributed import dist_backend, first_slurm_host, launcher_env
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY, losses, run_tiny, subprocess_env
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port, losses, run_tiny, subprocess_env
 
 # Trains until stopped; a fixed schedule length, so that a shorter resumed run has the same LRs.
 UNTIL_STOPPED = ["--max-steps", "100000", "optim.schedule_steps=100000", "data.num_workers=2"]
@@ -107,6 +108,27 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, signu
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
+def test_ctrl_c_under_the_deepspeed_launcher_saves(tmp_path):
+    """The quick start's ``deepspeed gfm_fast/train.py``: Ctrl-C reaches the trainer, and the
+    launcher then sends it SIGTERM as well; the two are one request, answered with a checkpoint."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
+    cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(free_port()), str(TRAIN_PY), "--output-dir",
+           str(run_dir), *TEST_MODEL, *UNTIL_STOPPED]
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
+                                start_new_session=True)
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)  # the launcher's own status is 1, whatever its trainers return
+    output = log_file.read_text()
+    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
+    latest = Checkpoints(run_dir, 5).latest()
+    assert latest is not None and f"saved checkpoint {latest}" in output and "exiting with 130" in output, \
+        output[-3000:]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(tmp_path):
     run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
     with open(log_file, "w") as log:
@@ -129,12 +151,13 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(tmp_path)
 
 
 def test_srun_tasks_train_without_a_launcher(tmp_path):
-    """Two tasks as ``srun --ntasks 2`` starts them: rank, world size and master from SLURM's variables."""
-    job = 100 + os.getpid() % 5000
+    """Two tasks as ``srun --ntasks 2`` starts them: rank, world size and master from SLURM's variables
+    (the port a batch script may set: the one derived from the job id may be taken here)."""
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**subprocess_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
-               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job)}
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "123", "MASTER_PORT": str(port)}
         cmd = [sys.executable, str(TRAIN_PY), "--output-dir", str(tmp_path), "--max-steps", "2", *TEST_MODEL]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       cwd=REPO))
@@ -156,6 +179,12 @@ def test_launcher_variables_from_slurm():
     assert launcher_env({**slurm, "SLURM_STEP_NUM_TASKS": "4"})["WORLD_SIZE"] == "4"
     single = launcher_env({})
     assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    # One process rendezvous with itself: a MASTER_PORT the shell exports (a job script's, held by
+    # another run) or a MASTER_ADDR elsewhere are not its own.
+    exported = {"MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
+    for environ in (exported, {**slurm, **exported, "SLURM_NTASKS": "1"}):
+        single = launcher_env(environ)
+        assert single["MASTER_ADDR"] == "127.0.0.1" and single["MASTER_PORT"] != "29500"
 
 
 def test_dist_backend_defaults_and_its_override(tmp_path):

@@ -70,6 +70,8 @@ def _prepare_out(out: Path, fingerprint: str, prefix: str, overwrite: bool) -> N
             for name in (MANIFEST_NAME, BUILD_FILE):
                 if (out / name).exists():
                     (out / name).unlink()
+    for partial in out.glob(f".{prefix}-*.tmp-*"):  # what a build killed outright (SIGKILL, OOM) was writing
+        partial.unlink()
     write_json_atomic(build_file, {"fingerprint": fingerprint})
 
 

@@ -62,15 +62,21 @@ class FeatureCache:
             return None
 
     def save(self, key: Optional[str], features: torch.Tensor) -> None:
-        """Store ``features`` atomically (write to a temporary file, then rename)."""
+        """Store ``features`` atomically (write to a temporary file, then rename). A cache that cannot
+        be written (a read-only home, a full disk) is a warning, then no cache: it only saves time."""
         if self.directory is None or key is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
-        os.close(handle)
+        temporary = None
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+            os.close(handle)
             torch.save({"features": features.contiguous()}, temporary)
             os.replace(temporary, self._path(key))
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        except OSError as exc:
+            warnings.warn(f"feature cache {self.directory} cannot be written ({exc}); continuing without it "
+                          f"(choose another with --cache-dir, or --no-cache)", UserWarning)
+            self.directory = None
+        finally:
+            if temporary is not None and os.path.exists(temporary):
+                os.unlink(temporary)

@@ -86,7 +86,7 @@ class Checkpoints:
             tmp.write_text(json.dumps({"step": step, "time": time.time()}))
             os.replace(tmp, marker)
             _fsync_path(target)  # the marker is durable before pruning removes older checkpoints
-            self._prune()
+            self._prune(step)
             run_dir.write_latest(self.root)
         dist.barrier()
         return target
@@ -110,10 +110,17 @@ class Checkpoints:
             run_dir.write_latest(self.root)
         return moved
 
-    def _prune(self) -> None:
+    def _prune(self, saved_step: int) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints, and remove the incomplete ones before
+        ``saved_step``: saves a kill cut short (a scheduler's SIGKILL after its grace period lands
+        mid-save), GBs each, which no run will complete or replace once this one has passed them."""
         tags = self.complete_tags()
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             shutil.rmtree(self.root / old, ignore_errors=True)
+        for path in self.root.iterdir():
+            step = run_dir.tag_step(path.name)
+            if step is not None and step < saved_step and not (path / run_dir.COMPLETE_MARKER).is_file():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_resume(spec: Optional[str], checkpoints: Checkpoints) -> Optional[Path]:

@@ -3,6 +3,7 @@ process), the device of each rank, process-wide math modes, and the few collecti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -11,8 +12,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["init_distributed", "dist_backend", "launcher_env", "first_slurm_host", "pick_device", "set_math_modes",
-           "gather_from_ranks", "max_over_ranks"]
+__all__ = ["init_distributed", "dist_backend", "launcher_env", "launcher_variables_restored", "LAUNCHER_VARIABLES",
+           "first_slurm_host", "pick_device", "set_math_modes", "gather_from_ranks", "max_over_ranks"]
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -38,7 +39,8 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
     ``srun`` without a launcher, one task per rank: rank ``SLURM_PROCID``, world size
     ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master the job's first node (port
     ``MASTER_PORT`` if set, else one derived from ``SLURM_JOB_ID``, the same in every task). Else
-    one process on a free local port.
+    one process on a free local port, whatever ``MASTER_ADDR`` / ``MASTER_PORT`` the shell exports
+    (another run's: a second run on that port fails, an address elsewhere never answers).
 
     Args:
         environ: the process environment.
@@ -63,9 +65,28 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
             return env
     else:
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
-    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(_free_port())
+    env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     return env
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launcher_variables_restored():
+    """Puts :data:`LAUNCHER_VARIABLES` back as they were once the block ends. ``init_distributed``
+    sets them for DeepSpeed; left behind after an in-process run, a process started later (another
+    ``train.py``, a benchmark) would take them as its launcher's and fail to open its rendezvous
+    on the port this process's store still holds."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 DIST_BACKENDS = ("nccl", "gloo")
@@ -97,7 +118,17 @@ def init_distributed(device_type: str) -> Tuple[int, int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except OSError as exc:  # on CPU DeepSpeed JIT-builds its shm op, by default under ~/.cache
+            from torch.utils.cpp_extension import get_default_build_root
+
+            build_root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+            if device_type != "cpu" or not exc.filename or not build_root.startswith(str(exc.filename)):
+                raise
+            raise ConfigError(f"DeepSpeed builds its CPU communication op in {build_root}, which cannot be "
+                              f"created ({exc.strerror}: {exc.filename}); set TORCH_EXTENSIONS_DIR to a "
+                              f"writable folder") from None
         if device_type == "cpu":
             _unlink_shm_allreduce_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))

@@ -167,6 +167,13 @@ def resume_command(output_dir: Path, world_size: int, under_srun: bool = False) 
 
 def run(cfg: TrainConfig) -> TrainResult:
     """Train with a validated config (``train`` and ``main`` build one); every rank calls it."""
+    from gfm_fast.training.distributed import launcher_variables_restored
+
+    with launcher_variables_restored():
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> TrainResult:
     import numpy as np
     import torch
 
@@ -209,7 +216,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                                            mask_generator)
         stats.update(saved_stats)
     loader.set_epoch(epoch)
-    logger = RunLogger(output_dir, schedule.stop_step, step, is_main, resumed=resume_from is not None)
+    logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
     already_finished = step >= schedule.stop_step
     _report_start(logger, checkpoints, resume_from, step, schedule, is_main)
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
@@ -282,14 +289,14 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def _report_start(logger, checkpoints, resume_from: Optional[Path], step: int, schedule,
                   is_main: bool) -> None:
-    """Say where the run resumed; set aside checkpoints newer than the one it resumed from."""
-    if resume_from is None:
-        return
-    logger.message(f"resumed from {resume_from} at step {step}")
-    if is_main and resume_from.parent.resolve() == checkpoints.root.resolve():
+    """Say where the run resumed; set aside checkpoints newer than the one it resumed from (all of
+    them when it starts afresh: an earlier run's would pass for this one's on ``--resume auto``)."""
+    if resume_from is not None:
+        logger.message(f"resumed from {resume_from} at step {step}")
+    if is_main and (resume_from is None or resume_from.parent.resolve() == checkpoints.root.resolve()):
         for moved in checkpoints.set_aside_after(step):
             logger.message(f"newer checkpoint set aside (not deleted): {moved}")
-    if step >= schedule.stop_step:
+    if resume_from is not None and step >= schedule.stop_step:
         logger.message(f"this run already reached step {step} (stop at {schedule.stop_step}): nothing to do. "
                        f"To train further, raise run.max_steps: with optim.schedule_steps=0 the LR schedule is "
                        f"recomputed for the new length (the LR rises again); optim.schedule_steps={step} keeps "

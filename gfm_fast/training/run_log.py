@@ -19,12 +19,21 @@ __all__ = ["RunLogger", "preview_grid", "Throughput", "last_logged_metrics", "wr
 WARMUP_STEPS_FOR_THROUGHPUT = 5  # skip allocator/autotune warm-up when measuring images/s (nanoGPT)
 
 
+def _logged_step(line: str) -> Optional[int]:
+    """The step of a metrics.jsonl line; None for a line a crash tore (a power loss, a full disk)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
+
+
 def _drop_logged_steps_after(log: Path, step: int) -> None:
-    """Rewrite ``log`` (JSON lines with a "step") without the lines after ``step``, atomically."""
+    """Rewrite ``log`` (JSON lines with a "step") without the lines after ``step`` or torn ones, atomically."""
     if not log.is_file():
         return
-    lines = log.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = log.read_text(errors="replace").splitlines()
+    logged = [_logged_step(line) for line in lines]
+    kept = [line for line, at in zip(lines, logged) if at is not None and at <= step]
     if len(kept) != len(lines):
         tmp = log.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -39,11 +48,12 @@ class RunLogger:
         total_steps: the step the run stops at (the bar's end).
         start_step: the step the run starts from.
         enabled: False on every rank but 0 (all calls then do nothing).
-        resumed: the run continues from a checkpoint: the steps logged after it (before a crash)
-            are about to be run again, so they leave the log and TensorBoard.
+
+    Steps logged after ``start_step`` (by a run that crashed after its checkpoint, or before its
+    first one) are about to be run again, so they leave the log and TensorBoard.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, resumed: bool = False):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.writer = self.bar = self.jsonl = None
         if not enabled:
@@ -51,10 +61,8 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        if resumed:
-            _drop_logged_steps_after(output_dir / run_dir.METRICS_FILE, start_step)
-        self.writer = SummaryWriter(str(output_dir / run_dir.TENSORBOARD_DIR),
-                                    purge_step=start_step + 1 if resumed else None)
+        _drop_logged_steps_after(output_dir / run_dir.METRICS_FILE, start_step)
+        self.writer = SummaryWriter(str(output_dir / run_dir.TENSORBOARD_DIR), purge_step=start_step + 1)
         self.jsonl = open(output_dir / run_dir.METRICS_FILE, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="gfm", dynamic_ncols=True,
                         unit="step", mininterval=1.0, file=sys.stderr)

@@ -239,6 +239,17 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(folders, tmp_path
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in finished_mtime.items())
 
 
+def test_a_rerun_removes_what_a_killed_build_was_writing(folders, tmp_path):
+    """SIGKILL (or the OOM killer) skips the cleanup of the shard being written: its temporary file,
+    up to --shard-size each, would stay hidden in --out through every later run."""
+    sources = [Source("cls", str(folders[0]))]
+    _build(sources, tmp_path / "out", shard_size=parse_size("12KB"))
+    partial = tmp_path / "out" / ".geopile-000001.tmp-99999999"  # write_shard's name for it, another pid
+    partial.write_bytes(b"x" * 5000)
+    _build(sources, tmp_path / "out", shard_size=parse_size("12KB"))
+    assert not partial.exists()
+    assert verify_build(tmp_path / "out") == []
+
 def test_damaged_shard_is_rebuilt_on_rerun(folders, tmp_path):
     sources = [Source("cls", str(folders[0]))]
     manifest = _build(sources, tmp_path / "out", shard_size=parse_size("12KB"))
