@@ -61,6 +61,7 @@ def test_a_file_that_fails_the_check_is_not_left_as_the_output(tmp_path, capsys,
     assert main(["--model", str(model), "--out", str(out)]) == 2
     assert torch.export.load(str(out))  # the earlier, checked file
 
+
 def test_onnx_stages(tmp_path, capsys):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gfm_fast.training import train
+from gfm_fast.training.distributed import LAUNCHER_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PY = REPO / "gfm_fast" / "train.py"
@@ -52,7 +53,7 @@ def free_port():
 def subprocess_env():
     """This environment without the distributed variables in-process runs set (subprocesses get their own)."""
     env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in LAUNCHER_VARIABLES:
         env.pop(key, None)
     env["PYTHONWARNINGS"] = "ignore"
     return env
