@@ -100,6 +100,17 @@ def test_running_a_finished_run_again(tmp_path):
     assert sorted(_losses(tmp_path)) == [1, 2]
 
 
+def test_a_run_removes_what_a_killed_final_save_left(tmp_path):
+    """A SIGKILL in the export of model/ leaves its hidden staging (a whole model); the next run
+    in the directory removes it."""
+    _run(tmp_path, "run.max_steps=2")
+    stale = tmp_path / ".model.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a model")
+    _run(tmp_path, "run.max_steps=3")
+    assert not stale.exists() and (tmp_path / "model" / "model.safetensors").is_file()
+
+
 def test_zero_stages_train_alike(tmp_path):
     """One process: every ZeRO stage is the same fp32 optimisation, so the losses agree."""
     losses = {}

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,8 +35,8 @@ from gfm_fast.models.timm_format import (GFM_KEY, is_timm_config, read_timm_conf
 from gfm_fast.models.normalization import SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD, default_normalization
 from gfm_fast.run_dir import CHECKPOINT_CONFIG_FILE, CHECKPOINT_DIR, LATEST_FILE, MODEL_DIR, newest_complete
 
-__all__ = ["save_model", "load_model", "load_pretrainer", "MODEL_FILE", "CONFIG_FILE", "SENTINEL2_L2A_MEAN",
-           "SENTINEL2_L2A_STD"]
+__all__ = ["save_model", "load_model", "load_pretrainer", "remove_stale_staging", "MODEL_FILE", "CONFIG_FILE",
+           "SENTINEL2_L2A_MEAN", "SENTINEL2_L2A_STD"]
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model.safetensors"
@@ -117,7 +117,7 @@ def save_model(model: nn.Module, path: PathLike, *, layout: str = "gfm_fast") ->
         state = timm_state_dict(state)
         meta = timm_config_json(config.swin, config.mean, config.std, model_name=config.model_name, format_tag=FORMAT)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, "tmp"), dir=target.parent))
     try:
         save_file(state, str(staging / MODEL_FILE), metadata={"format": "pt", "gfm_fast": FORMAT})
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -127,6 +127,29 @@ def save_model(model: nn.Module, path: PathLike, *, layout: str = "gfm_fast") ->
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _staging_prefix(target: Path, kind: str) -> str:
+    """Beside ``target``: ``.<name>.tmp-*`` holds a model being written, ``.<name>.old-*`` the one it replaces."""
+    return f".{target.name}.{kind}-"
+
+
+def remove_stale_staging(path: PathLike) -> List[Path]:
+    """Remove what a ``save_model(path)`` killed outright (SIGKILL, the OOM killer) left beside it:
+    its staging and retired directories, a whole model each (350 MB for Swin-B). Only while
+    ``path`` holds a model, so never the one copy of one, and only for its single writer (a
+    training run for its ``model/``): another writer's save in progress would go too.
+
+    Returns:
+        The directories removed.
+    """
+    target = Path(path)
+    if not (target / MODEL_FILE).is_file():
+        return []
+    stale = [p for kind in ("tmp", "old") for p in target.parent.glob(_staging_prefix(target, kind) + "*")]
+    for directory in stale:
+        shutil.rmtree(directory, ignore_errors=True)
+    return stale
 
 
 def _apply_umask(directory: Path) -> None:
@@ -145,7 +168,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
     if not target.exists():
         os.rename(staging, target)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, "old"), dir=target.parent))
     os.rename(target, retired / target.name)
     try:
         os.rename(staging, target)

@@ -178,6 +178,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     import torch
 
     from gfm_fast.data import make_loader
+    from gfm_fast.models.io import remove_stale_staging
     from gfm_fast.models.pretrainer import GFMPretrainer
     from gfm_fast.training.checkpoints import Checkpoints, client_state, export_model, resolve_resume, restore
     from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
@@ -197,6 +198,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_effective_config(cfg, output_dir)
+        remove_stale_staging(output_dir / run_dir.MODEL_DIR)  # a final save a SIGKILL cut short
     torch.manual_seed(cfg.run.seed)  # the model initialises identically on every rank
     np.random.seed(cfg.run.seed)
     loader = make_loader(cfg.data, img_size=cfg.model.student.img_size, in_chans=cfg.model.student.in_chans,

@@ -2,7 +2,10 @@
 import argparse
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -12,7 +15,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 from gfm_fast.config import SwinConfig, TrainConfig, to_dict
 from gfm_fast.models.checkpoint import CheckpointError
-from gfm_fast.models.io import load_model, load_pretrainer, save_model
+from gfm_fast.models.io import load_model, load_pretrainer, remove_stale_staging, save_model
 from gfm_fast.models.swin import GFMSwinTransformer, swin_kwargs
 from model_helpers import (TINY_IMG, TINY_STUDENT, TINY_TEACHER, full_teacher, random_block_mask, tiny_pretrainer,
                            to_official_layout, with_prefix)
@@ -72,6 +75,25 @@ def test_saved_model_has_the_umask_permissions(tmp_path, pretrainer, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
     for file in path.iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
+
+
+def test_remove_stale_staging_clears_only_what_a_killed_save_left(tmp_path, pretrainer):
+    """A save killed outright (SIGKILL: no cleanup runs) leaves a hidden whole model beside the
+    target; it goes once the target holds a model, and nothing of another target's goes with it."""
+    target = save_model(pretrainer, tmp_path / "model")
+    killed_save = ("import os, signal, sys\nimport gfm_fast.models.io as io\n"
+                   "io._replace_dir = lambda staging, target: os.kill(os.getpid(), signal.SIGKILL)\n"
+                   "io.save_model(io.load_model(sys.argv[1]), sys.argv[1])\n")
+    assert subprocess.run([sys.executable, "-c", killed_save, str(target)]).returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".model.*"))
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
+    (tmp_path / ".model2.tmp-other").mkdir()  # another target's save in progress
+    moved = target.rename(tmp_path / "elsewhere")
+    assert remove_stale_staging(target) == [] and left[0].is_dir()  # no model at the target: maybe the one copy
+    moved.rename(target)
+    assert remove_stale_staging(target) == left and not left[0].exists()
+    assert (tmp_path / ".model2.tmp-other").is_dir()
+    assert_same_encoder(load_model(target), pretrainer.encoder)
 
 
 def test_save_refuses_to_overwrite_user_files(tmp_path, pretrainer):
@@ -379,7 +401,6 @@ assert not [m for m in sys.modules if m.startswith("gfm_fast")], "gfm_fast was i
 
 
 def test_timm_layout_loads_in_plain_timm(tmp_path, pretrainer):
-    import subprocess
     import sys
 
     from gfm_fast import extract_features
