@@ -209,10 +209,22 @@ def _item_path(item: Item, root: Path) -> Path:
     return root if root.is_file() else root / item.relpath
 
 
+def _partial_shard(out: Path, name: str, pid: object) -> Path:
+    """Where process ``pid`` writes shard ``name`` before the rename that completes it (hidden)."""
+    return out / f".{name}.tmp-{pid}"
+
+
+def remove_partial_shards(out: Path, prefix: str) -> None:
+    """Remove what builds killed outright (SIGKILL, the OOM killer: no cleanup ran) were writing in
+    ``out``: a re-run writes under its own pid, so nothing else would."""
+    for partial in out.glob(_partial_shard(out, f"{prefix}-*", "*").name):
+        partial.unlink()
+
+
 def write_shard(task: ShardTask, progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Write one shard (tmp file, record, rename) and return its record."""
     out = Path(task.out)
-    tmp = out / f".{task.name}.tmp-{os.getpid()}"
+    tmp = _partial_shard(out, task.name, os.getpid())
     record = {"name": task.name, "planned": len(task.items), "samples": 0, "bytes": 0, "sha256": None,
               "sources": {}, "failures": [], "skipped_nodata": {}}
     scenes = _SceneCache()

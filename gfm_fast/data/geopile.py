@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from gfm_fast.data.build_scan import (SOURCE_NAME, BuildOptions, ScanResult, Source, check_sources, plan_fingerprint,
                                       plan_shards, scan_source)
-from gfm_fast.data.build_write import ShardTask, shard_done, write_shard
+from gfm_fast.data.build_write import ShardTask, remove_partial_shards, shard_done, write_shard
 from gfm_fast.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, read_manifest, write_json_atomic
 from gfm_fast.errors import BuildError
 
@@ -70,8 +70,7 @@ def _prepare_out(out: Path, fingerprint: str, prefix: str, overwrite: bool) -> N
             for name in (MANIFEST_NAME, BUILD_FILE):
                 if (out / name).exists():
                     (out / name).unlink()
-    for partial in out.glob(f".{prefix}-*.tmp-*"):  # what a build killed outright (SIGKILL, OOM) was writing
-        partial.unlink()
+    remove_partial_shards(out, prefix)
     write_json_atomic(build_file, {"fingerprint": fingerprint})
 
 
