@@ -324,6 +324,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+
     def work() -> None:
         write_feature_file(args.model, args.data, args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
                            image_size=args.image_size, device=args.device, progress=not args.no_progress)
