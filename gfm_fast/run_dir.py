@@ -9,6 +9,7 @@
         latest                       DeepSpeed's pointer: the newest complete tag
         step_XXXXXXXX/               DeepSpeed files + gfm_config.json + model/ + COMPLETE
         abandoned/                   newer checkpoints set aside by a resume from an older one
+        .universal/                  a checkpoint converted for another world size, while a resume loads it
 
 A checkpoint counts only once its ``COMPLETE`` marker exists; readers find the newest one by its
 marker (``newest_complete``), and the writer keeps ``latest`` naming it (``write_latest``), also
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import List, Optional
 
 __all__ = ["RUN_CONFIG_FILE", "METRICS_FILE", "TENSORBOARD_DIR", "MODEL_DIR", "CHECKPOINT_DIR", "LATEST_FILE",
-           "COMPLETE_MARKER", "CHECKPOINT_CONFIG_FILE", "ABANDONED_DIR", "checkpoint_tag", "tag_step",
-           "complete_tags", "newest_complete", "checkpoint_roots", "write_latest"]
+           "COMPLETE_MARKER", "CHECKPOINT_CONFIG_FILE", "ABANDONED_DIR", "UNIVERSAL_DIR", "checkpoint_tag",
+           "tag_step", "complete_tags", "newest_complete", "checkpoint_roots", "write_latest"]
 
 RUN_CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +35,7 @@ LATEST_FILE = "latest"  # DeepSpeed's convention (its own tools read it)
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_CONFIG_FILE = "gfm_config.json"  # the run config beside each checkpoint's tensors
 ABANDONED_DIR = "abandoned"  # under checkpoints/
+UNIVERSAL_DIR = ".universal"  # under checkpoints/, only while a resume at another world size loads from it
 
 _TAG_PREFIX = "step_"
 

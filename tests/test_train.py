@@ -1,14 +1,12 @@
 """Short CPU training runs of the real train.py (tiny model, embedded sample shards, gloo).
 
-In-process runs share one gloo process group per pytest worker; the two-process tests launch real
-subprocesses (the deepspeed launcher). Signals, SLURM and command-line errors: test_train_stop.py.
+In-process runs share one gloo process group per pytest worker. Runs of several processes (the
+deepspeed launcher): test_train_distributed.py. Signals, SLURM and command-line errors: test_train_stop.py.
 """
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import gfm_fast
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError
-from gfm_fast.training.distributed import LAUNCHER_VARIABLES, shm_allreduce_buffer
+from gfm_fast.training.distributed import LAUNCHER_VARIABLES
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port
 from train_helpers import losses as _losses
 from train_helpers import metric as _metric
 from train_helpers import run_tiny as _run
-from train_helpers import subprocess_env as _env
 
 
 def test_loss_decreases_and_outputs_are_written(tmp_path):
@@ -371,46 +367,6 @@ def test_python_api_is_the_training_function():
     import gfm_fast.training
 
     assert gfm_fast.train is gfm_fast.training.train
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_gloo_run(tmp_path, stage):
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = free_port()
-    # DeepSpeed's CPU all-reduce buffers of this port (66 MB each): a leftover of an older run goes first.
-    buffers = [shm_allreduce_buffer(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
-    for path in buffers:
-        Path(path).unlink(missing_ok=True)
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port),
-           str(TRAIN_PY), "--max-steps", "3", "--zero-stage", str(stage), "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd + TEST_MODEL, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr + proc.stdout
-    assert not [path for path in buffers if os.path.exists(path)], "the run left its shm buffers in RAM"
-    assert len(_losses(tmp_path)) == 3
-    assert (tmp_path / "checkpoints" / Checkpoints.tag(3) / COMPLETE_MARKER).is_file()
-    model = gfm_fast.load_model(tmp_path)
-    assert model.gfm_config.swin.embed_dim == 16
-
-
-def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Per-rank loader positions and mask RNGs survive a resume (ZeRO-2, 2 processes)."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = free_port()
-
-    def launch(out, steps):
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), str(TRAIN_PY),
-               *TEST_MODEL, "--max-steps", str(steps), "--zero-stage", "2", "--output-dir", str(out),
-               "optim.schedule_steps=4", "run.ckpt_every=2"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    launch(tmp_path / "full", 4)
-    launch(tmp_path / "split", 2)  # the first chunk of the same 4-step schedule
-    launch(tmp_path / "split", 4)  # resumes at step 2
-    full, split = _losses(tmp_path / "full"), _losses(tmp_path / "split")
-    for step in range(1, 5):
-        assert split[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):

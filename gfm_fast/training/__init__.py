@@ -8,8 +8,8 @@ One file per concern (docs/architecture.md):
   step through ``GFMPretrainer.forward``), as the throughput benchmark and the tests use them.
 - ``schedule``: LR schedule, precision, the DeepSpeed config.
 - ``distributed``: ranks (launcher, SLURM or one process), devices, math modes, collectives.
-- ``checkpoints``: complete-or-absent checkpoints, resume, and the checks that refuse one that
-  does not fit; the run directory's names live in ``gfm_fast.run_dir``.
+- ``checkpoints``: complete-or-absent checkpoints, resume (at another world size too), and the
+  checks that refuse one that does not fit; the run directory's names live in ``gfm_fast.run_dir``.
 - ``run_log``: progress bar, TensorBoard, ``metrics.jsonl``, previews, images/s.
 - ``stop``: SIGTERM / SIGINT / SIGUSR1 as a save-and-stop request.
 """

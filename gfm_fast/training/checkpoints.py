@@ -3,6 +3,8 @@
 The names of the run directory live in ``gfm_fast.run_dir``. A checkpoint is DeepSpeed's files
 (model, optimizer) plus the client state below (step, loader positions, RNG states, skipped-step
 counts), the run config and the exported encoder; its ``COMPLETE`` marker is written last.
+A ZeRO checkpoint resumed by another number of ranks is converted to DeepSpeed's universal layout first
+(``needs_resharding``, ``reshard``).
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -20,7 +25,8 @@ from gfm_fast.errors import TrainingError
 from gfm_fast.training.distributed import gather_from_ranks
 
 __all__ = ["Checkpoints", "resolve_resume", "check_same_architecture", "check_same_optimizer_layout",
-           "check_tensors_only", "client_state", "restore", "export_model"]
+           "check_tensors_only", "needs_resharding", "reshard", "global_batch_change", "client_state", "restore",
+           "export_model"]
 
 
 def _fsync_path(path: Path) -> None:
@@ -121,6 +127,7 @@ class Checkpoints:
             step = run_dir.tag_step(path.name)
             if step is not None and step < saved_step and not (path / run_dir.COMPLETE_MARKER).is_file():
                 shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(self.root / run_dir.UNIVERSAL_DIR, ignore_errors=True)  # a conversion a kill left (``reshard``)
 
 
 def resolve_resume(spec: Optional[str], checkpoints: Checkpoints) -> Optional[Path]:
@@ -218,6 +225,86 @@ def check_tensors_only(path: Path) -> Dict[str, Any]:
     return ds_config
 
 
+def optimizer_partitions(path: Path) -> int:
+    """How many data-parallel ranks the checkpoint's optimizer state is split over: one file each under
+    ZeRO >= 1; 0 where it is whole (ZeRO-0 keeps it in the model-states file, readable at any world size)."""
+    return len(list(Path(path).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def needs_resharding(path: Optional[Path], world_size: int) -> bool:
+    """Whether resuming ``path`` with ``world_size`` ranks needs its ZeRO state converted (``reshard``)
+    and the engine built to load the universal layout (``build_engine(load_universal=True)``)."""
+    return path is not None and optimizer_partitions(path) not in (0, world_size)
+
+
+def reshard(path: Path, rank: int) -> Path:
+    """Convert the ZeRO checkpoint at ``path``, written by another number of ranks, to DeepSpeed's
+    universal layout (each parameter's weights and Adam moments whole), which an engine built with
+    ``checkpoint.load_universal`` loads at any world size. Collective: rank 0 converts, with
+    DeepSpeed's ``ds_to_universal`` in a subprocess (it forks worker pools); every rank returns the
+    directory to pass to ``engine.load_checkpoint``, which ``restore`` removes after loading."""
+    import torch.distributed as dist
+
+    out = path.parent / run_dir.UNIVERSAL_DIR
+    error = None
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"gfm_fast: {path} was written by {optimizer_partitions(path)} ranks, this run has "
+              f"{dist.get_world_size()}: converting its ZeRO state to DeepSpeed's universal layout in {out}",
+              file=sys.stderr, flush=True)
+        # --inject_missing_state: the universal-checkpoint record DeepSpeed's converter asks for; ours
+        # have none (no tensor or pipeline parallelism to describe).
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(out / path.name), "--inject_missing_state"]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join(line.strip() for line in proc.stdout.strip().splitlines()[-3:])
+            error = (f"could not convert checkpoint {path} for {dist.get_world_size()} ranks (DeepSpeed's "
+                     f"ds_to_universal: {tail}); resume with the {optimizer_partitions(path)} ranks that wrote it")
+    error = gather_from_ranks(error)[0]  # every rank learns rank 0's outcome, so none waits forever
+    if error is not None:
+        raise TrainingError(error)
+    return out
+
+
+def _load_universal(engine, root: Path, tag: str):
+    """``engine.load_checkpoint`` of a universal checkpoint, mended where DeepSpeed's ZeRO-3 loader
+    (0.19) goes wrong: it gives every param group group 0's hyperparameters (the no-decay group
+    would decay) and one ``step`` tensor shared by every group, which AdamW then advances once per
+    group and step, so its bias correction runs ahead. The freshly built groups' hyperparameters
+    are this run's config; the Adam moments and step count come from the checkpoint."""
+    import torch
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # torch's AdamW inside DeepSpeed's wrapper
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+    loaded = engine.load_checkpoint(str(root), tag=tag)
+    for group, own in zip(base.param_groups, hyperparameters):
+        group.update(own)
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+    return loaded
+
+
+def global_batch_change(saved_cfg: Optional[Dict[str, Any]], saved_ranks: int, cfg: TrainConfig,
+                        world_size: int) -> Optional[str]:
+    """What a resume at another global batch (ranks x batch x accumulation) changes, and the
+    setting that keeps the checkpoint's; None when it is the same (or the checkpoint does not say)."""
+    if saved_cfg is None:
+        return None
+    batch, accum = saved_cfg["data"]["batch_size"], saved_cfg["optim"]["grad_accum"]
+    saved = saved_ranks * batch * accum
+    now = world_size * cfg.data.batch_size * cfg.optim.grad_accum
+    if saved == now:
+        return None
+    per_accum = world_size * cfg.data.batch_size
+    keep = (f"optim.grad_accum={saved // per_accum}" if saved % per_accum == 0 else
+            f"data.batch_size and optim.grad_accum with ranks x batch x accumulation = {saved}")
+    return (f"the checkpoint's run trained at global batch {saved} ({saved_ranks} ranks x {batch} x accumulation "
+            f"{accum}), this one at {now} ({world_size} x {cfg.data.batch_size} x {cfg.optim.grad_accum}): the "
+            f"learning rate and schedule follow the new batch. To keep the checkpoint's, set {keep}")
+
+
 def client_state(cfg: TrainConfig, step: int, epoch: int, loader, mask_generator,
                  stats: Dict[str, int]) -> Dict[str, Any]:
     """What resume needs beyond DeepSpeed's model/optimizer state: plain data and tensors only.
@@ -245,6 +332,8 @@ def _saved_config(path: Path) -> Optional[Dict[str, Any]]:
 def restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], loader,
             mask_generator) -> Tuple[int, int, Dict[str, int]]:
     """Load the checkpoint at ``path`` into the engine, loader and mask RNG, after checking it fits.
+    ZeRO state written by another number of ranks is converted first (``reshard``): build the engine
+    with ``load_universal=needs_resharding(path, world_size)``. Collective.
 
     Returns:
         (step, epoch, skipped-step counts) of the checkpoint.
@@ -257,12 +346,24 @@ def restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], loa
         check_same_architecture(saved_cfg.get("model", {}), to_dict(cfg)["model"], path)
     saved_ds_config = check_tensors_only(path)
     check_same_optimizer_layout(saved_ds_config, ds_config, path)
-    load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    resharded = engine.load_universal_checkpoint()  # built so by needs_resharding
+    if resharded:
+        load_root = reshard(path, rank)
+        load_path, state = _load_universal(engine, load_root, path.name)
+        dist.barrier()  # every rank has read it
+        if rank == 0:
+            shutil.rmtree(load_root, ignore_errors=True)
+    else:
+        load_path, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None or state is None:
         raise TrainingError(f"could not load the DeepSpeed checkpoint at {path}")
     loader.load_state_dict(json.loads(state["gfm_loader"]))  # picks this rank's entry
-    rank, saved_ranks = dist.get_rank(), state["gfm_mask_rng"].shape[0]
-    if rank < saved_ranks and dist.get_world_size() == saved_ranks:
+    saved_ranks = state["gfm_mask_rng"].shape[0]
+    change = global_batch_change(saved_cfg, saved_ranks, cfg, world_size)
+    if change is not None and rank == 0:
+        warnings.warn(change, stacklevel=2)
+    if rank < saved_ranks and world_size == saved_ranks:
         mask_generator.set_state(state["gfm_mask_rng"][rank].clone())
         torch.set_rng_state(state["gfm_torch_rng"][rank].clone())
     else:  # resumed at another world size: fresh, rank- and step-dependent mask stream

@@ -180,7 +180,8 @@ def _run(cfg: TrainConfig) -> TrainResult:
     from gfm_fast.data import make_loader
     from gfm_fast.models.io import remove_stale_staging
     from gfm_fast.models.pretrainer import GFMPretrainer
-    from gfm_fast.training.checkpoints import Checkpoints, client_state, export_model, resolve_resume, restore
+    from gfm_fast.training.checkpoints import (Checkpoints, client_state, export_model, needs_resharding,
+                                               resolve_resume, restore)
     from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
     from gfm_fast.training.run_log import RunLogger, Throughput, last_logged_metrics, write_effective_config
     from gfm_fast.training.schedule import deepspeed_config, make_schedule, resolve_precision
@@ -206,13 +207,14 @@ def _run(cfg: TrainConfig) -> TrainResult:
     schedule = make_schedule(cfg, loader.steps_per_epoch, world_size)
     pretrainer = GFMPretrainer(cfg.model)
     eval_set = _open_eval_set(cfg) if is_main else None  # a bad folder fails now, not after hours
+    checkpoints = Checkpoints(output_dir, cfg.run.keep_last)
+    resume_from = resolve_resume(cfg.run.resume, checkpoints)
     restore_math_modes = set_math_modes(cfg, device)
-    engine, optimizer = build_engine(cfg, pretrainer, device, precision)
+    engine, optimizer = build_engine(cfg, pretrainer, device, precision,
+                                     load_universal=needs_resharding(resume_from, world_size))
     mask_generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + rank)  # per rank
 
-    checkpoints = Checkpoints(output_dir, cfg.run.keep_last)
     step, epoch, stats = 0, 0, {"bad_steps": 0, "bad_in_row": 0}
-    resume_from = resolve_resume(cfg.run.resume, checkpoints)
     if resume_from is not None:
         step, epoch, saved_stats = restore(engine, resume_from, cfg, deepspeed_config(cfg, precision), loader,
                                            mask_generator)

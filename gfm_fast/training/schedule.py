@@ -93,8 +93,10 @@ def clips_itself(zero_stage: int, precision: str) -> bool:
     return zero_stage == 0 and precision in ("fp32", "bf16-mixed")
 
 
-def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
-    """The DeepSpeed JSON: micro-batch, accumulation, clipping, precision and ZeRO stage live here."""
+def deepspeed_config(cfg: TrainConfig, precision: str, load_universal: bool = False) -> Dict[str, Any]:
+    """The DeepSpeed JSON: micro-batch, accumulation, clipping, precision and ZeRO stage live here.
+    ``load_universal``: the engine loads a checkpoint converted to DeepSpeed's universal layout
+    (a resume at another world size, ``checkpoints.reshard``)."""
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
@@ -113,6 +115,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> Dict[str, Any]:
         # partitioned weights for torch's own linear through its module hooks, as for every layer.
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
                                         "memory_efficient_linear": False})
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "bf16-mixed":  # DeepSpeed's engine runs the forward under torch.autocast

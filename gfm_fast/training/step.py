@@ -23,7 +23,8 @@ from gfm_fast.training.schedule import deepspeed_config
 __all__ = ["build_engine", "train_step", "StepResult", "BatchStream", "step_metrics"]
 
 
-def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[Any, Any]:
+def build_engine(cfg: TrainConfig, pretrainer, device, precision: str,
+                 load_universal: bool = False) -> Tuple[Any, Any]:
     """DeepSpeed engine and optimizer for ``pretrainer.student``; the teacher goes to ``device``.
 
     Call ``init_distributed`` first (one process: gloo on CPU, NCCL on GPU, no launcher needed).
@@ -39,6 +40,8 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
         pretrainer: a ``GFMPretrainer``.
         device: this rank's device.
         precision: resolved precision (``resolve_precision``).
+        load_universal: the engine will load a checkpoint written by another number of ranks
+            (``checkpoints.needs_resharding``).
 
     Returns:
         (engine, optimizer): the optimizer's LR is set per step by the caller.
@@ -61,7 +64,7 @@ def build_engine(cfg: TrainConfig, pretrainer, device, precision: str) -> Tuple[
     pretrainer.teacher.use_cuda_graph(cfg.run.teacher_cuda_graph)
     optimizer = build_optimizer(param_groups(pretrainer.student, cfg.optim.weight_decay), cfg, precision)
     engine, optimizer, _, _ = deepspeed.initialize(model=pretrainer.student, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, precision))
+                                                   config=deepspeed_config(cfg, precision, load_universal))
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every
         # gradient into buckets, all-reduce and copy them back (Swin-B, CPU: ~180 ms of a 2.2 s step).
