@@ -7,11 +7,13 @@ terminal (Ctrl-C) does.
 """
 import os
 import re
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,10 +33,10 @@ from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port, losses, run_tin
 UNTIL_STOPPED = ["--max-steps", "100000", "optim.schedule_steps=100000", "data.num_workers=2"]
 
 
-def _start(run_dir, log, *extra, env=None):
+def _start(run_dir, log, *extra, env=None, **popen):
     cmd = [sys.executable, str(TRAIN_PY), "--output-dir", str(run_dir), *TEST_MODEL, *UNTIL_STOPPED, *extra]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or subprocess_env(), cwd=REPO,
-                            start_new_session=True)
+                            start_new_session=True, **popen)
 
 
 def _wait_for_logged_steps(proc, run_dir, log_file, count, timeout=300):
@@ -108,9 +110,54 @@ def test_a_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, signu
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
-def test_ctrl_c_under_the_deepspeed_launcher_saves(tmp_path):
+def test_a_hangup_saves_though_the_terminal_is_gone(tmp_path):
+    """A dropped SSH session: the run writes to a terminal that no longer exists (writes fail with
+    EIO) and its group gets SIGHUP. It saves the step it reached and exits with 129."""
+    run_dir, log_file = tmp_path / "run", tmp_path / "terminal.log"
+    master, terminal = os.openpty()
+    hung_up = threading.Event()
+
+    def terminal_screen():  # what the user saw, until the connection dropped
+        with open(log_file, "wb") as screen:
+            while not hung_up.is_set():
+                if select.select([master], [], [], 0.1)[0]:
+                    screen.write(os.read(master, 65536))
+                    screen.flush()
+
+    reader = threading.Thread(target=terminal_screen)
+    reader.start()
+    proc = _start(run_dir, terminal)
+    os.close(terminal)
+    try:
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)
+    finally:
+        hung_up.set()
+        reader.join()
+        os.close(master)
+    os.killpg(proc.pid, signal.SIGHUP)
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
+    latest = Checkpoints(run_dir, 5).latest()
+    assert latest is not None and latest.name == Checkpoints.tag(max(losses(run_dir)))
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_under_nohup_a_hangup_is_ignored(tmp_path):
+    run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
+    with open(log_file, "w") as log:
+        proc = _start(run_dir, log, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
+        _wait_for_logged_steps(proc, run_dir, log_file, 3)
+        os.killpg(proc.pid, signal.SIGHUP)
+        _wait_for_logged_steps(proc, run_dir, log_file, max(losses(run_dir)) + 3)  # trains on
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log_file.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_or_a_hangup_under_the_deepspeed_launcher_saves(tmp_path, signum):
     """The quick start's ``deepspeed gfm_fast/train.py``: Ctrl-C reaches the trainer, and the
-    launcher then sends it SIGTERM as well; the two are one request, answered with a checkpoint."""
+    launcher then sends it SIGTERM as well; the two are one request, answered with a checkpoint.
+    A hangup ends the launcher (it has no handler for it); its trainer saves all the same."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
     run_dir, log_file = tmp_path / "run", tmp_path / "train.log"
     cmd = [str(deepspeed), "--num_gpus", "1", "--master_port", str(free_port()), str(TRAIN_PY), "--output-dir",
@@ -119,13 +166,13 @@ def test_ctrl_c_under_the_deepspeed_launcher_saves(tmp_path):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
                                 start_new_session=True)
         _wait_for_logged_steps(proc, run_dir, log_file, 3)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)  # the launcher's own status is 1, whatever its trainers return
+        os.killpg(proc.pid, signum)
+        proc.wait(timeout=120)  # the launcher's own status is 1 (or SIGHUP's), whatever its trainers return
+    assert not _wait_until_gone(proc.pid, timeout=60), "processes of the run outlived it"
     output = log_file.read_text()
-    assert not _wait_until_gone(proc.pid), "processes of the run outlived it"
     latest = Checkpoints(run_dir, 5).latest()
-    assert latest is not None and f"saved checkpoint {latest}" in output and "exiting with 130" in output, \
-        output[-3000:]
+    assert latest is not None and f"saved checkpoint {latest}" in output, output[-3000:]
+    assert f"exiting with {128 + signum}" in output, output[-3000:]
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 

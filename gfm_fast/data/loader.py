@@ -256,9 +256,9 @@ def make_loader(cfg: DataConfig, *, img_size: int = 192, in_chans: int = 3,
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM, SIGINT and SIGUSR1: a scheduler or Ctrl-C signals every
-    process of the job or the terminal's group, and the main process owns the shutdown (it saves a
-    checkpoint, then stops the workers)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+    """DataLoader workers ignore SIGTERM, SIGINT, SIGUSR1 and SIGHUP: a scheduler, Ctrl-C or a hangup
+    signals every process of the job or the terminal's group, and the main process owns the shutdown
+    (it saves a checkpoint, then stops the workers)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None), getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)

@@ -11,7 +11,7 @@ One file per concern (docs/architecture.md):
 - ``checkpoints``: complete-or-absent checkpoints, resume (at another world size too), and the
   checks that refuse one that does not fit; the run directory's names live in ``gfm_fast.run_dir``.
 - ``run_log``: progress bar, TensorBoard, ``metrics.jsonl``, previews, images/s.
-- ``stop``: SIGTERM / SIGINT / SIGUSR1 as a save-and-stop request.
+- ``stop``: SIGTERM / SIGINT / SIGUSR1 / SIGHUP as a save-and-stop request.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@
     gfm_fast.train("configs/tiny.yaml", run__max_steps=10)   # the same from Python
 
 With no arguments it trains ``configs/tiny.yaml`` on the embedded sample shards (CPU if no GPU).
-SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the end of the current step and exits with
-128 + the signal's number; ``--resume auto`` (the default) continues from it.
+SIGTERM, SIGINT, SIGUSR1 or SIGHUP saves a checkpoint at the end of the current step and exits
+with 128 + the signal's number; ``--resume auto`` (the default) continues from it.
 """
 from __future__ import annotations
 
