@@ -3,7 +3,9 @@ the baselines, every bad-input error and the CLI end to end (tiny random-init Sw
 import io
 import json
 import math
+import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from timm.models.swin_transformer import SwinTransformer
 
 import gfm_fast
+import gfm_fast.eval.cache as cache
 import gfm_fast.eval.extraction as extraction
 from gfm_fast.config import RunConfig, SwinConfig
 from gfm_fast.errors import ConfigError, GFMError
@@ -304,6 +307,19 @@ def test_a_cache_that_cannot_be_written_is_a_warning(scenes, tiny_model, tmp_pat
         report = evaluate(tiny_model, scenes, protocol="knn", cache_dir=tmp_path / "home" / "cache", progress=False)
     assert [m.protocols["knn"].confusion for m in report.models] == \
         [m.protocols["knn"].confusion for m in reference.models]
+
+
+def test_the_cache_removes_what_a_killed_write_left(tmp_path):
+    """A SIGKILL between a write's temporary file and its rename leaves a whole feature matrix
+    behind; the next write removes such files once they are old enough not to be another
+    evaluation's write in progress."""
+    killed, in_progress = tmp_path / ".aaa.x1.tmp", tmp_path / ".bbb.x2.tmp"
+    for path in (killed, in_progress):
+        path.write_bytes(b"partial")
+    os.utime(killed, (time.time() - 2 * cache.STALE_TEMPORARY_S,) * 2)
+    cache.FeatureCache(tmp_path).save("ccc", torch.ones(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bbb.x2.tmp", "ccc.pt"]
+
 
 def test_knn_accuracy_for_training_loop(scenes, tiny_model):
     encoder = gfm_fast.load_model(tiny_model).train()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,6 +22,9 @@ import torch
 __all__ = ["FeatureCache", "default_cache_dir"]
 
 FEATURE_VERSION = 1  # bump when preprocessing or pooling changes, so old entries are not reused
+# A write's temporary file older than this was left by a killed process (a write takes seconds),
+# not one another evaluation is writing now.
+STALE_TEMPORARY_S = 3600
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +73,7 @@ class FeatureCache:
         temporary = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temporaries()
             handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
             os.close(handle)
             torch.save({"features": features.contiguous()}, temporary)
@@ -80,3 +85,12 @@ class FeatureCache:
         finally:
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of writes a SIGKILL cut short (a whole feature matrix each)."""
+        for path in self.directory.glob(".*.tmp"):
+            try:
+                if time.time() - path.stat().st_mtime > STALE_TEMPORARY_S:
+                    path.unlink()
+            except FileNotFoundError:  # another evaluation removed it first
+                pass
