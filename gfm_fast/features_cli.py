@@ -18,7 +18,8 @@ Resumable: images are processed in chunks of ``--chunk-size``, each written atom
 ``<out>.parts/`` beside an index of the settings; re-running the same command after an
 interruption (Ctrl-C, a killed job, an unreadable file fixed since) skips the finished chunks
 without decoding or running their images. The parts are joined into the output at the end (via a
-temporary file, renamed into place) and removed. Corrupt samples in shards are skipped and counted;
+temporary file, renamed into place) and removed; while ``<out>.parts/`` exists the output is not
+complete (killed between the ids and the array, an earlier run's ``.npy`` is already gone). Corrupt samples in shards are skipped and counted;
 an unreadable file in a directory, or a shard that cannot be read, stops the run, naming it.
 """
 from __future__ import annotations
@@ -215,10 +216,14 @@ def _write_npy(parts: Path, chunks: int, out: Path, dim: int) -> int:
         ids += chunk_ids
     joined.flush()
     del joined
-    os.replace(tmp, out)
     ids_path = out.with_name(out.name[: -len(".npy")] + IDS_SUFFIX)
     ids_path.with_suffix(".tmp").write_text("".join(f"{i}\n" for i in ids))
+    # Two files cannot be replaced at once: an earlier run's array goes first, so a kill in between
+    # leaves the array missing (incomplete, and the parts are still there to rerun), never this
+    # run's ids beside another run's rows.
+    out.unlink(missing_ok=True)
     os.replace(ids_path.with_suffix(".tmp"), ids_path)
+    os.replace(tmp, out)
     return len(ids)
 
 

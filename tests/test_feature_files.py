@@ -19,6 +19,7 @@ from PIL import Image
 
 import gfm_fast
 import gfm_fast.features
+import gfm_fast.features_cli
 from gfm_fast import extract_features, save_model
 from gfm_fast.features_cli import main
 
@@ -103,6 +104,30 @@ def test_an_interrupted_run_resumes_without_redoing_finished_chunks(tmp_path, mo
     features, ids = read_output(out)
     assert ids == [p.relative_to(tmp_path / "data").as_posix() for p in files]
     np.testing.assert_allclose(features, extract_features(model, files).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_kill_while_replacing_an_earlier_npy_never_leaves_a_mismatched_pair(tmp_path, model, monkeypatch):
+    """The .npy and its ids cannot be replaced at once: killed between the two, the earlier run's
+    rows are gone rather than left beside this run's ids; the same command then completes both."""
+    earlier, data, out = tmp_path / "earlier", tmp_path / "data", tmp_path / "feats.npy"
+    write_images(earlier, count=3)
+    write_images(data, count=5)
+    assert main(["--model", str(model), "--data", str(earlier), "--out", str(out), "--no-progress"]) == 0
+    real_replace = os.replace
+
+    def killed_at_the_array(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt  # SIGKILL, as far as the files on disk can tell
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_array)
+    with pytest.raises(KeyboardInterrupt):
+        gfm_fast.features_cli.write_feature_file(str(model), str(data), str(out), progress=False)
+    assert not out.exists() and (tmp_path / "feats.npy.parts").is_dir()  # incomplete, and it shows
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert main(["--model", str(model), "--data", str(data), "--out", str(out), "--no-progress"]) == 0
+    features, ids = read_output(out)
+    assert features.shape[0] == len(ids) == 5
 
 
 def shard_reference(model, size):
