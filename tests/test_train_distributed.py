@@ -12,9 +12,9 @@ from gfm_fast import run_dir
 from gfm_fast.config import TrainConfig
 from gfm_fast.training import COMPLETE_MARKER, Checkpoints, TrainingError, checkpoints
 from gfm_fast.training.checkpoints import global_batch_change, needs_resharding, reshard
-from gfm_fast.training.distributed import init_distributed, shm_allreduce_buffer
+from gfm_fast.training.distributed import free_port, init_distributed, shm_allreduce_buffer
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY
 from train_helpers import losses as _losses
 from train_helpers import run_tiny as _run
 from train_helpers import subprocess_env as _env

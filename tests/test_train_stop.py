@@ -25,9 +25,9 @@ import gfm_fast
 from gfm_fast.config import load_config
 from gfm_fast.training import Checkpoints, build_config, check_paths, main
 from gfm_fast.errors import ConfigError
-from gfm_fast.training.distributed import dist_backend, first_slurm_host, launcher_env
+from gfm_fast.training.distributed import dist_backend, first_slurm_host, free_port, launcher_env
 
-from train_helpers import REPO, TEST_MODEL, TRAIN_PY, free_port, losses, run_tiny, subprocess_env
+from train_helpers import REPO, TEST_MODEL, TRAIN_PY, losses, run_tiny, subprocess_env
 
 # Trains until stopped; a fixed schedule length, so that a shorter resumed run has the same LRs.
 UNTIL_STOPPED = ["--max-steps", "100000", "optim.schedule_steps=100000", "data.num_workers=2"]

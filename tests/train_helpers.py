@@ -1,7 +1,6 @@
 """Shared by the training tests: a very small GFM config and helpers to run and read a training run."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -41,13 +40,6 @@ def metric(run_dir, name):
 
 def losses(run_dir):
     return metric(run_dir, "loss/total")
-
-
-def free_port():
-    """A TCP port nothing on this machine listens on now: a fixed one (29500, say) may be another run's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_env():

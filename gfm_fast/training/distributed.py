@@ -13,9 +13,11 @@ from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
 __all__ = ["init_distributed", "dist_backend", "launcher_env", "launcher_variables_restored", "LAUNCHER_VARIABLES",
-           "first_slurm_host", "pick_device", "set_math_modes", "gather_from_ranks", "max_over_ranks"]
+           "first_slurm_host", "free_port", "pick_device", "set_math_modes", "gather_from_ranks", "max_over_ranks"]
 
-def _free_port() -> int:
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now: a fixed one (29500, say) may be another run's."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -65,7 +67,7 @@ def launcher_env(environ: Mapping[str, str]) -> Dict[str, str]:
             return env
     else:
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())
     return env
 
 
