@@ -9,6 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # terminal's SIGINT, which raises KeyboardInterrupt here and is not ignored in the trainers.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Likewise SIGHUP under nohup: the trainers would keep it ignored (as nohup asks), and the hangup
+# tests need it delivered.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
