@@ -1,7 +1,8 @@
 """Short CPU training runs of the real train.py (tiny model, embedded sample shards, gloo).
 
 In-process runs share one gloo process group per pytest worker. Runs of several processes (the
-deepspeed launcher): test_train_distributed.py. Signals and SLURM: test_train_stop.py; command-line errors: test_train_cli.py.
+deepspeed launcher): test_train_distributed.py. Signals and SLURM: test_train_stop.py; command-line
+errors: test_train_cli.py.
 """
 import json
 import math
