@@ -113,4 +113,4 @@ def test_a_failed_conversion_is_one_error_naming_the_checkpoint_and_the_fix(tmp_
     monkeypatch.setattr(checkpoints.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(TrainingError, match=r"could not convert checkpoint .*step_00000002 for 1 ranks .*"
                                             r"AssertionError: no space\); resume with the 2 ranks that wrote it"):
-        reshard(tag, 0)
+        reshard(tag, 0, tmp_path / "run" / "checkpoints" / ".universal")

@@ -237,15 +237,16 @@ def needs_resharding(path: Optional[Path], world_size: int) -> bool:
     return path is not None and optimizer_partitions(path) not in (0, world_size)
 
 
-def reshard(path: Path, rank: int) -> Path:
+def reshard(path: Path, rank: int, out: Path) -> Path:
     """Convert the ZeRO checkpoint at ``path``, written by another number of ranks, to DeepSpeed's
-    universal layout (each parameter's weights and Adam moments whole), which an engine built with
-    ``checkpoint.load_universal`` loads at any world size. Collective: rank 0 converts, with
-    DeepSpeed's ``ds_to_universal`` in a subprocess (it forks worker pools); every rank returns the
-    directory to pass to ``engine.load_checkpoint``, which ``restore`` removes after loading."""
+    universal layout (each parameter's weights and Adam moments whole) in ``out``, which an engine
+    built with ``checkpoint.load_universal`` loads at any world size. ``out`` is in this run's own
+    directory: ``path`` may be another run's, read-only. Collective: rank 0 converts, with
+    DeepSpeed's ``ds_to_universal`` in a subprocess (it forks worker pools), while the other ranks
+    wait (up to DeepSpeed's process-group timeout: DEEPSPEED_TIMEOUT minutes, 10); every rank
+    returns ``out`` to pass to ``engine.load_checkpoint``, which ``restore`` removes after loading."""
     import torch.distributed as dist
 
-    out = path.parent / run_dir.UNIVERSAL_DIR
     error = None
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -349,7 +350,7 @@ def restore(engine, path: Path, cfg: TrainConfig, ds_config: Dict[str, Any], loa
     rank, world_size = dist.get_rank(), dist.get_world_size()
     resharded = engine.load_universal_checkpoint()  # built so by needs_resharding
     if resharded:
-        load_root = reshard(path, rank)
+        load_root = reshard(path, rank, Path(cfg.run.output_dir) / run_dir.CHECKPOINT_DIR / run_dir.UNIVERSAL_DIR)
         load_path, state = _load_universal(engine, load_root, path.name)
         dist.barrier()  # every rank has read it
         if rank == 0:
