@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "GFMPretrainer": "gfm_fast.models.pretrainer",
-    "load_pretrainer": "gfm_fast.models.io",
+    "load_pretrainer": "gfm_fast.models.pretrainer_io",
     "save_model": "gfm_fast.models.io",
     "load_model": "gfm_fast.models.io",
     "extract_features": "gfm_fast.features",

@@ -80,6 +80,9 @@ class ModelConfig:
     student: SwinConfig = field(default_factory=_student_default)
     teacher: SwinConfig = field(default_factory=_teacher_default)
     teacher_weights: Optional[str] = None
+    # Start the student from these weights rather than at random (anything load_model reads: a GFM
+    # release, a run of ours, a Swin checkpoint); a resumed run takes its checkpoint's instead.
+    student_weights: Optional[str] = None
     # auto: the run's precision (bf16 for bf16 and bf16-mixed runs, fp16 for fp16, else fp32); outside
     # training, the caller's autocast dtype. The weights are cast once, not on every step.
     teacher_dtype: str = "auto"

@@ -19,8 +19,9 @@ Resumable: images are processed in chunks of ``--chunk-size``, each written atom
 interruption (Ctrl-C, a killed job, an unreadable file fixed since) skips the finished chunks
 without decoding or running their images. The parts are joined into the output at the end (via a
 temporary file, renamed into place) and removed; while ``<out>.parts/`` exists the output is not
-complete (killed between the ids and the array, an earlier run's ``.npy`` is already gone). Corrupt samples in shards are skipped and counted;
-an unreadable file in a directory, or a shard that cannot be read, stops the run, naming it.
+complete (killed between the ids and the array, an earlier run's ``.npy`` is already gone).
+Corrupt samples in shards are skipped and counted; an unreadable file in a directory, or a shard
+that cannot be read, stops the run, naming it.
 """
 from __future__ import annotations
 

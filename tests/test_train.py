@@ -166,6 +166,18 @@ def test_exported_model_matches_the_trained_student(tmp_path):
     torch.testing.assert_close(exported, direct)
 
 
+def test_a_run_starts_its_student_from_saved_weights(tmp_path, capsys):
+    """model.student_weights (--student-weights): the student, projector and decoder of run A start
+    run B, which then barely moves (a learning rate of 1e-12)."""
+    _run(tmp_path / "a", "run.max_steps=2")
+    still = [f"optim.{key}=1e-12" for key in ("base_lr", "warmup_lr", "min_lr")] + ["optim.weight_decay=0"]
+    _run(tmp_path / "b", "run.max_steps=1", f"model.student_weights={tmp_path / 'a'}", *still)
+    assert f"student started from {tmp_path / 'a'} (encoder, projector, decoder)" in capsys.readouterr().out
+    started = gfm_fast.load_pretrainer(tmp_path / "b").student.state_dict()
+    for key, value in gfm_fast.load_pretrainer(tmp_path / "a").student.state_dict().items():
+        torch.testing.assert_close(started[key], value, msg=key)
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """Killed while DeepSpeed writes the step-4 files (Checkpoints.save itself runs): neither the
     COMPLETE marker nor the latest pointer may name the partial checkpoint."""

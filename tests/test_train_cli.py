@@ -42,6 +42,16 @@ def test_cli_names_a_missing_teacher_file_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_names_missing_student_weights_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--student-weights", str(tmp_path / "gfm.pth"),
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: model.student_weights (--student-weights): {tmp_path / 'gfm.pth'} does not exist")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_reports_missing_shards_in_one_line_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "--data", str(tmp_path / "nowhere"), "--output-dir",
                            str(tmp_path / "run"), *TEST_MODEL], capture_output=True, text=True, env=subprocess_env(),

@@ -24,7 +24,8 @@ _LAZY = {
     "checkpoint_filter_fn": "gfm_fast.models.checkpoint",
     "save_model": "gfm_fast.models.io",
     "load_model": "gfm_fast.models.io",
-    "load_pretrainer": "gfm_fast.models.io",
+    "load_pretrainer": "gfm_fast.models.pretrainer_io",
+    "load_student_weights": "gfm_fast.models.pretrainer_io",
 }
 
 __all__ = sorted(_LAZY)

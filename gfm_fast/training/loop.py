@@ -1,8 +1,8 @@
 """The training run: setup, then one loop of step, log, checkpoint; and the command line around it.
 
     deepspeed gfm_fast/train.py [--config FILE.yaml] [--data SHARDS] [--output-dir DIR]
-        [--teacher-weights FILE] [--max-steps N] [--zero-stage 0|1|2|3] [--resume auto|PATH|none]
-        [section.key=value ...]
+        [--teacher-weights FILE] [--student-weights PATH] [--max-steps N] [--zero-stage 0|1|2|3]
+        [--resume auto|PATH|none] [section.key=value ...]
     python gfm_fast/train.py ...            # one process, no launcher needed
     srun python gfm_fast/train.py ...       # one task per GPU under SLURM (docs/scaling.md)
     gfm_fast.train("configs/tiny.yaml", run__max_steps=10)   # the same from Python
@@ -106,6 +106,10 @@ def check_paths(cfg: TrainConfig) -> None:
             resolve_resume(cfg.run.resume, checkpoints=None)  # a path: needs no checkpoints of this run
         except TrainingError as exc:
             raise ConfigError(str(exc)) from None
+    student = cfg.model.student_weights
+    if student is not None and not os.path.exists(student):
+        raise ConfigError(f"model.student_weights (--student-weights): {student} does not exist; pass a GFM release "
+                          f"file, a training run or model directory, or model.student_weights=null for a random start")
     weights = cfg.model.teacher_weights
     if weights is not None and not os.path.isfile(weights):
         raise ConfigError(f"model.teacher_weights: {weights} does not exist; pass --teacher-weights PATH (the "
@@ -180,6 +184,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     from gfm_fast.data import make_loader
     from gfm_fast.models.io import remove_stale_staging
     from gfm_fast.models.pretrainer import GFMPretrainer
+    from gfm_fast.models.pretrainer_io import load_student_weights
     from gfm_fast.training.checkpoints import (Checkpoints, client_state, export_model, needs_resharding,
                                                resolve_resume, restore)
     from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
@@ -209,6 +214,12 @@ def _run(cfg: TrainConfig) -> TrainResult:
     eval_set = _open_eval_set(cfg) if is_main else None  # a bad folder fails now, not after hours
     checkpoints = Checkpoints(output_dir, cfg.run.keep_last)
     resume_from = resolve_resume(cfg.run.resume, checkpoints)
+    started_from = None  # the student's starting weights (a resumed run takes its checkpoint's)
+    if cfg.model.student_weights is not None and resume_from is None:
+        parts = load_student_weights(pretrainer.student, cfg.model.student_weights, cfg.model.teacher_bands)
+        kept = " and ".join(part for part in ("projector", "decoder") if part not in parts)
+        started_from = (f"student started from {cfg.model.student_weights} ({', '.join(parts)}"
+                        + (f"; {kept} as initialised: not in the file, or other shapes)" if kept else ")"))
     restore_math_modes = set_math_modes(cfg, device)
     engine, optimizer = build_engine(cfg, pretrainer, device, precision,
                                      load_universal=needs_resharding(resume_from, world_size))
@@ -223,6 +234,8 @@ def _run(cfg: TrainConfig) -> TrainResult:
     logger = RunLogger(output_dir, schedule.stop_step, step, is_main)
     already_finished = step >= schedule.stop_step
     _report_start(logger, checkpoints, resume_from, step, schedule, is_main)
+    if started_from is not None:
+        logger.message(started_from)
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
                    f"global batch {schedule.global_batch}, {schedule.stop_step} steps, "
                    f"peak lr {schedule.base_lr:.2e}, output {output_dir}")
@@ -401,6 +414,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", help="shards: brace pattern, URLs, or a built shard dir (data.shards)")
     parser.add_argument("--output-dir", help="run directory (run.output_dir)")
     parser.add_argument("--teacher-weights", help="ImageNet-22k Swin-B weights file (model.teacher_weights)")
+    parser.add_argument("--student-weights", help="start the student from these weights: a GFM release, a run, a "
+                        "model directory (model.student_weights)")
     parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (run.max_steps)")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (run.zero_stage)")
     parser.add_argument("--resume", help="auto | none | PATH (run.resume)")
@@ -415,7 +430,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal stopped the run."""
     args = parse_args(argv)
     shortcuts = {"data.shards": args.data, "run.output_dir": args.output_dir,
-                 "model.teacher_weights": args.teacher_weights, "run.max_steps": args.max_steps,
+                 "model.teacher_weights": args.teacher_weights, "model.student_weights": args.student_weights,
+                 "run.max_steps": args.max_steps,
                  "run.zero_stage": args.zero_stage, "run.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(args.overrides)
     if args.resume is not None:  # --resume wins over a run.resume=... given among the overrides

@@ -1,15 +1,19 @@
 """Tiny configs and independent step-by-step computations shared by the model tests."""
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import warnings
+from collections import OrderedDict
 from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, get_relative_position_index
 
-from gfm_fast.config import ModelConfig, SwinConfig
+from gfm_fast.config import ModelConfig, SwinConfig, TrainConfig, to_dict
+from gfm_fast.models.io import save_model
 from gfm_fast.models.pretrainer import GFMPretrainer
 from gfm_fast.models.swin import swin_kwargs
 
@@ -117,3 +121,49 @@ def to_official_layout(state: Dict[str, torch.Tensor], model: SwinTransformer) -
 
 def with_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in state.items()}
+
+
+# Checkpoint files as train.py and the GFM release write them
+
+class YacsLikeConfig(dict):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__["immutable"] = True
+
+
+def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=False, tag_export=False, zero3=False):
+    """train.py's layout: <root>/checkpoints/{latest, step_00000005/{mp_rank_00_model_states.pt,
+    gfm_config.json, model/ if tag_export}}, plus <root>/model/ if with_export. With ``zero3``, DeepSpeed's
+    ZeRO-3 layout: one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank whose module holds empty
+    placeholders (the weights live in the partitioned optimizer files)."""
+    student = pretrainer.student.state_dict()
+    module = {k: (torch.empty(0, dtype=dtype) if zero3 else v.to(dtype)) for k, v in student.items()}
+    train_cfg = TrainConfig(model=pretrainer.config)
+    states = {"module": module, "buffer_names": [], "optimizer": None,
+              "param_shapes": [OrderedDict((k, v.shape) for k, v in student.items())],
+              "ds_config": {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": dtype == torch.bfloat16}},
+              "ds_version": "0.19.8", "global_steps": 5, "gfm_step": 5, "gfm_config": json.dumps(to_dict(train_cfg)),
+              "gfm_torch_rng": torch.get_rng_state(), "gfm_loader": json.dumps({"epoch": 0})}
+    tag = root / "checkpoints" / "step_00000005"
+    tag.mkdir(parents=True)
+    torch.save(states, tag / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"))
+    (tag / "gfm_config.json").write_text(json.dumps(to_dict(train_cfg)))
+    (root / "checkpoints" / "latest").write_text("step_00000005")
+    if with_export:
+        save_model(pretrainer, root / "model")
+    if tag_export:
+        save_model(pretrainer, tag / "model")
+    return tag
+
+
+def write_release(path, pretrainer, teacher_full=None):
+    """{'model': encoder.* (official Swin layout), decoder.*, projector.*, teacher.*} + non-tensor entries."""
+    enc = pretrainer.encoder
+    model = {**with_prefix(to_official_layout(enc.state_dict(), enc), "encoder."),
+             **with_prefix(pretrainer.student.projector.state_dict(), "projector."),
+             **with_prefix(pretrainer.student.decoder.state_dict(), "decoder.")}
+    if teacher_full is not None:
+        model.update(with_prefix(to_official_layout(teacher_full.state_dict(), teacher_full), "teacher."))
+    torch.save({"model": model, "epoch": 99, "config": YacsLikeConfig(MODEL=YacsLikeConfig(TYPE="swin")),
+                "args": argparse.Namespace(batch_size=128)}, path)
+    return path

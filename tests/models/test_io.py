@@ -1,30 +1,21 @@
-"""Model files: save_model/load_model round trips, training and GFM-release checkpoints, load_pretrainer."""
-import argparse
+"""Model files: save_model/load_model round trips, training and GFM-release checkpoints (load_pretrainer and
+load_student_weights: test_pretrainer_io.py)."""
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import warnings
-from collections import OrderedDict
 
 import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from gfm_fast.config import SwinConfig, TrainConfig, to_dict
+from gfm_fast.config import SwinConfig
 from gfm_fast.models.checkpoint import CheckpointError
-from gfm_fast.models.io import load_model, load_pretrainer, remove_stale_staging, save_model
+from gfm_fast.models.io import load_model, remove_stale_staging, save_model
 from gfm_fast.models.swin import GFMSwinTransformer, swin_kwargs
-from model_helpers import (TINY_IMG, TINY_STUDENT, TINY_TEACHER, full_teacher, random_block_mask, tiny_pretrainer,
-                           to_official_layout, with_prefix)
-
-
-class YacsLikeConfig(dict):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__dict__["immutable"] = True
+from model_helpers import TINY_IMG, TINY_STUDENT, tiny_pretrainer, write_release, write_training_run
 
 
 @pytest.fixture
@@ -176,31 +167,6 @@ def test_model_dir_errors(tmp_path, pretrainer):
 # Training checkpoints (DeepSpeed layout written by train.py)
 # --------------------------------------------------------------------------------------------
 
-def write_training_run(root, pretrainer, *, dtype=torch.float32, with_export=False, tag_export=False, zero3=False):
-    """train.py's layout: <root>/checkpoints/{latest, step_00000005/{mp_rank_00_model_states.pt,
-    gfm_config.json, model/ if tag_export}}, plus <root>/model/ if with_export. With ``zero3``, DeepSpeed's
-    ZeRO-3 layout: one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank whose module holds empty
-    placeholders (the weights live in the partitioned optimizer files)."""
-    student = pretrainer.student.state_dict()
-    module = {k: (torch.empty(0, dtype=dtype) if zero3 else v.to(dtype)) for k, v in student.items()}
-    train_cfg = TrainConfig(model=pretrainer.config)
-    states = {"module": module, "buffer_names": [], "optimizer": None,
-              "param_shapes": [OrderedDict((k, v.shape) for k, v in student.items())],
-              "ds_config": {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": dtype == torch.bfloat16}},
-              "ds_version": "0.19.8", "global_steps": 5, "gfm_step": 5, "gfm_config": json.dumps(to_dict(train_cfg)),
-              "gfm_torch_rng": torch.get_rng_state(), "gfm_loader": json.dumps({"epoch": 0})}
-    tag = root / "checkpoints" / "step_00000005"
-    tag.mkdir(parents=True)
-    torch.save(states, tag / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"))
-    (tag / "gfm_config.json").write_text(json.dumps(to_dict(train_cfg)))
-    (root / "checkpoints" / "latest").write_text("step_00000005")
-    if with_export:
-        save_model(pretrainer, root / "model")
-    if tag_export:
-        save_model(pretrainer, tag / "model")
-    return tag
-
-
 def test_load_model_from_training_checkpoints(tmp_path, pretrainer):
     tag = write_training_run(tmp_path / "run", pretrainer)
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tag, tag / "mp_rank_00_model_states.pt"):
@@ -252,22 +218,6 @@ def test_checkpoint_exports_are_preferred_for_encoders(tmp_path, pretrainer):
         assert_same_encoder(load_model(path), pretrainer.encoder)  # from <tag>/model, not the empty states
 
 
-def test_load_pretrainer_of_a_zero3_run_says_why_not(tmp_path, pretrainer):
-    """DeepSpeed's ZeRO-3 writes only per-rank shards (no mp_rank_00_model_states.pt): the error names
-    the ZeRO-3 checkpoint and where the encoder is, not 'encoder-only model directory' of the run."""
-    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
-    tag.mkdir(parents=True)
-    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
-    (tag / "COMPLETE").write_text("{}")
-    (tag.parent / "latest").write_text(tag.name)
-    save_model(pretrainer, tag / "model")
-    save_model(pretrainer, tmp_path / "run" / "model")
-    for path in (tmp_path / "run", tag.parent, tag):
-        with pytest.raises(CheckpointError, match=f"{tag} is a ZeRO-3 checkpoint: .* the encoder is in "):
-            load_pretrainer(path)
-        assert_same_encoder(load_model(path), pretrainer.encoder)
-
-
 def test_dangling_latest_tag(tmp_path):
     (tmp_path / "latest").write_text("step_9")
     with pytest.raises(CheckpointError, match="names tag 'step_9'"):
@@ -277,19 +227,6 @@ def test_dangling_latest_tag(tmp_path):
 # --------------------------------------------------------------------------------------------
 # GFM release layout
 # --------------------------------------------------------------------------------------------
-
-def write_release(path, pretrainer, teacher_full=None):
-    """{'model': encoder.* (official Swin layout), decoder.*, projector.*, teacher.*} + non-tensor entries."""
-    enc = pretrainer.encoder
-    model = {**with_prefix(to_official_layout(enc.state_dict(), enc), "encoder."),
-             **with_prefix(pretrainer.student.projector.state_dict(), "projector."),
-             **with_prefix(pretrainer.student.decoder.state_dict(), "decoder.")}
-    if teacher_full is not None:
-        model.update(with_prefix(to_official_layout(teacher_full.state_dict(), teacher_full), "teacher."))
-    torch.save({"model": model, "epoch": 99, "config": YacsLikeConfig(MODEL=YacsLikeConfig(TYPE="swin")),
-                "args": argparse.Namespace(batch_size=128)}, path)
-    return path
-
 
 def test_load_model_from_gfm_release(tmp_path, pretrainer):
     path = write_release(tmp_path / "gfm.pth", pretrainer)
@@ -323,61 +260,6 @@ def test_multispectral_load_needs_normalisation(tmp_path, pretrainer):
     loaded = load_model(path, in_chans=5, mean=(0.1,) * 5, std=(0.2,) * 5)
     assert loaded.patch_embed.proj.weight.shape[1] == 5 and loaded.gfm_config.mean == (0.1,) * 5
     assert not loaded.patch_embed.proj.weight[:, 3:].any()  # widened: extra bands start at zero
-
-
-# --------------------------------------------------------------------------------------------
-# load_pretrainer
-# --------------------------------------------------------------------------------------------
-
-def same_losses(a, b, x, mask):
-    out_a, out_b = a(x, mask), b(x, mask)
-    torch.testing.assert_close(out_a.loss_rec, out_b.loss_rec)
-    torch.testing.assert_close(out_a.loss_feat, out_b.loss_feat)
-    torch.testing.assert_close(out_a.loss, out_b.loss)
-
-
-def test_load_pretrainer_from_gfm_release(tmp_path):
-    teacher_full = full_teacher()
-    original = tiny_pretrainer(teacher_state_dict=teacher_full.state_dict())
-    path = write_release(tmp_path / "gfm.pth", original, teacher_full)
-    loaded = load_pretrainer(path, img_size=TINY_IMG, teacher=SwinConfig(**TINY_TEACHER), ops_backend="reference")
-    assert loaded.config.student == original.config.student and loaded.config.teacher == original.config.teacher
-    x, mask = torch.randn(2, 3, TINY_IMG, TINY_IMG), random_block_mask(2)
-    same_losses(original, loaded, x, mask)
-
-
-def test_load_pretrainer_from_training_run(tmp_path):
-    teacher_full = full_teacher()
-    teacher_file = tmp_path / "teacher.pth"
-    torch.save({"model": to_official_layout(teacher_full.state_dict(), teacher_full)}, teacher_file)
-    original = tiny_pretrainer(teacher_weights=str(teacher_file))
-    tag = write_training_run(tmp_path / "run", original, with_export=True, tag_export=True)
-    x, mask = torch.randn(2, 3, TINY_IMG, TINY_IMG), random_block_mask(2)
-    for path in (tmp_path / "run", tag):  # the DeepSpeed states win over the encoder-only exports
-        loaded = load_pretrainer(path)  # config (incl. teacher_weights) from the run
-        assert loaded.config == original.config
-        same_losses(original, loaded, x, mask)
-
-
-@pytest.mark.filterwarnings("ignore:GFM teacher has NO weights")
-def test_load_pretrainer_errors(tmp_path, pretrainer):
-    with pytest.raises(CheckpointError, match="encoder-only"):
-        load_pretrainer(save_model(pretrainer, tmp_path / "m"))
-    encoder_only = tmp_path / "enc.pth"
-    torch.save({"model": with_prefix(pretrainer.encoder.state_dict(), "encoder.")}, encoder_only)
-    with pytest.raises(CheckpointError, match="no projector"):
-        load_pretrainer(encoder_only)
-    release = write_release(tmp_path / "gfm.pth", pretrainer)
-    with pytest.raises(TypeError, match="unknown override"):
-        load_pretrainer(release, alpah=2.0)
-    with pytest.raises(CheckpointError, match="projector.weight .* teacher has 1024"):
-        load_pretrainer(release)  # the default Swin-B teacher does not fit this tiny projector
-    broken = torch.load(release, weights_only=False)["model"]
-    del broken["decoder.0.bias"]
-    torch.save({"model": broken}, tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): 0\.bias"):
-        load_pretrainer(tmp_path / "broken.pth", img_size=TINY_IMG, teacher=SwinConfig(**TINY_TEACHER),
-                        ops_backend="reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,46 +307,3 @@ def test_timm_layout_loads_in_plain_timm(tmp_path, pretrainer):
     save_model(pretrainer, path, layout="timm")  # ours: may be replaced
     with pytest.raises(ValueError, match="unknown layout"):
         save_model(pretrainer, tmp_path / "x", layout="onnx")
-
-
-# --------------------------------------------------------------------------------------------
-# 12-band checkpoints load as saved
-# --------------------------------------------------------------------------------------------
-
-TEACHER_224 = dict(window_size=7, img_size=224)  # what infer_swin_config reads off a window-7 teacher
-
-
-def multispectral_release(tmp_path, teacher_chans):
-    from gfm_fast.models.io import SENTINEL2_L2A_MEAN, SENTINEL2_L2A_STD
-
-    teacher_full = full_teacher(**TEACHER_224, in_chans=teacher_chans)
-    bands = tuple(range(12)) if teacher_chans == 12 else (3, 2, 1)
-    original = tiny_pretrainer(student=dict(in_chans=12), teacher={**TEACHER_224, "in_chans": teacher_chans},
-                               teacher_bands=bands, mean=SENTINEL2_L2A_MEAN, std=SENTINEL2_L2A_STD,
-                               teacher_state_dict=teacher_full.state_dict())
-    return original, write_release(tmp_path / "gfm12.pth", original, teacher_full)
-
-
-def test_12_band_release_loads_as_saved(tmp_path):
-    from gfm_fast.models.io import SENTINEL2_L2A_MEAN
-
-    original, path = multispectral_release(tmp_path, teacher_chans=12)
-    with pytest.warns(UserWarning, match="Sentinel-2 L2A") as caught:
-        loaded = load_pretrainer(path, ops_backend="reference")
-    assert len([w for w in caught if "Sentinel-2" in str(w.message)]) == 1
-    assert loaded.config.teacher_bands == tuple(range(12)) and loaded.config.mean == SENTINEL2_L2A_MEAN
-    assert loaded.config.student == original.config.student and loaded.config.teacher == original.config.teacher
-    x, mask = torch.randn(2, 12, TINY_IMG, TINY_IMG), random_block_mask(2)
-    same_losses(original, loaded, x, mask)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # given mean/std: no warning
-        load_pretrainer(path, ops_backend="reference", mean=(0.1,) * 12, std=(0.2,) * 12)
-
-
-@pytest.mark.filterwarnings("ignore:12-band weights without mean/std")
-def test_12_band_student_with_rgb_teacher_names_teacher_bands(tmp_path):
-    original, path = multispectral_release(tmp_path, teacher_chans=3)
-    with pytest.raises(CheckpointError, match=r"teacher takes 3 of the student's 12 channels: pass teacher_bands="):
-        load_pretrainer(path, ops_backend="reference")
-    loaded = load_pretrainer(path, ops_backend="reference", teacher_bands=(3, 2, 1))
-    same_losses(original, loaded, torch.randn(2, 12, TINY_IMG, TINY_IMG), random_block_mask(2))
