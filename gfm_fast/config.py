@@ -189,6 +189,10 @@ class OptimConfig:
     warmup_epochs: int = 10
     clip_grad: float = 5.0
     grad_accum: int = 1
+    # 0: the global batch is data.batch_size x ranks x grad_accum. N: grad_accum becomes
+    # N / (data.batch_size x ranks) at every start, so the run keeps one global batch (and LR
+    # schedule) on any number of GPUs, a requeue onto fewer nodes included.
+    global_batch: int = 0
     # torch's fused AdamW kernel (CPU and GPU), with the gradient clipping folded into it where the
     # optimizer sees the module's gradients (ZeRO-0, fp32 weights); false: torch's default AdamW
     # (a loop over the parameters on CPU) and DeepSpeed's clipping, as the reference code runs.
@@ -204,6 +208,7 @@ class OptimConfig:
         _require(0 <= self.warmup_epochs <= self.epochs, f"{prefix}.warmup_epochs", "must lie in [0, epochs]")
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", "must be >= 0 (0 disables clipping)")
         _require(self.grad_accum > 0, f"{prefix}.grad_accum", "must be positive")
+        _require(self.global_batch >= 0, f"{prefix}.global_batch", "must be >= 0 (0: batch x ranks x grad_accum)")
         _require(self.lr_scale_batch > 0, f"{prefix}.lr_scale_batch", "must be positive")
         _require(self.schedule_steps >= 0, f"{prefix}.schedule_steps", "must be >= 0")
 

@@ -383,13 +383,17 @@ def test_python_api_is_the_training_function():
 
 
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):
-    """2 micro-batches of 2 accumulate to the same optimisation as 1 batch of 4 (same samples, masks)."""
+    """2 micro-batches of 2 accumulate to the same optimisation as 1 batch of 4 (same samples, masks),
+    asked for as optim.grad_accum=2 or as optim.global_batch=4."""
     _run(tmp_path / "big", "run.max_steps=3", "data.batch_size=4", "optim.grad_accum=1", "optim.lr_scale_batch=4")
     _run(tmp_path / "acc", "run.max_steps=3", "data.batch_size=2", "optim.grad_accum=2", "optim.lr_scale_batch=4")
-    big, acc = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
-    assert sorted(big) == sorted(acc) == [1, 2, 3]
-    for step in big:
-        assert acc[step] == pytest.approx(big[step], rel=1e-4, abs=1e-5), step
+    _run(tmp_path / "global", "run.max_steps=3", "data.batch_size=2", "optim.global_batch=4", "optim.lr_scale_batch=4")
+    big = _losses(tmp_path / "big")
+    assert sorted(big) == [1, 2, 3]
+    for run in ("acc", "global"):
+        for step, loss in _losses(tmp_path / run).items():
+            assert loss == pytest.approx(big[step], rel=1e-4, abs=1e-5), (run, step)
+        assert sorted(_losses(tmp_path / run)) == [1, 2, 3]
 
 
 def test_every_param_group_steps_with_the_scheduled_lr(tmp_path):

@@ -95,7 +95,7 @@ def test_a_resume_at_another_global_batch_says_what_changes_and_how_to_keep_it()
     cfg.data.batch_size, cfg.optim.grad_accum = 4, 1
     message = global_batch_change(saved, 8, cfg, 4)
     assert "global batch 32 (8 ranks x 4 x accumulation 1), this one at 16" in message
-    assert message.endswith("set optim.grad_accum=2")
+    assert message.endswith("set optim.grad_accum=2 (or optim.global_batch=32)")
     cfg.optim.grad_accum = 2
     assert global_batch_change(saved, 8, cfg, 4) is None
     cfg.data.batch_size, cfg.optim.grad_accum = 3, 1

@@ -8,6 +8,7 @@ from gfm_fast.config import ConfigError, load_config
 from gfm_fast.training import (COMPLETE_MARKER, Checkpoints, TrainingError, check_same_architecture,
                             deepspeed_config, lr_at, make_schedule, resolve_config_path, resolve_precision,
                             resolve_resume)
+from gfm_fast.training.schedule import resolve_grad_accum
 
 
 def test_lr_warmup_then_cosine():
@@ -69,6 +70,19 @@ def test_auto_precision_on_a_gpu(monkeypatch, bf16_supported, want):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
     assert resolve_precision(load_config(), "cuda") == want
+
+
+def test_global_batch_sets_the_accumulation_for_the_ranks():
+    cfg = load_config(overrides=["data.batch_size=128", "optim.global_batch=1024"])
+    assert [resolve_grad_accum(cfg, ranks).optim.grad_accum for ranks in (1, 2, 8)] == [8, 4, 1]
+    assert resolve_grad_accum(cfg, 8) is not cfg and cfg.optim.grad_accum == 1  # a copy
+    with pytest.raises(ConfigError, match=r"128 x 16 does not divide it; choose a data.batch_size that divides 64 "
+                                          r"\(e\.g\. 64\)"):
+        resolve_grad_accum(cfg, 16)
+    with pytest.raises(ConfigError, match="choose a number of ranks that divides 1024"):
+        resolve_grad_accum(cfg, 3)
+    plain = load_config(overrides=["optim.grad_accum=3"])
+    assert resolve_grad_accum(plain, 4) is plain  # global_batch 0: the global batch follows the ranks
 
 
 def test_shipped_configs_load_and_validate():

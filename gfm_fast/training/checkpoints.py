@@ -299,8 +299,8 @@ def global_batch_change(saved_cfg: Optional[Dict[str, Any]], saved_ranks: int, c
     if saved == now:
         return None
     per_accum = world_size * cfg.data.batch_size
-    keep = (f"optim.grad_accum={saved // per_accum}" if saved % per_accum == 0 else
-            f"data.batch_size and optim.grad_accum with ranks x batch x accumulation = {saved}")
+    keep = (f"optim.grad_accum={saved // per_accum} (or optim.global_batch={saved})" if saved % per_accum == 0
+            else f"data.batch_size and optim.grad_accum with ranks x batch x accumulation = {saved}")
     return (f"the checkpoint's run trained at global batch {saved} ({saved_ranks} ranks x {batch} x accumulation "
             f"{accum}), this one at {now} ({world_size} x {cfg.data.batch_size} x {cfg.optim.grad_accum}): the "
             f"learning rate and schedule follow the new batch. To keep the checkpoint's, set {keep}")

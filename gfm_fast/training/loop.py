@@ -189,7 +189,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
                                                resolve_resume, restore)
     from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
     from gfm_fast.training.run_log import RunLogger, Throughput, last_logged_metrics, write_effective_config
-    from gfm_fast.training.schedule import deepspeed_config, make_schedule, resolve_precision
+    from gfm_fast.training.schedule import deepspeed_config, make_schedule, resolve_grad_accum, resolve_precision
     from gfm_fast.training.step import BatchStream, build_engine, train_step
     from gfm_fast.training.stop import StopRequest
 
@@ -197,6 +197,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     under_srun = "RANK" not in os.environ and "SLURM_PROCID" in os.environ  # before init_distributed sets RANK
     rank, world_size, local_rank = init_distributed("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available()
                                                     else "cpu")
+    cfg = resolve_grad_accum(cfg, world_size)  # optim.global_batch: the same at any number of ranks
     device = pick_device(cfg, local_rank)
     precision = resolve_precision(cfg, device.type)
     output_dir = Path(cfg.run.output_dir)
@@ -237,7 +238,8 @@ def _run(cfg: TrainConfig) -> TrainResult:
     if started_from is not None:
         logger.message(started_from)
     logger.message(f"gfm_fast: {world_size} process(es) on {device.type}, {precision}, ZeRO-{cfg.run.zero_stage}, "
-                   f"global batch {schedule.global_batch}, {schedule.stop_step} steps, "
+                   f"global batch {schedule.global_batch} ({cfg.data.batch_size} x {world_size} ranks x "
+                   f"{cfg.optim.grad_accum} accumulated), {schedule.stop_step} steps, "
                    f"peak lr {schedule.base_lr:.2e}, output {output_dir}")
 
     def save() -> Path:  # collective; the loader's epoch, not the stream's (after an epoch's last batch it moved on)

@@ -6,6 +6,7 @@ consumes ``grad_accum`` loader batches on every rank, and every LR scales by
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict
@@ -13,7 +14,7 @@ from typing import Any, Dict
 from gfm_fast.config import TrainConfig
 from gfm_fast.errors import ConfigError
 
-__all__ = ["lr_at", "Schedule", "make_schedule", "resolve_precision", "deepspeed_config"]
+__all__ = ["lr_at", "Schedule", "resolve_grad_accum", "make_schedule", "resolve_precision", "deepspeed_config"]
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
@@ -39,6 +40,23 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.warmup_lr, self.min_lr)
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with ``optim.grad_accum`` = ``optim.global_batch`` / (``data.batch_size`` x
+    ``world_size``): the same global batch on any number of ranks. ``cfg`` itself when
+    ``optim.global_batch`` is 0 (the global batch follows the ranks)."""
+    target, batch = cfg.optim.global_batch, cfg.data.batch_size
+    if not target:
+        return cfg
+    if target % (batch * world_size):
+        per_rank = target // world_size
+        fits = (f"a data.batch_size that divides {per_rank} (e.g. "
+                f"{max(b for b in range(1, batch + 1) if per_rank % b == 0)})" if target % world_size == 0
+                else f"a number of ranks that divides {target}")
+        raise ConfigError(f"optim.global_batch={target} is not data.batch_size x ranks x accumulation: {batch} x "
+                          f"{world_size} does not divide it; choose {fits}, or optim.global_batch=0")
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=target // (batch * world_size)))
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> Schedule:
