@@ -90,7 +90,8 @@ def check_paths(cfg: TrainConfig) -> None:
     local one is a tar archive (later unreadable shards count as failed shards while training).
     ``data.source_weights`` names sources of the build's manifest. An explicit ``--resume PATH``
     holds a complete checkpoint. The output directory can be made and written (it is not made here).
-    A local ``run.eval_data`` exists (its contents are listed when the run starts).
+    A local ``run.eval_data`` exists (its contents are listed when the run starts), and so does a
+    ``model.student_weights`` path (read when the run starts).
     """
     problem = _output_dir_problem(Path(cfg.run.output_dir))
     if problem:
