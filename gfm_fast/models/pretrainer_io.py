@@ -17,7 +17,9 @@ from gfm_fast.models.io import _SWIN_FIELDS, PathLike, _check_not_partitioned, _
 from gfm_fast.models.normalization import default_normalization
 from gfm_fast.models.pretrainer import GFMPretrainer, GFMStudent
 
-__all__ = ["load_pretrainer", "load_student_weights"]
+__all__ = ["load_pretrainer", "load_student_weights", "STUDENT_HEADS"]
+
+STUDENT_HEADS = ("projector", "decoder")  # the student's parts beside its encoder
 
 
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -69,7 +71,7 @@ def load_pretrainer(path: PathLike, **overrides: Any) -> GFMPretrainer:
     encoder_state = checkpoint_filter_fn(split_prefix(state, "encoder."), student.encoder,
                                          rgb_bands=config.teacher_bands)
     load_state_dict_strict(student.encoder, encoder_state, source=f"{source.name} (encoder)")
-    for name in ("projector", "decoder"):
+    for name in STUDENT_HEADS:
         load_state_dict_strict(getattr(student, name), split_prefix(state, f"{name}."), source=f"{source.name} ({name})")
     return pretrainer
 
@@ -149,7 +151,7 @@ def load_student_weights(student: GFMStudent, path: PathLike,
     load_state_dict_strict(student.encoder, encoder_state, allowed_missing=(r"^mask_token$",),
                            source=f"{source.name} (encoder)")
     loaded = ["encoder"]
-    for name in ("projector", "decoder"):
+    for name in STUDENT_HEADS:
         part, own = split_prefix(state, f"{name}."), getattr(student, name).state_dict()
         if part.keys() == own.keys() and all(part[k].shape == own[k].shape for k in own):
             getattr(student, name).load_state_dict(part)

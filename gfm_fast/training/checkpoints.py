@@ -250,9 +250,9 @@ def reshard(path: Path, rank: int, out: Path) -> Path:
     error = None
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
-        print(f"gfm_fast: {path} was written by {optimizer_partitions(path)} ranks, this run has "
-              f"{dist.get_world_size()}: converting its ZeRO state to DeepSpeed's universal layout in {out}",
-              file=sys.stderr, flush=True)
+        written_by, now = optimizer_partitions(path), dist.get_world_size()
+        print(f"gfm_fast: {path} was written by {written_by} ranks, this run has {now}: converting its ZeRO "
+              f"state to DeepSpeed's universal layout in {out}", file=sys.stderr, flush=True)
         # --inject_missing_state: the universal-checkpoint record DeepSpeed's converter asks for; ours
         # have none (no tensor or pipeline parallelism to describe).
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
@@ -260,8 +260,8 @@ def reshard(path: Path, rank: int, out: Path) -> Path:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             tail = " | ".join(line.strip() for line in proc.stdout.strip().splitlines()[-3:])
-            error = (f"could not convert checkpoint {path} for {dist.get_world_size()} ranks (DeepSpeed's "
-                     f"ds_to_universal: {tail}); resume with the {optimizer_partitions(path)} ranks that wrote it")
+            error = (f"could not convert checkpoint {path} for {now} ranks (DeepSpeed's "
+                     f"ds_to_universal: {tail}); resume with the {written_by} ranks that wrote it")
     error = gather_from_ranks(error)[0]  # every rank learns rank 0's outcome, so none waits forever
     if error is not None:
         raise TrainingError(error)

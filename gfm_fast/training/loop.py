@@ -185,7 +185,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     from gfm_fast.data import make_loader
     from gfm_fast.models.io import remove_stale_staging
     from gfm_fast.models.pretrainer import GFMPretrainer
-    from gfm_fast.models.pretrainer_io import load_student_weights
+    from gfm_fast.models.pretrainer_io import STUDENT_HEADS, load_student_weights
     from gfm_fast.training.checkpoints import (Checkpoints, client_state, export_model, needs_resharding,
                                                resolve_resume, restore)
     from gfm_fast.training.distributed import init_distributed, max_over_ranks, pick_device, set_math_modes
@@ -219,7 +219,7 @@ def _run(cfg: TrainConfig) -> TrainResult:
     started_from = None  # the student's starting weights (a resumed run takes its checkpoint's)
     if cfg.model.student_weights is not None and resume_from is None:
         parts = load_student_weights(pretrainer.student, cfg.model.student_weights, cfg.model.teacher_bands)
-        kept = " and ".join(part for part in ("projector", "decoder") if part not in parts)
+        kept = " and ".join(part for part in STUDENT_HEADS if part not in parts)
         started_from = (f"student started from {cfg.model.student_weights} ({', '.join(parts)}"
                         + (f"; {kept} as initialised: not in the file, or other shapes)" if kept else ")"))
     restore_math_modes = set_math_modes(cfg, device)
